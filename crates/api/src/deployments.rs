@@ -1,0 +1,202 @@
+//! DeploymentService handlers. Each validates its whole request before it
+//! changes anything, acts only through the caller's organization, and wakes
+//! whoever has to act next.
+
+use std::collections::BTreeSet;
+
+use axum::extract::State;
+use connectrpc_axum::{ConnectError, ConnectRequest, ConnectResponse};
+use flotilla_proto::v1 as pb;
+use flotilla_redis::{ORCHESTRATOR_TOPIC, agent_topic};
+use flotilla_store::DeploymentView;
+use flotilla_store::tenant::MAX_PAGE_SIZE;
+use flotilla_types::{DeploymentId, DeploymentSpec, DesiredState, EnvVar, FieldError, ProjectId};
+
+use crate::auth::Caller;
+use crate::convert::{self, parse_id, parse_optional_id};
+use crate::{ApiError, ApiState};
+
+const DEFAULT_PAGE_SIZE: i64 = 50;
+
+type Reply<T> = Result<ConnectResponse<T>, ConnectError>;
+
+fn require_mutation(caller: &Caller) -> Result<(), ApiError> {
+    if caller.role.can_mutate() {
+        Ok(())
+    } else {
+        Err(ApiError::PermissionDenied("viewers cannot change deployments".to_owned()))
+    }
+}
+
+pub async fn create_deployment(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::CreateDeploymentRequest>,
+) -> Reply<pb::CreateDeploymentResponse> {
+    api.observe("CreateDeployment", async {
+        require_mutation(&caller)?;
+        let project: Option<ProjectId> = parse_optional_id("project_id", &request.project_id)?;
+        let spec = DeploymentSpec::validate(convert::spec_input(request)?)?;
+        let tenant = api.store.tenant(caller.organization_id);
+        let created = tenant.create_deployment(project, &spec).await?;
+        tracing::info!(deployment.id = %created.id, deployment.name = %spec.name, subject = %caller.subject, "deployment created");
+        // Answer with the state just written (pending, no replicas yet), not
+        // with whatever the orchestrator may already have done.
+        let view = DeploymentView { deployment: created, replicas: Vec::new() };
+        api.wake.wake(ORCHESTRATOR_TOPIC).await;
+        Ok(pb::CreateDeploymentResponse {
+            deployment: Some(convert::deployment(&view)),
+        })
+    })
+    .await
+}
+
+pub async fn get_deployment(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::GetDeploymentRequest>,
+) -> Reply<pb::GetDeploymentResponse> {
+    api.observe("GetDeployment", async {
+        let id: DeploymentId = parse_id("id", &request.id)?;
+        let view = api.store.tenant(caller.organization_id).get_deployment(id).await?;
+        Ok(pb::GetDeploymentResponse { deployment: Some(convert::deployment(&view)) })
+    })
+    .await
+}
+
+pub async fn list_deployments(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::ListDeploymentsRequest>,
+) -> Reply<pb::ListDeploymentsResponse> {
+    api.observe("ListDeployments", async {
+        let project: Option<ProjectId> = parse_optional_id("project_id", &request.project_id)?;
+        let page_size = match i64::from(request.page_size) {
+            0 => DEFAULT_PAGE_SIZE,
+            n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
+            n => return Err(FieldError::new("page_size", format!("{n} is out of range 1-{MAX_PAGE_SIZE}")).into()),
+        };
+        let after: Option<DeploymentId> = parse_optional_id("page_token", &request.page_token)?;
+        let page = api.store.tenant(caller.organization_id).list_deployments(project, after, page_size).await?;
+        Ok(pb::ListDeploymentsResponse {
+            deployments: page.deployments.iter().map(convert::deployment).collect(),
+            next_page_token: page.next_after.map(|id| id.to_string()).unwrap_or_default(),
+        })
+    })
+    .await
+}
+
+pub async fn update_deployment(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::UpdateDeploymentRequest>,
+) -> Reply<pb::UpdateDeploymentResponse> {
+    // Boxed: the update reads, validates and writes, and its future is large.
+    api.observe("UpdateDeployment", Box::pin(update(&api, &caller, request))).await
+}
+
+async fn update(
+    api: &ApiState,
+    caller: &Caller,
+    request: pb::UpdateDeploymentRequest,
+) -> Result<pb::UpdateDeploymentResponse, ApiError> {
+    require_mutation(caller)?;
+    let id: DeploymentId = parse_id("id", &request.id)?;
+    if request.expected_generation < 0 {
+        return Err(FieldError::new("expected_generation", "must not be negative").into());
+    }
+    let tenant = api.store.tenant(caller.organization_id);
+    let current = tenant.get_deployment(id).await?.deployment;
+    if current.desired_state == DesiredState::Deleted {
+        return Err(ApiError::NotFound { what: "deployment", id: id.to_string() });
+    }
+    if request.expected_generation != 0 && request.expected_generation != current.generation {
+        return Err(ApiError::Aborted(format!(
+            "deployment {id} is at generation {}, not {}",
+            current.generation, request.expected_generation
+        )));
+    }
+    let spec = apply_update(&current.spec, request)?;
+    let new_generation = current.spec.needs_new_containers(&spec);
+    let updated = tenant.update_deployment(id, current.generation, &spec, new_generation).await?;
+    tracing::info!(
+        deployment.id = %id,
+        generation = updated.generation,
+        new_generation,
+        subject = %caller.subject,
+        "deployment updated"
+    );
+    let view = tenant.get_deployment(id).await?;
+    wake_deployment(api, &view).await;
+    Ok(pb::UpdateDeploymentResponse { deployment: Some(convert::deployment(&view)) })
+}
+
+/// The current spec with the request's changes, validated as a whole.
+fn apply_update(current: &DeploymentSpec, request: pb::UpdateDeploymentRequest) -> Result<DeploymentSpec, ApiError> {
+    let mut input = current.to_input();
+    if let Some(image) = request.image {
+        input.image = image;
+    }
+    if let Some(port) = request.port {
+        input.port = port;
+    }
+    if let Some(env) = request.env {
+        input.env = convert::env_vars(env.vars)
+            .into_iter()
+            .map(|mut var| {
+                // A masked secret sent back keeps its value.
+                if var.secret
+                    && var.value == EnvVar::MASK
+                    && let Some(old) = current.env.iter().find(|old| old.secret && old.name == var.name)
+                {
+                    var.value = old.value.clone();
+                }
+                var
+            })
+            .collect();
+    }
+    if let Some(limits) = request.limits {
+        input.limits = convert::limits(limits);
+    }
+    if request.replicas.is_some() {
+        input.replicas = request.replicas;
+    }
+    if let Some(domain) = request.domain {
+        input.domain = domain;
+    }
+    if let Some(check) = &request.health_check {
+        input.health_check = Some(convert::health_check("health_check", check)?);
+    }
+    if let Some(policy) = &request.restart_policy {
+        input.restart_policy = Some(convert::restart_policy("restart_policy", policy)?);
+    }
+    if let Some(mode) = convert::network_mode("network_mode", request.network_mode)? {
+        input.network_mode = Some(mode);
+    }
+    Ok(DeploymentSpec::validate(input)?)
+}
+
+/// Wakes the orchestrator and the agents of the deployment's nodes.
+async fn wake_deployment(api: &ApiState, view: &DeploymentView) {
+    let nodes: BTreeSet<String> = view.replicas.iter().map(|r| r.node_id.to_string()).collect();
+    for node in nodes {
+        api.wake.wake(&agent_topic(&node)).await;
+    }
+    api.wake.wake(ORCHESTRATOR_TOPIC).await;
+}
+
+pub async fn delete_deployment(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::DeleteDeploymentRequest>,
+) -> Reply<pb::DeleteDeploymentResponse> {
+    api.observe("DeleteDeployment", async {
+        require_mutation(&caller)?;
+        let id: DeploymentId = parse_id("id", &request.id)?;
+        let view = api.store.tenant(caller.organization_id).delete_deployment(id).await?;
+        tracing::info!(deployment.id = %id, subject = %caller.subject, "deployment marked for deletion");
+        wake_deployment(&api, &view).await;
+        Ok(pb::DeleteDeploymentResponse { deployment: Some(convert::deployment(&view)) })
+    })
+    .await
+}

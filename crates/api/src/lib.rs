@@ -1,0 +1,133 @@
+//! Flotilla's public API: `DeploymentService` served with Connect (JSON and
+//! binary protobuf) and gRPC on one port, beside `/health` and `/metrics`.
+//!
+//! Handlers authenticate the [`Caller`](auth::Caller), validate the whole
+//! request, and then use the store only through the caller's organization.
+//! Errors are [`ApiError`]s, turned into Connect/gRPC codes at the boundary.
+
+pub mod auth;
+mod convert;
+mod deployments;
+mod error;
+pub mod metrics;
+mod usage;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::FromRef;
+use connectrpc_axum::{ConnectError, ConnectResponse, MakeServiceBuilder};
+use flotilla_metrics::LiveView;
+use flotilla_proto::v1::deployment_service_connect::DeploymentServiceTonicCompatibleBuilder;
+use flotilla_redis::WakeBus;
+use flotilla_store::Store;
+use flotilla_store::metrics::MetricsStore;
+use flotilla_telemetry::Telemetry;
+use tokio_util::sync::CancellationToken;
+
+pub use auth::{Authenticator, Caller, Role};
+pub use error::ApiError;
+
+/// Largest request body accepted (bytes).
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Longest a unary request may run before it is answered
+/// `deadline_exceeded` (streams end on their own terms).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the metrics RPCs read from.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsAccess {
+    /// History and usage; `None` when no metrics store is configured.
+    pub store: Option<MetricsStore>,
+    /// Live samples: fed from Redis, or by this process's own pipeline.
+    pub live: Option<Arc<LiveView>>,
+}
+
+/// What handlers share.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub store: Store,
+    pub wake: WakeBus,
+    pub auth: Arc<Authenticator>,
+    pub stats: Arc<metrics::ApiStats>,
+    pub metrics: MetricsAccess,
+    /// Fires at shutdown: live streams end.
+    pub shutdown: CancellationToken,
+}
+
+impl FromRef<ApiState> for Arc<Authenticator> {
+    fn from_ref(state: &ApiState) -> Self {
+        state.auth.clone()
+    }
+}
+
+impl ApiState {
+    pub fn new(
+        store: Store,
+        wake: WakeBus,
+        auth: Authenticator,
+        metrics: MetricsAccess,
+        shutdown: CancellationToken,
+        telemetry: &Telemetry,
+    ) -> Self {
+        let stats = Arc::new(metrics::ApiStats::default());
+        telemetry.register(Box::new(metrics::collector(&stats, metrics.live.clone())));
+        Self { store, wake, auth: Arc::new(auth), stats, metrics, shutdown }
+    }
+
+    /// Runs a handler body, counts its result by code and maps its error.
+    async fn observe<T>(
+        &self,
+        method: &'static str,
+        body: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<ConnectResponse<T>, ConnectError> {
+        let result = match tokio::time::timeout(REQUEST_TIMEOUT, body).await {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::DeadlineExceeded(REQUEST_TIMEOUT)),
+        };
+        let code = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code().as_str(),
+        };
+        self.stats.count(method, code);
+        result.map(ConnectResponse::new).map_err(|e| {
+            if !matches!(e, ApiError::Internal(_)) {
+                tracing::debug!(method, error = %e, "request refused");
+            }
+            ConnectError::from(e)
+        })
+    }
+}
+
+/// The whole HTTP service of an API process: Connect and gRPC on the same
+/// port (told apart by content type), plus the telemetry routes.
+pub fn service(
+    state: ApiState,
+    telemetry: &Telemetry,
+) -> impl tower::Service<
+    axum::http::Request<axum::body::Body>,
+    Response = axum::http::Response<axum::body::Body>,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    let (connect, grpc) = DeploymentServiceTonicCompatibleBuilder::new()
+        .create_deployment(deployments::create_deployment)
+        .get_deployment(deployments::get_deployment)
+        .list_deployments(deployments::list_deployments)
+        .update_deployment(deployments::update_deployment)
+        .delete_deployment(deployments::delete_deployment)
+        .get_deployment_metrics(usage::get_deployment_metrics)
+        .stream_deployment_metrics(usage::stream_deployment_metrics)
+        .get_usage(usage::get_usage)
+        .with_state(state)
+        .build();
+    MakeServiceBuilder::new()
+        .add_router(connect)
+        .add_axum_router(telemetry.router())
+        .receive_max_bytes(MAX_REQUEST_BYTES)
+        .add_grpc_service_with(grpc, |svc| svc.max_decoding_message_size(MAX_REQUEST_BYTES))
+        .build()
+}

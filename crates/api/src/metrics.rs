@@ -1,0 +1,88 @@
+//! Metric names of the API.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use flotilla_metrics::LiveView;
+use flotilla_telemetry::{FnCollector, MetricKind, MetricSpec};
+
+pub const REQUESTS_TOTAL: &str = "flotilla_api_requests_total";
+pub const LIVE_SUBSCRIBERS: &str = "flotilla_api_live_subscribers";
+pub const LIVE_SLOW_SUBSCRIBERS: &str = "flotilla_api_live_slow_subscribers";
+pub const LIVE_DROPPED_TOTAL: &str = "flotilla_api_live_dropped_samples_total";
+pub const LIVE_CACHE_SAMPLES: &str = "flotilla_api_live_cache_samples";
+pub const LIVE_UNDECODABLE_TOTAL: &str = "flotilla_api_live_undecodable_messages_total";
+
+/// Requests by RPC method and result code.
+#[derive(Debug, Default)]
+pub struct ApiStats {
+    requests: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl ApiStats {
+    pub fn count(&self, method: &'static str, code: &'static str) {
+        *self.requests.lock().unwrap_or_else(|e| e.into_inner()).entry((method, code)).or_default() += 1;
+    }
+
+    pub fn get(&self, method: &'static str, code: &'static str) -> u64 {
+        self.requests.lock().unwrap_or_else(|e| e.into_inner()).get(&(method, code)).copied().unwrap_or(0)
+    }
+}
+
+/// The API's collector; with a live view, its subscribers and cache too
+/// (the live streams this process serves).
+pub fn collector(stats: &Arc<ApiStats>, live: Option<Arc<LiveView>>) -> FnCollector {
+    let stats = stats.clone();
+    let mut specs = live.map(live_specs).unwrap_or_default();
+    specs.push(MetricSpec::labelled(
+        REQUESTS_TOTAL,
+        "API requests by RPC method and result code.",
+        MetricKind::Counter,
+        move || {
+            stats
+                .requests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|((method, code), n)| {
+                    (
+                        vec![("method".to_owned(), (*method).to_owned()), ("code".to_owned(), (*code).to_owned())],
+                        *n as f64,
+                    )
+                })
+                .collect()
+        },
+    ));
+    FnCollector::new(specs)
+}
+
+fn live_specs(live: Arc<LiveView>) -> Vec<MetricSpec> {
+    let read = |f: fn(&LiveView) -> f64| {
+        let live = live.clone();
+        move || f(&live)
+    };
+    vec![
+        MetricSpec::gauge(
+            LIVE_SUBSCRIBERS,
+            "Live metric streams this process serves.",
+            read(|l| l.hub.stats().active as f64),
+        ),
+        MetricSpec::gauge(
+            LIVE_SLOW_SUBSCRIBERS,
+            "Live metric streams that lost samples at the last publish (slow readers).",
+            read(|l| l.hub.stats().slow as f64),
+        ),
+        MetricSpec::counter(
+            LIVE_DROPPED_TOTAL,
+            "Samples slow live streams lost (their oldest, to keep up).",
+            read(|l| l.hub.stats().dropped as f64),
+        ),
+        MetricSpec::gauge(LIVE_CACHE_SAMPLES, "Samples held in the live cache.", read(|l| l.cache.size().1 as f64)),
+        MetricSpec::counter(
+            LIVE_UNDECODABLE_TOTAL,
+            "Live sample messages from Redis that could not be decoded.",
+            read(|l| l.undecodable.load(Ordering::Relaxed) as f64),
+        ),
+    ]
+}

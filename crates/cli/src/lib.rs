@@ -1,0 +1,613 @@
+//! `flo`, Flotilla's command-line client. It talks to the API over Connect
+//! like any other client.
+//!
+//! Exit codes: 0 success; 1 the operation failed (a deployment failed or
+//! timed out); 2 usage error; 3 not found; 4 the API cannot be reached or is
+//! unavailable; 5 the server refused the request (invalid, already exists,
+//! not allowed).
+
+pub mod units;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use connectrpc_axum_client::{ClientError, Code};
+use flotilla_proto::v1 as pb;
+use flotilla_proto::v1::deployment_service_connect_client::DeploymentServiceClient;
+
+#[derive(Debug, Parser)]
+#[command(name = "flo", version, about = "Deploy and manage apps on Flotilla")]
+pub struct Cli {
+    /// The Flotilla API.
+    #[arg(long, global = true, env = "FLOTILLA_API", default_value = "http://127.0.0.1:7800")]
+    pub api: String,
+
+    /// Output for people (default) or for scripts.
+    #[arg(long, short, global = true, value_enum, default_value = "human")]
+    pub output: OutputFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Deploy an image and wait until it runs.
+    Deploy(DeployArgs),
+    /// List deployments.
+    Ls,
+    /// Show a deployment and where its replicas run.
+    Status {
+        /// Name or id.
+        deployment: String,
+    },
+    /// Delete a deployment and wait until it is gone.
+    Rm {
+        /// Name or id.
+        deployment: String,
+        /// Return at once instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Watch a deployment's replicas live: CPU, memory, network, PIDs every
+    /// collection interval (Ctrl-C to stop).
+    Top {
+        /// Name or id.
+        deployment: String,
+        /// Start with the samples of the last minutes.
+        #[arg(long)]
+        backfill: bool,
+        /// Stop after this many samples.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds (default 1 hour).
+        #[arg(long, value_parser = parse_seconds)]
+        duration: Option<Duration>,
+    },
+    /// A deployment's recorded metrics: raw samples for the last hour,
+    /// minutes up to two days, hours beyond.
+    Metrics {
+        /// Name or id.
+        deployment: String,
+        /// How far back, in seconds (default 3600).
+        #[arg(long, value_parser = parse_seconds, default_value = "3600")]
+        since: Duration,
+        /// Bucket width in seconds (default: the resolution's own).
+        #[arg(long, value_parser = parse_seconds)]
+        step: Option<Duration>,
+    },
+    /// Hourly usage (the basis of billing): of one deployment, or of the
+    /// whole organization.
+    Usage {
+        /// Name or id; the whole organization when left out.
+        deployment: Option<String>,
+        /// How far back, in seconds (default 86400).
+        #[arg(long, value_parser = parse_seconds, default_value = "86400")]
+        since: Duration,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The deployment's name: lowercase letters, digits and '-'.
+    pub name: String,
+    /// Image reference, e.g. flotilla/demo-http:latest.
+    #[arg(long)]
+    pub image: String,
+    /// The port the app listens on inside its container.
+    #[arg(long)]
+    pub port: i32,
+    /// Environment variable NAME=value; repeatable.
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Secret variable NAME=value (never shown again); repeatable.
+    #[arg(long = "secret", value_parser = parse_env)]
+    pub secrets: Vec<(String, String)>,
+    /// Hostname to route to the app.
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// Memory limit, e.g. 64Mi or 1G.
+    #[arg(long, value_parser = units::parse_memory)]
+    pub memory: Option<i64>,
+    /// CPU limit in cores, e.g. 0.5 or 250m.
+    #[arg(long, value_parser = units::parse_cpus)]
+    pub cpus: Option<i64>,
+    #[arg(long)]
+    pub replicas: Option<i32>,
+    /// Project id (default: your default project).
+    #[arg(long)]
+    pub project: Option<String>,
+    /// Return once accepted instead of waiting until it runs.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait until it runs.
+    #[arg(long, default_value = "120", value_parser = parse_seconds)]
+    pub timeout: Duration,
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    text.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("{text:?} is not NAME=value"))
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: u64 =
+        text.trim_end_matches('s').parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Ok(Duration::from_secs(seconds))
+}
+
+/// A failed command and the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("cannot reach the Flotilla API at {api}: {message}\n  Is flotillad running? Set --api or FLOTILLA_API.")]
+    Unreachable { api: String, message: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Failed(_) | Self::Output(_) => 1,
+            Self::NotFound(_) => 3,
+            Self::Unreachable { .. } => 4,
+            Self::Refused(_) => 5,
+        }
+    }
+
+    fn from_client(api: &str, error: &ClientError) -> Self {
+        let message = error.message().unwrap_or("no message").to_owned();
+        match error.code() {
+            Code::NotFound => Self::NotFound(message),
+            Code::Unavailable | Code::Unknown | Code::DeadlineExceeded => {
+                Self::Unreachable { api: api.to_owned(), message: error.to_string() }
+            }
+            Code::InvalidArgument => Self::Refused(format!("invalid request: {message}")),
+            Code::AlreadyExists => Self::Refused(format!("already exists: {message}")),
+            Code::PermissionDenied => Self::Refused(format!("not allowed: {message}")),
+            Code::Unauthenticated => Self::Refused(format!("not logged in: {message}")),
+            _ => Self::Failed(format!("{}: {message}", error.code().as_str())),
+        }
+    }
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let client = DeploymentServiceClient::builder(cli.api.clone())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| CliError::Unreachable { api: cli.api.clone(), message: e.to_string() })?;
+    let flo = Flo { client, api: cli.api, format: cli.output };
+    match cli.command {
+        Command::Deploy(args) => flo.deploy(args).await,
+        Command::Ls => flo.list().await,
+        Command::Status { deployment } => {
+            let d = flo.find(&deployment).await?;
+            flo.show(&d)
+        }
+        Command::Rm { deployment, no_wait } => flo.remove(&deployment, no_wait).await,
+        Command::Top { deployment, backfill, count, duration } => flo.top(&deployment, backfill, count, duration).await,
+        Command::Metrics { deployment, since, step } => flo.metrics(&deployment, since, step).await,
+        Command::Usage { deployment, since } => flo.usage(deployment.as_deref(), since).await,
+    }
+}
+
+fn bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{value:.0}{}", UNITS[unit]) } else { format!("{value:.1}{}", UNITS[unit]) }
+}
+
+fn time_text(t: Option<&pbjson_types::Timestamp>) -> String {
+    t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map_or_else(|| "-".to_owned(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> pbjson_types::Timestamp {
+    pbjson_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+struct Flo {
+    client: DeploymentServiceClient,
+    api: String,
+    format: OutputFormat,
+}
+
+fn status_name(status: i32) -> &'static str {
+    match pb::DeploymentStatus::try_from(status).unwrap_or(pb::DeploymentStatus::Unspecified) {
+        pb::DeploymentStatus::Unspecified => "unknown",
+        pb::DeploymentStatus::Pending => "pending",
+        pb::DeploymentStatus::Deploying => "deploying",
+        pb::DeploymentStatus::Running => "running",
+        pb::DeploymentStatus::Degraded => "degraded",
+        pb::DeploymentStatus::Failed => "failed",
+        pb::DeploymentStatus::Stopped => "stopped",
+        pb::DeploymentStatus::Deleting => "deleting",
+    }
+}
+
+fn replica_status_name(status: i32) -> &'static str {
+    match pb::ReplicaStatus::try_from(status).unwrap_or(pb::ReplicaStatus::Unspecified) {
+        pb::ReplicaStatus::Unspecified => "unknown",
+        pb::ReplicaStatus::Pending => "pending",
+        pb::ReplicaStatus::Creating => "creating",
+        pb::ReplicaStatus::Running => "running",
+        pb::ReplicaStatus::Stopped => "stopped",
+        pb::ReplicaStatus::Failed => "failed",
+        pb::ReplicaStatus::Removing => "removing",
+    }
+}
+
+impl Flo {
+    fn err(&self, error: ClientError) -> CliError {
+        CliError::from_client(&self.api, &error)
+    }
+
+    fn say(&self, line: &str) -> Result<(), CliError> {
+        if self.format == OutputFormat::Human {
+            writeln!(std::io::stdout().lock(), "{line}")?;
+        }
+        Ok(())
+    }
+
+    fn json(&self, value: &impl serde::Serialize) -> Result<(), CliError> {
+        let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Failed(e.to_string()))?;
+        writeln!(std::io::stdout().lock(), "{text}")?;
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<pb::Deployment, CliError> {
+        let response = self
+            .client
+            .get_deployment(&pb::GetDeploymentRequest { id: id.to_owned() })
+            .await
+            .map_err(|e| self.err(e))?;
+        response.into_inner().deployment.ok_or_else(|| CliError::Failed("the server sent no deployment".to_owned()))
+    }
+
+    async fn all(&self) -> Result<Vec<pb::Deployment>, CliError> {
+        let mut all = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .client
+                .list_deployments(&pb::ListDeploymentsRequest {
+                    page_size: 500,
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| self.err(e))?
+                .into_inner();
+            all.extend(page.deployments);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// A deployment by id, or by name among the caller's deployments.
+    async fn find(&self, name_or_id: &str) -> Result<pb::Deployment, CliError> {
+        if uuid::Uuid::parse_str(name_or_id).is_ok() {
+            return self.get(name_or_id).await;
+        }
+        self.all()
+            .await?
+            .into_iter()
+            .find(|d| d.name == name_or_id)
+            .ok_or_else(|| CliError::NotFound(format!("no deployment named {name_or_id:?}; see `flo ls`")))
+    }
+
+    async fn deploy(&self, args: DeployArgs) -> Result<(), CliError> {
+        let env = args
+            .env
+            .iter()
+            .map(|(name, value)| (name, value, false))
+            .chain(args.secrets.iter().map(|(name, value)| (name, value, true)))
+            .map(|(name, value, secret)| pb::EnvVar { name: name.clone(), value: value.clone(), secret })
+            .collect();
+        let request = pb::CreateDeploymentRequest {
+            project_id: args.project.unwrap_or_default(),
+            name: args.name,
+            image: args.image,
+            port: args.port,
+            env,
+            domain: args.domain.unwrap_or_default(),
+            limits: Some(pb::ResourceLimits {
+                memory_bytes: args.memory.unwrap_or(0),
+                cpu_millis: args.cpus.unwrap_or(0),
+            }),
+            replicas: args.replicas,
+            ..Default::default()
+        };
+        let created = self
+            .client
+            .create_deployment(&request)
+            .await
+            .map_err(|e| self.err(e))?
+            .into_inner()
+            .deployment
+            .ok_or_else(|| CliError::Failed("the server sent no deployment".to_owned()))?;
+        self.say(&format!("Deployment {} accepted (id {})", created.name, created.id))?;
+        if args.no_wait {
+            return if self.format == OutputFormat::Json { self.json(&created) } else { Ok(()) };
+        }
+        let deployment = self.wait_until_running(&created, args.timeout).await?;
+        if self.format == OutputFormat::Json {
+            return self.json(&deployment);
+        }
+        for replica in &deployment.replicas {
+            self.say(&format!("  replica {} on node {}: {}", replica.index, replica.node_id, replica.endpoint))?;
+        }
+        if !deployment.domain.is_empty() {
+            self.say(&format!("  routed at http://{} (through the edge proxy)", deployment.domain))?;
+        }
+        Ok(())
+    }
+
+    /// Polls until the deployment runs or fails, printing each change.
+    async fn wait_until_running(
+        &self,
+        created: &pb::Deployment,
+        timeout: Duration,
+    ) -> Result<pb::Deployment, CliError> {
+        let started = Instant::now();
+        let mut last = String::new();
+        loop {
+            let d = self.get(&created.id).await?;
+            let status = status_name(d.status);
+            let line =
+                if d.status_message.is_empty() { status.to_owned() } else { format!("{status}: {}", d.status_message) };
+            if line != last {
+                self.say(&format!("  [{:>5.1}s] {line}", started.elapsed().as_secs_f64()))?;
+                last = line;
+            }
+            match pb::DeploymentStatus::try_from(d.status) {
+                Ok(pb::DeploymentStatus::Running) => return Ok(d),
+                Ok(pb::DeploymentStatus::Failed) => {
+                    return Err(CliError::Failed(format!(
+                        "deployment {} failed: {}\n  See `flo status {}`.",
+                        d.name, d.status_message, d.name
+                    )));
+                }
+                _ => {}
+            }
+            if started.elapsed() > timeout {
+                return Err(CliError::Failed(format!(
+                    "deployment {} is not running after {}s (status: {status}); it may still start: `flo status {}`",
+                    d.name,
+                    timeout.as_secs(),
+                    d.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn list(&self) -> Result<(), CliError> {
+        let all = self.all().await?;
+        if self.format == OutputFormat::Json {
+            return self.json(&all);
+        }
+        if all.is_empty() {
+            return self.say("No deployments. Create one with `flo deploy`.");
+        }
+        self.say(&format!("{:<24} {:<10} {:>8}  {:<32} {}", "NAME", "STATUS", "REPLICAS", "IMAGE", "DOMAIN"))?;
+        for d in &all {
+            let running = d.replicas.iter().filter(|r| r.status == pb::ReplicaStatus::Running as i32).count();
+            self.say(&format!(
+                "{:<24} {:<10} {:>8}  {:<32} {}",
+                d.name,
+                status_name(d.status),
+                format!("{running}/{}", d.replica_count),
+                d.image,
+                d.domain
+            ))?;
+        }
+        Ok(())
+    }
+
+    fn show(&self, d: &pb::Deployment) -> Result<(), CliError> {
+        if self.format == OutputFormat::Json {
+            return self.json(d);
+        }
+        self.say(&format!("{} ({})", d.name, d.id))?;
+        let message = if d.status_message.is_empty() { String::new() } else { format!(" — {}", d.status_message) };
+        self.say(&format!("  status:   {}{message}", status_name(d.status)))?;
+        self.say(&format!("  image:    {}", d.image))?;
+        self.say(&format!("  port:     {}", d.port))?;
+        if !d.domain.is_empty() {
+            self.say(&format!("  domain:   {}", d.domain))?;
+        }
+        for v in &d.env {
+            self.say(&format!("  env:      {}={}", v.name, v.value))?;
+        }
+        self.say(&format!("  replicas: {}", d.replica_count))?;
+        for r in &d.replicas {
+            let container = r.container_id.get(..12).unwrap_or(&r.container_id);
+            let why = if r.message.is_empty() { String::new() } else { format!(" — {}", r.message) };
+            self.say(&format!(
+                "    #{} {:<9} node {} container {} {}{why}",
+                r.index,
+                replica_status_name(r.status),
+                r.node_id,
+                if container.is_empty() { "-" } else { container },
+                r.endpoint
+            ))?;
+        }
+        Ok(())
+    }
+
+    async fn top(
+        &self,
+        name_or_id: &str,
+        backfill: bool,
+        count: Option<usize>,
+        duration: Option<Duration>,
+    ) -> Result<(), CliError> {
+        let d = self.find(name_or_id).await?;
+        // A client of its own without the 30 s request timeout: a stream lasts.
+        let client = DeploymentServiceClient::builder(self.api.clone())
+            .build()
+            .map_err(|e| CliError::Unreachable { api: self.api.clone(), message: e.to_string() })?;
+        let request = pb::StreamDeploymentMetricsRequest {
+            deployment_id: d.id.clone(),
+            backfill,
+            max_duration_seconds: duration.map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
+        };
+        let mut stream = client.stream_deployment_metrics(&request).await.map_err(|e| self.err(e))?.into_inner();
+        self.say(&format!("{} ({}): live, every collection interval; Ctrl-C to stop", d.name, d.id))?;
+        self.say(&format!(
+            "{:<19} {:>3} {:>8} {:>7} {:>21} {:>11} {:>11} {:>5}",
+            "TIME", "#", "CPU", "CPU%", "MEMORY / LIMIT", "NET IN/s", "NET OUT/s", "PIDS"
+        ))?;
+        let mut seen = 0;
+        while count.is_none_or(|c| seen < c) {
+            let Some(next) = futures::StreamExt::next(&mut stream).await else { break };
+            let s = next.map_err(|e| self.err(e))?;
+            seen += 1;
+            if self.format == OutputFormat::Json {
+                writeln!(std::io::stdout().lock(), "{}", serde_json::to_string(&s).unwrap_or_default())?;
+                continue;
+            }
+            let per_second = |n: u64| bytes(n as f64 * 1000.0 / s.interval_ms.max(1) as f64);
+            let limit = if s.memory_limit_bytes == 0 { "-".to_owned() } else { bytes(s.memory_limit_bytes as f64) };
+            self.say(&format!(
+                "{:<19} {:>3} {:>8.3} {:>6.1}% {:>21} {:>11} {:>11} {:>5}",
+                time_text(s.time.as_ref()),
+                s.replica_index,
+                s.cpu_cores,
+                s.cpu_percent,
+                format!("{} / {limit}", bytes(s.memory_bytes as f64)),
+                per_second(s.net_rx_bytes),
+                per_second(s.net_tx_bytes),
+                s.pids
+            ))?;
+        }
+        Ok(())
+    }
+
+    async fn metrics(&self, name_or_id: &str, since: Duration, step: Option<Duration>) -> Result<(), CliError> {
+        let d = self.find(name_or_id).await?;
+        let now = chrono::Utc::now();
+        let request = pb::GetDeploymentMetricsRequest {
+            deployment_id: d.id.clone(),
+            start: Some(timestamp(now - chrono::Duration::from_std(since).unwrap_or_default())),
+            end: Some(timestamp(now)),
+            step_seconds: step.map_or(0, |s| u32::try_from(s.as_secs()).unwrap_or(u32::MAX)),
+        };
+        let series = self.client.get_deployment_metrics(&request).await.map_err(|e| self.err(e))?.into_inner();
+        if self.format == OutputFormat::Json {
+            return self.json(&series);
+        }
+        let resolution = match pb::MetricsResolution::try_from(series.resolution) {
+            Ok(pb::MetricsResolution::Raw) => "raw samples",
+            Ok(pb::MetricsResolution::Minute) => "minutes",
+            Ok(pb::MetricsResolution::Hour) => "hours",
+            _ => "unknown",
+        };
+        self.say(&format!("{} ({}): {resolution}, {}s buckets", d.name, d.id, series.step_seconds))?;
+        if series.points.is_empty() {
+            return self.say("  no data in this range yet");
+        }
+        self.say(&format!(
+            "{:<19} {:>3} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10}",
+            "TIME", "#", "CPU", "CPU MAX", "MEMORY", "MEM MAX", "NET IN", "NET OUT"
+        ))?;
+        for p in &series.points {
+            let replica = if p.container_id.is_empty() { "all".to_owned() } else { p.replica_index.to_string() };
+            self.say(&format!(
+                "{:<19} {:>3} {:>8.3} {:>8.3} {:>10} {:>10} {:>10} {:>10}",
+                time_text(p.time.as_ref()),
+                replica,
+                p.cpu_cores,
+                p.cpu_max_cores,
+                bytes(p.memory_bytes as f64),
+                bytes(p.memory_max_bytes as f64),
+                bytes(p.net_rx_bytes as f64),
+                bytes(p.net_tx_bytes as f64)
+            ))?;
+        }
+        Ok(())
+    }
+
+    async fn usage(&self, name_or_id: Option<&str>, since: Duration) -> Result<(), CliError> {
+        let deployment = match name_or_id {
+            Some(n) => Some(self.find(n).await?),
+            None => None,
+        };
+        let now = chrono::Utc::now();
+        let request = pb::GetUsageRequest {
+            deployment_id: deployment.as_ref().map(|d| d.id.clone()).unwrap_or_default(),
+            start: Some(timestamp(now - chrono::Duration::from_std(since).unwrap_or_default())),
+            end: Some(timestamp(now)),
+        };
+        let usage = self.client.get_usage(&request).await.map_err(|e| self.err(e))?.into_inner();
+        if self.format == OutputFormat::Json {
+            return self.json(&usage);
+        }
+        let whose = deployment.as_ref().map_or_else(|| "the organization".to_owned(), |d| d.name.clone());
+        self.say(&format!("Hourly usage of {whose}"))?;
+        if usage.hours.is_empty() {
+            return self.say("  none recorded in this range yet (hours are rolled up every few minutes)");
+        }
+        self.say(&format!(
+            "{:<19} {:>12} {:>14} {:>10} {:>10}",
+            "HOUR", "CPU core-s", "MEMORY GiB-h", "NET IN", "NET OUT"
+        ))?;
+        for h in &usage.hours {
+            self.say(&format!(
+                "{:<19} {:>12.1} {:>14.4} {:>10} {:>10}",
+                time_text(h.hour.as_ref()),
+                h.cpu_core_seconds,
+                h.memory_byte_seconds / 3600.0 / f64::from(1u32 << 30),
+                bytes(h.net_rx_bytes as f64),
+                bytes(h.net_tx_bytes as f64)
+            ))?;
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, name_or_id: &str, no_wait: bool) -> Result<(), CliError> {
+        let d = self.find(name_or_id).await?;
+        self.client
+            .delete_deployment(&pb::DeleteDeploymentRequest { id: d.id.clone() })
+            .await
+            .map_err(|e| self.err(e))?;
+        self.say(&format!("Deleting {} ({})", d.name, d.id))?;
+        if no_wait {
+            return Ok(());
+        }
+        let started = Instant::now();
+        loop {
+            match self.get(&d.id).await {
+                Err(CliError::NotFound(_)) => {
+                    return self.say(&format!("Deleted {} in {:.1}s", d.name, started.elapsed().as_secs_f64()));
+                }
+                Err(other) => return Err(other),
+                Ok(_) if started.elapsed() > Duration::from_secs(120) => {
+                    return Err(CliError::Failed(format!("{} is still being deleted after 120s", d.name)));
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+}

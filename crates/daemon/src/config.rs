@@ -1,0 +1,475 @@
+//! `flotillad`'s settings. Every flag can also be given as an environment
+//! variable (`FLOTILLA_*`); `docs/configuration.md` lists them all.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use flotilla_agent::AgentConfig;
+use flotilla_metrics::{BreakerConfig, MetricsConfig, SourceChoice};
+use flotilla_orchestrator::OrchestratorConfig;
+use flotilla_store::metrics::Retention;
+use flotilla_types::NodeId;
+use flotilla_types::routing::{EdgeSettings, Tls};
+
+#[derive(Debug, Parser)]
+#[command(name = "flotillad", version, about = "Flotilla's daemon: API, orchestrator and node agent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// API, orchestrator and node agent in one process (a single machine).
+    All(Box<DaemonConfig>),
+    /// Only the public API.
+    Api(Box<DaemonConfig>),
+    /// Only the orchestrator.
+    Orchestrator(Box<DaemonConfig>),
+    /// Only the node agent (one per node).
+    Agent(Box<DaemonConfig>),
+}
+
+impl Command {
+    pub fn into_parts(self) -> (Roles, DaemonConfig) {
+        match self {
+            Self::All(c) => (Roles::ALL, *c),
+            Self::Api(c) => (Roles { api: true, orchestrator: false, agent: false }, *c),
+            Self::Orchestrator(c) => (Roles { api: false, orchestrator: true, agent: false }, *c),
+            Self::Agent(c) => (Roles { api: false, orchestrator: false, agent: true }, *c),
+        }
+    }
+}
+
+/// Which parts run in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub api: bool,
+    pub orchestrator: bool,
+    pub agent: bool,
+}
+
+impl Roles {
+    pub const ALL: Self = Self { api: true, orchestrator: true, agent: true };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DaemonConfig {
+    /// PostgreSQL URL of the control database.
+    #[arg(long, env = "FLOTILLA_DATABASE_URL")]
+    pub database_url: String,
+
+    /// Redis URL for wake-ups between processes; without it, wake-ups stay
+    /// inside this process and other processes rely on their timers.
+    #[arg(long, env = "FLOTILLA_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key Flotilla uses.
+    #[arg(long, env = "FLOTILLA_REDIS_PREFIX", default_value = "flotilla:")]
+    pub redis_prefix: String,
+
+    /// Address of the HTTP server (API, /health, /metrics).
+    #[arg(long, env = "FLOTILLA_LISTEN", default_value = "127.0.0.1:7800")]
+    pub listen: SocketAddr,
+
+    /// Development only: no authentication, every request acts as the owner
+    /// of the default organization. Logs a loud warning.
+    #[arg(long, env = "FLOTILLA_INSECURE_DEV_AUTH")]
+    pub insecure_dev_auth: bool,
+
+    /// Docker Engine socket (default: $DOCKER_HOST or /var/run/docker.sock).
+    #[arg(long, env = "FLOTILLA_DOCKER_SOCKET")]
+    pub docker_socket: Option<String>,
+
+    /// How long shutdown waits for tasks to finish.
+    #[arg(long, env = "FLOTILLA_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub agent: AgentArgs,
+
+    #[command(flatten)]
+    pub orchestrator: OrchestratorArgs,
+
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Do not measure this node's containers (the agent's metrics pipeline is off).
+    #[arg(long, env = "FLOTILLA_NO_METRICS")]
+    pub no_metrics: bool,
+
+    /// PostgreSQL or TimescaleDB URL of the metrics store (default: the
+    /// control database).
+    #[arg(long, env = "FLOTILLA_METRICS_DATABASE_URL")]
+    pub metrics_database_url: Option<String>,
+
+    /// Time between collection rounds.
+    #[arg(long, env = "FLOTILLA_METRICS_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub metrics_interval: Duration,
+
+    /// The longest the interval stretches to while rounds overrun or Docker fails.
+    #[arg(long, env = "FLOTILLA_METRICS_MAX_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub metrics_max_interval: Duration,
+
+    /// Where counters are read: `auto` (cgroup files when visible, else
+    /// Docker), `cgroup` or `docker`.
+    #[arg(long, env = "FLOTILLA_METRICS_SOURCE", default_value = "auto")]
+    pub metrics_source: SourceChoice,
+
+    /// The host's cgroup filesystem.
+    #[arg(long, env = "FLOTILLA_METRICS_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub metrics_cgroup_root: PathBuf,
+
+    /// The host's /proc (network counters are read per container process).
+    #[arg(long, env = "FLOTILLA_METRICS_PROC_ROOT", default_value = "/proc")]
+    pub metrics_proc_root: PathBuf,
+
+    /// Docker stats calls in flight at once on the fallback path.
+    #[arg(long, env = "FLOTILLA_METRICS_DOCKER_PARALLELISM", default_value_t = 8)]
+    pub metrics_docker_parallelism: usize,
+
+    /// Consecutive Docker API failures that open the circuit breaker.
+    #[arg(long, env = "FLOTILLA_METRICS_BREAKER_FAILURES", default_value_t = 5)]
+    pub metrics_breaker_failures: u32,
+
+    /// How long the open breaker refuses Docker calls before trying again.
+    #[arg(long, env = "FLOTILLA_METRICS_BREAKER_COOL_DOWN", default_value = "60s", value_parser = parse_duration)]
+    pub metrics_breaker_cool_down: Duration,
+
+    /// Successful calls in a row that close a half-open breaker.
+    #[arg(long, env = "FLOTILLA_METRICS_BREAKER_SUCCESSES", default_value_t = 3)]
+    pub metrics_breaker_successes: u32,
+
+    /// Rows the write buffer keeps while the metrics store is unreachable
+    /// (beyond it, the oldest are dropped and counted).
+    #[arg(long, env = "FLOTILLA_METRICS_WRITE_BUFFER_ROWS", default_value_t = 150_000)]
+    pub metrics_write_buffer_rows: usize,
+
+    /// Samples a live subscriber may have queued before it loses the oldest.
+    #[arg(long, env = "FLOTILLA_METRICS_SUBSCRIBER_QUEUE", default_value_t = 256)]
+    pub metrics_subscriber_queue: usize,
+
+    /// Failed rounds in a row after which /health answers 503.
+    #[arg(long, env = "FLOTILLA_METRICS_UNHEALTHY_AFTER", default_value_t = 3)]
+    pub metrics_unhealthy_after: u32,
+
+    /// Keep only minute aggregates, not the raw 5-second samples.
+    #[arg(long, env = "FLOTILLA_METRICS_NO_RAW_SAMPLES")]
+    pub metrics_no_raw_samples: bool,
+
+    /// How long raw samples are kept.
+    #[arg(long, env = "FLOTILLA_METRICS_RETAIN_SAMPLES", default_value = "7d", value_parser = parse_duration)]
+    pub metrics_retain_samples: Duration,
+
+    /// How long minute aggregates are kept.
+    #[arg(long, env = "FLOTILLA_METRICS_RETAIN_MINUTES", default_value = "30d", value_parser = parse_duration)]
+    pub metrics_retain_minutes: Duration,
+
+    /// How long hourly usage (billing) is kept.
+    #[arg(long, env = "FLOTILLA_METRICS_RETAIN_HOURLY", default_value = "400d", value_parser = parse_duration)]
+    pub metrics_retain_hourly: Duration,
+
+    /// How often the orchestrator rolls minutes up into hourly usage and
+    /// drops expired partitions (PostgreSQL backend).
+    #[arg(long, env = "FLOTILLA_METRICS_MAINTENANCE_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub metrics_maintenance_interval: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// This node's id (default: the Swarm node id, else one generated and kept
+    /// in --node-id-file).
+    #[arg(long, env = "FLOTILLA_NODE_ID", value_parser = parse_node_id)]
+    pub node_id: Option<NodeId>,
+
+    #[arg(long, env = "FLOTILLA_NODE_ID_FILE", default_value = "/var/lib/flotilla/node-id")]
+    pub node_id_file: PathBuf,
+
+    /// Address other nodes and the edge proxy reach this node's apps on
+    /// (default: the node's Swarm address, else 127.0.0.1).
+    #[arg(long, env = "FLOTILLA_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+
+    /// Host address apps' ports are published on.
+    #[arg(long, env = "FLOTILLA_PUBLISH_IP", default_value = "0.0.0.0")]
+    pub publish_ip: IpAddr,
+
+    /// Host ports handed to apps, `first-last`.
+    #[arg(long, env = "FLOTILLA_PORT_RANGE", default_value = "20000-29999", value_parser = parse_port_range)]
+    pub port_range: RangeInclusive<u16>,
+
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    #[arg(long, env = "FLOTILLA_RECONCILE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+
+    /// Ignore Docker events: reconcile only on the timer and on wake-ups.
+    #[arg(long, env = "FLOTILLA_NO_DOCKER_EVENTS")]
+    pub no_docker_events: bool,
+
+    /// A managed container without a row and a live deployment is removed
+    /// after this long.
+    #[arg(long, env = "FLOTILLA_ORPHAN_GRACE", default_value = "60s", value_parser = parse_duration)]
+    pub orphan_grace: Duration,
+
+    /// In a rolling update, how long an old container keeps serving after
+    /// traffic moved to its replacement.
+    #[arg(long, env = "FLOTILLA_ROLLOUT_DRAIN", default_value = "5s", value_parser = parse_duration)]
+    pub rollout_drain: Duration,
+
+    /// A replica that failed to start is tried again after this long.
+    #[arg(long, env = "FLOTILLA_FAILED_RETRY_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub failed_retry_after: Duration,
+
+    /// How long pulling a missing image may take.
+    #[arg(long, env = "FLOTILLA_PULL_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub pull_timeout: Duration,
+
+    /// Containers created at the same time at most.
+    #[arg(long, env = "FLOTILLA_MAX_PARALLEL_STARTS", default_value_t = 4)]
+    pub max_parallel_starts: usize,
+
+    /// Time between SIGTERM and SIGKILL when stopping an app.
+    #[arg(long, env = "FLOTILLA_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub stop_grace: Duration,
+
+    /// Replicas this node takes at most.
+    #[arg(long, env = "FLOTILLA_MAX_DEPLOYMENTS", default_value_t = 100)]
+    pub max_deployments: i32,
+
+    /// A node label for placement constraints, `key=value`; repeatable.
+    #[arg(long = "node-label", env = "FLOTILLA_NODE_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub node_labels: Vec<(String, String)>,
+
+    /// A label put on every container and network this agent creates,
+    /// `key=value`; repeatable (keys starting with `flotilla.` or `traefik.`
+    /// are reserved).
+    #[arg(long = "container-label", env = "FLOTILLA_CONTAINER_LABELS", value_delimiter = ',', value_parser = parse_container_label)]
+    pub container_labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OrchestratorArgs {
+    /// A node silent for this long takes no new replicas.
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat_timeout: Duration,
+
+    /// A placement round runs at least this often.
+    #[arg(long, env = "FLOTILLA_PLACEMENT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub placement_interval: Duration,
+
+    /// Traefik entry point for plain HTTP routes.
+    #[arg(long, env = "FLOTILLA_EDGE_HTTP_ENTRYPOINT", default_value = "web")]
+    pub edge_http_entrypoint: String,
+
+    /// Traefik entry point for TLS routes.
+    #[arg(long, env = "FLOTILLA_EDGE_HTTPS_ENTRYPOINT", default_value = "websecure")]
+    pub edge_https_entrypoint: String,
+
+    /// TLS for routes: `off`, `stored`, or `resolver:<name>` (an ACME resolver).
+    #[arg(long, env = "FLOTILLA_EDGE_TLS", default_value = "off", value_parser = parse_tls)]
+    pub edge_tls: Tls,
+
+    /// Docker network Traefik reaches apps on (label routing).
+    #[arg(long, env = "FLOTILLA_EDGE_NETWORK")]
+    pub edge_network: Option<String>,
+}
+
+impl DaemonConfig {
+    pub fn agent_config(&self) -> AgentConfig {
+        let a = &self.agent;
+        AgentConfig {
+            node_id: a.node_id.clone(),
+            node_id_file: a.node_id_file.clone(),
+            advertise_address: a.advertise_address.clone(),
+            publish_ip: a.publish_ip,
+            port_range: a.port_range.clone(),
+            heartbeat_interval: a.heartbeat_interval,
+            reconcile_interval: a.reconcile_interval,
+            events: !a.no_docker_events,
+            orphan_grace: a.orphan_grace,
+            rollout_drain: a.rollout_drain,
+            failed_retry_after: a.failed_retry_after,
+            pull_timeout: a.pull_timeout,
+            max_parallel_starts: a.max_parallel_starts,
+            stop_grace: a.stop_grace,
+            max_deployments: a.max_deployments,
+            node_labels: a.node_labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+            extra_container_labels: a.container_labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+            ..AgentConfig::default()
+        }
+    }
+
+    /// The pipeline's settings; `None` when metrics are off.
+    pub fn metrics_config(&self) -> Option<MetricsConfig> {
+        let m = &self.metrics;
+        (!m.no_metrics).then(|| MetricsConfig {
+            interval: m.metrics_interval,
+            max_interval: m.metrics_max_interval,
+            source: m.metrics_source,
+            cgroup_root: m.metrics_cgroup_root.clone(),
+            proc_root: m.metrics_proc_root.clone(),
+            docker_parallelism: m.metrics_docker_parallelism,
+            breaker: BreakerConfig {
+                failures_to_open: m.metrics_breaker_failures,
+                cool_down: m.metrics_breaker_cool_down,
+                successes_to_close: m.metrics_breaker_successes,
+            },
+            subscriber_queue: m.metrics_subscriber_queue,
+            write_buffer_rows: m.metrics_write_buffer_rows,
+            failures_for_unhealthy: m.metrics_unhealthy_after,
+            store_samples: !m.metrics_no_raw_samples,
+            ..MetricsConfig::default()
+        })
+    }
+
+    pub fn retention(&self) -> Retention {
+        let m = &self.metrics;
+        Retention {
+            samples: m.metrics_retain_samples,
+            minutes: m.metrics_retain_minutes,
+            hourly: m.metrics_retain_hourly,
+        }
+    }
+
+    pub fn orchestrator_config(&self) -> OrchestratorConfig {
+        let o = &self.orchestrator;
+        OrchestratorConfig {
+            heartbeat_timeout: o.heartbeat_timeout,
+            interval: o.placement_interval,
+            edge: EdgeSettings {
+                http_entrypoint: o.edge_http_entrypoint.clone(),
+                https_entrypoint: o.edge_https_entrypoint.clone(),
+                tls: o.edge_tls.clone(),
+                network: o.edge_network.clone(),
+            },
+            ..OrchestratorConfig::default()
+        }
+    }
+}
+
+/// `500ms`, `5s`, `2m`, `1h`, `7d`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 500ms, 5s, 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86_400.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+pub fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let (a, b) = text.split_once('-').ok_or_else(|| format!("{text:?} is not a range like 20000-29999"))?;
+    let first: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?;
+    let last: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port"))?;
+    if first == 0 || first > last {
+        return Err(format!("{text:?}: need 1 <= first <= last"));
+    }
+    Ok(first..=last)
+}
+
+fn parse_node_id(text: &str) -> Result<NodeId, String> {
+    NodeId::parse(text).map_err(|e| e.to_string())
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text.split_once('=').ok_or_else(|| format!("{text:?} is not key=value"))?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
+fn parse_container_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = parse_label(text)?;
+    if key.is_empty() || key.starts_with("flotilla.") || key.starts_with("traefik.") {
+        return Err(format!("{key:?}: container label keys must not be empty or start with flotilla. or traefik."));
+    }
+    Ok((key, value))
+}
+
+fn parse_tls(text: &str) -> Result<Tls, String> {
+    match text {
+        "off" => Ok(Tls::Off),
+        "stored" => Ok(Tls::Stored),
+        _ => match text.strip_prefix("resolver:") {
+            Some(name)
+                if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+            {
+                Ok(Tls::Resolver(name.to_owned()))
+            }
+            _ => Err(format!("{text:?}: use off, stored or resolver:<name>")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn port_ranges_and_tls() {
+        assert_eq!(parse_port_range("20000-20010"), Ok(20000..=20010));
+        assert!(parse_port_range("20010-20000").is_err());
+        assert!(parse_port_range("0-10").is_err());
+        assert_eq!(parse_tls("resolver:le"), Ok(Tls::Resolver("le".into())));
+        assert_eq!(parse_container_label("team=a"), Ok(("team".into(), "a".into())));
+        assert!(parse_container_label("flotilla.managed=false").is_err());
+        assert!(parse_container_label("traefik.enable=true").is_err());
+        assert!(parse_tls("resolver:`x`").is_err());
+    }
+
+    #[test]
+    fn every_flag_has_a_default_or_an_env_var() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["flotillad", "all", "--database-url", "postgres://x"]).unwrap();
+        let (roles, config) = cli.command.into_parts();
+        assert_eq!(roles, Roles::ALL);
+        assert_eq!(config.agent.port_range, 20000..=29999);
+        assert_eq!(config.orchestrator.heartbeat_timeout, Duration::from_secs(15));
+        let metrics = config.metrics_config().expect("metrics on by default");
+        assert_eq!(metrics.interval, Duration::from_secs(5));
+        assert_eq!(metrics.breaker, BreakerConfig::default());
+        assert_eq!(config.retention(), Retention::default());
+        let off =
+            Cli::try_parse_from(["flotillad", "agent", "--database-url", "postgres://x", "--no-metrics"]).unwrap();
+        assert!(off.command.into_parts().1.metrics_config().is_none());
+        assert!(
+            Cli::try_parse_from(["flotillad", "all", "--database-url", "x", "--metrics-source", "magic"]).is_err(),
+            "unknown sources are refused"
+        );
+    }
+}

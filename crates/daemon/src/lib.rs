@@ -1,0 +1,397 @@
+//! `flotillad`: composes the API, the orchestrator and the node agent into
+//! one process, all of them or one. Tests start it in-process with
+//! [`Daemon::start`]; the binary adds flags, logging and signals.
+
+pub mod config;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_agent::{Agent, AgentConfig, AgentError};
+use flotilla_api::{ApiState, Authenticator};
+use flotilla_docker::{DockerClient, DockerConfig, DockerError};
+use flotilla_metrics::pipeline::MetricsError;
+use flotilla_metrics::{LiveView, MetricsConfig, MetricsPipeline};
+use flotilla_orchestrator::{Orchestrator, OrchestratorConfig};
+use flotilla_redis::{LiveFeed, ORCHESTRATOR_TOPIC, RedisError, WakeBus, agent_topic};
+use flotilla_store::metrics::{MetricsStore, Retention};
+use flotilla_store::{Store, StoreConfig, StoreError};
+use flotilla_telemetry::{Health, Telemetry};
+use flotilla_types::NodeId;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Cli, Command, DaemonConfig, Roles};
+pub use flotilla_metrics;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("the control database: {0}")]
+    Store(#[from] StoreError),
+    #[error("Redis: {0}")]
+    Redis(#[from] RedisError),
+    #[error("the Docker Engine: {0}")]
+    Docker(#[from] DockerError),
+    #[error("the node agent: {0}")]
+    Agent(#[from] AgentError),
+    #[error("the metrics pipeline: {0}")]
+    Metrics(#[from] MetricsError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "no authentication is configured: OIDC is not available yet, so the API only runs with \
+         --insecure-dev-auth (development only)"
+    )]
+    NoAuthentication,
+    #[error("start-up cancelled")]
+    Cancelled,
+}
+
+/// Everything a daemon is started with, in code (tests) or from flags.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    pub roles: Roles,
+    pub database_url: String,
+    pub redis: Option<(String, String)>,
+    pub listen: SocketAddr,
+    pub insecure_dev_auth: bool,
+    pub docker: DockerConfig,
+    pub agent: AgentConfig,
+    pub orchestrator: OrchestratorConfig,
+    pub metrics: MetricsSettings,
+    pub shutdown_grace: Duration,
+}
+
+/// The metrics side of a daemon.
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    /// The agent's pipeline; `None` turns it off.
+    pub pipeline: Option<MetricsConfig>,
+    /// Where metrics are stored (default: the control database).
+    pub database_url: Option<String>,
+    pub retention: Retention,
+    /// How often the orchestrator runs the store's maintenance job.
+    pub maintenance_interval: Duration,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            pipeline: Some(MetricsConfig::default()),
+            database_url: None,
+            retention: Retention::default(),
+            maintenance_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+impl DaemonSettings {
+    pub fn from_config(roles: Roles, config: &DaemonConfig) -> Self {
+        Self {
+            roles,
+            database_url: config.database_url.clone(),
+            redis: config.redis_url.clone().map(|url| (url, config.redis_prefix.clone())),
+            listen: config.listen,
+            insecure_dev_auth: config.insecure_dev_auth,
+            docker: DockerConfig { socket: config.docker_socket.clone(), timeout: None },
+            agent: config.agent_config(),
+            orchestrator: config.orchestrator_config(),
+            metrics: MetricsSettings {
+                pipeline: config.metrics_config(),
+                database_url: config.metrics.metrics_database_url.clone(),
+                retention: config.retention(),
+                maintenance_interval: config.metrics.metrics_maintenance_interval,
+            },
+            shutdown_grace: config.shutdown_grace,
+        }
+    }
+}
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    pub local_addr: SocketAddr,
+    pub node_id: Option<NodeId>,
+    pub telemetry: Telemetry,
+    pub agent: Option<Arc<Agent>>,
+    pub orchestrator: Option<Arc<Orchestrator>>,
+    pub metrics: Option<Arc<MetricsPipeline>>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    grace: Duration,
+}
+
+impl Daemon {
+    /// Starts the configured roles. Waits for the database (retrying) and
+    /// applies migrations first; `cancel` aborts the wait and, later, stops
+    /// the daemon.
+    pub async fn start(settings: DaemonSettings, cancel: CancellationToken) -> Result<Self, DaemonError> {
+        let telemetry = Telemetry::new("flotillad", VERSION);
+        let store = Store::connect_lazy(&StoreConfig::new(&settings.database_url))?;
+        migrate_when_reachable(&store, &cancel).await?;
+        telemetry.health.set("database", Health::Ok, None, serde_json::json!({}));
+
+        let wake = match &settings.redis {
+            Some((url, prefix)) => WakeBus::with_redis(url, prefix)?,
+            None => WakeBus::local_only(),
+        };
+        telemetry.register(Box::new(flotilla_redis::metrics::collector(&wake)));
+
+        let feed = match &settings.redis {
+            Some((url, prefix)) => {
+                let feed = LiveFeed::new(url, prefix)?;
+                telemetry.register(Box::new(flotilla_redis::metrics::live_collector(&feed)));
+                Some(feed)
+            }
+            None => None,
+        };
+
+        let tracker = TaskTracker::new();
+        let roles = settings.roles;
+        let mut topics = Vec::new();
+
+        let wants_metrics_store =
+            roles.api || roles.orchestrator || (roles.agent && settings.metrics.pipeline.is_some());
+        let metrics_store = if wants_metrics_store {
+            Some(metrics_store_when_reachable(&store, &settings, &cancel).await?)
+        } else {
+            None
+        };
+
+        let orchestrator = roles.orchestrator.then(|| {
+            topics.push(ORCHESTRATOR_TOPIC.to_owned());
+            Orchestrator::new(settings.orchestrator.clone(), store.clone(), wake.clone(), telemetry.clone())
+        });
+
+        let (agent, pipeline) = if roles.agent {
+            let docker = DockerClient::connect(&settings.docker).await?;
+            let agent =
+                Agent::new(settings.agent.clone(), store.clone(), docker.clone(), wake.clone(), telemetry.clone())
+                    .await?;
+            topics.push(agent_topic(agent.node_id().as_str()));
+            let pipeline = match &settings.metrics.pipeline {
+                Some(config) => Some(
+                    MetricsPipeline::new(
+                        config.clone(),
+                        agent.node_id().clone(),
+                        docker,
+                        metrics_store.clone(),
+                        feed.clone(),
+                        telemetry.clone(),
+                    )
+                    .await?,
+                ),
+                None => None,
+            };
+            (Some(agent), pipeline)
+        } else {
+            (None, None)
+        };
+
+        let api_state = if roles.api {
+            if !settings.insecure_dev_auth {
+                return Err(DaemonError::NoAuthentication);
+            }
+            let (org, project) =
+                flotilla_store::tenant::ensure_organization(store.pool(), "default", "Default").await?;
+            let auth = Authenticator::insecure_development(org, project);
+            // Live samples: from every node through Redis, else from this
+            // process's own pipeline.
+            let live = match (&feed, &pipeline) {
+                (Some(feed), _) => {
+                    let config = settings.metrics.pipeline.clone().unwrap_or_default();
+                    let view = LiveView::from_config(&config);
+                    let receiver = flotilla_metrics::remote::spawn_receiver(feed, view.clone(), cancel.clone());
+                    tracker.spawn(async move {
+                        let _ = receiver.await;
+                    });
+                    Some(view)
+                }
+                (None, Some(pipeline)) => Some(pipeline.live().clone()),
+                (None, None) => None,
+            };
+            let metrics = flotilla_api::MetricsAccess { store: metrics_store.clone(), live };
+            Some(ApiState::new(store.clone(), wake.clone(), auth, metrics, cancel.clone(), &telemetry))
+        } else {
+            None
+        };
+
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| DaemonError::Listen { addr: settings.listen, source })?;
+        let local_addr =
+            listener.local_addr().map_err(|source| DaemonError::Listen { addr: settings.listen, source })?;
+
+        // Background tasks, each stopping on `cancel`.
+        if !topics.is_empty() {
+            let listener_task = wake.spawn_listener(topics, cancel.clone());
+            tracker.spawn(async move {
+                let _ = listener_task.await;
+            });
+        }
+        tracker.spawn(database_watch(store.clone(), telemetry.clone(), cancel.clone()));
+        if let Some(orchestrator) = &orchestrator {
+            orchestrator.spawn(&tracker, cancel.clone());
+        }
+        if let Some(agent) = &agent {
+            agent.spawn(&tracker, cancel.clone());
+        }
+        if let Some(pipeline) = &pipeline {
+            pipeline.spawn(&tracker, cancel.clone());
+        }
+        if let (true, Some(metrics_store)) = (roles.orchestrator, &metrics_store) {
+            flotilla_metrics::maintenance::spawn(
+                metrics_store.clone(),
+                settings.metrics.retention,
+                settings.metrics.maintenance_interval,
+                telemetry.clone(),
+                &tracker,
+                cancel.clone(),
+            );
+        }
+
+        let shutdown = cancel.clone().cancelled_owned();
+        match api_state {
+            Some(state) => {
+                let service = flotilla_api::service(state, &telemetry);
+                tracker.spawn(async move {
+                    let make = tower::make::Shared::new(service);
+                    if let Err(error) = axum::serve(listener, make).with_graceful_shutdown(shutdown).await {
+                        tracing::error!(%error, "HTTP server stopped");
+                    }
+                });
+            }
+            None => {
+                let router = telemetry.router::<()>();
+                tracker.spawn(async move {
+                    if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+                        tracing::error!(%error, "HTTP server stopped");
+                    }
+                });
+            }
+        }
+        tracker.close();
+        tracing::info!(%local_addr, api = roles.api, orchestrator = roles.orchestrator, agent = roles.agent, "flotillad started");
+
+        Ok(Self {
+            local_addr,
+            node_id: agent.as_ref().map(|a| a.node_id().clone()),
+            telemetry,
+            agent,
+            orchestrator,
+            metrics: pipeline,
+            cancel,
+            tracker,
+            grace: settings.shutdown_grace,
+        })
+    }
+
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Waits until every task has stopped (after cancellation).
+    pub async fn wait(&self) {
+        self.tracker.wait().await;
+    }
+
+    /// Stops every task and waits up to the grace period. User containers are
+    /// left running: the next agent adopts them.
+    pub async fn shutdown(self) -> bool {
+        self.cancel.cancel();
+        let drained = tokio::time::timeout(self.grace, self.tracker.wait()).await.is_ok();
+        let grace = self.grace;
+        if drained {
+            tracing::info!("flotillad stopped");
+        } else {
+            tracing::warn!(?grace, "tasks still running after the shutdown grace; exiting anyway");
+        }
+        drained
+    }
+}
+
+impl Drop for Daemon {
+    /// A daemon dropped without `shutdown` still stops its tasks.
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Applies migrations, retrying while the database is unreachable.
+async fn migrate_when_reachable(store: &Store, cancel: &CancellationToken) -> Result<(), DaemonError> {
+    let mut delays = flotilla_runtime::retry::delays(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match store.migrate().await {
+            Ok(()) => return Ok(()),
+            Err(error) => {
+                let retryable = match &error {
+                    StoreError::Migrate(sqlx_error) => {
+                        sqlx_error.to_string().contains("error communicating")
+                            || sqlx_error.to_string().contains("pool timed out")
+                    }
+                    other => other.is_unavailable(),
+                };
+                if !retryable {
+                    return Err(error.into());
+                }
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(%error, retry_in = ?delay, "waiting for the control database");
+                tokio::select! {
+                    () = cancel.cancelled() => return Err(DaemonError::Cancelled),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The metrics store, set up once its database is reachable (the control
+/// database unless another is configured).
+async fn metrics_store_when_reachable(
+    control: &Store,
+    settings: &DaemonSettings,
+    cancel: &CancellationToken,
+) -> Result<MetricsStore, DaemonError> {
+    let pool = match &settings.metrics.database_url {
+        Some(url) if *url != settings.database_url => Store::connect_lazy(&StoreConfig::new(url))?.pool().clone(),
+        _ => control.pool().clone(),
+    };
+    let mut delays = flotilla_runtime::retry::delays(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match MetricsStore::setup(pool.clone(), settings.metrics.retention).await {
+            Ok(store) => return Ok(store),
+            Err(error) if error.is_unavailable() => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(%error, retry_in = ?delay, "waiting for the metrics database");
+                tokio::select! {
+                    () = cancel.cancelled() => return Err(DaemonError::Cancelled),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// Keeps the `database` health component current.
+async fn database_watch(store: Store, telemetry: Telemetry, cancel: CancellationToken) {
+    loop {
+        let (health, message) = match store.ping().await {
+            Ok(()) => (Health::Ok, None),
+            Err(error) => (Health::Degraded, Some(error.to_string())),
+        };
+        telemetry.health.set("database", health, message, serde_json::json!({}));
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
+}

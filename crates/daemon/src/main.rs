@@ -1,0 +1,47 @@
+//! `flotillad`: flags, logging and signals around [`flotilla_daemon::Daemon`].
+
+use anyhow::Context;
+use clap::Parser;
+use flotilla_daemon::config::LogFormat;
+use flotilla_daemon::{Cli, Daemon, DaemonSettings};
+use flotilla_telemetry::logging;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (roles, config) = cli.command.into_parts();
+    let format = match config.log_format {
+        LogFormat::Text => logging::LogFormat::Text,
+        LogFormat::Json => logging::LogFormat::Json,
+    };
+    logging::init("info,sqlx=warn", format);
+
+    let cancel = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(cancel.clone()));
+    let daemon = Daemon::start(DaemonSettings::from_config(roles, &config), cancel.clone())
+        .await
+        .context("flotillad could not start")?;
+    cancel.cancelled().await;
+    daemon.shutdown().await;
+    Ok(())
+}
+
+/// SIGINT or SIGTERM starts a graceful shutdown.
+async fn cancel_on_signal(cancel: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::error!(%error, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            cancel.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received; shutting down");
+    cancel.cancel();
+}

@@ -1,0 +1,47 @@
+//! Metric names of the orchestrator.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use flotilla_telemetry::{FnCollector, MetricSpec};
+
+pub const ROUNDS_TOTAL: &str = "flotilla_orchestrator_rounds_total";
+pub const ROUND_FAILURES_TOTAL: &str = "flotilla_orchestrator_round_failures_total";
+pub const REPLICAS_PLACED_TOTAL: &str = "flotilla_orchestrator_replicas_placed_total";
+pub const PLACEMENTS_UNSCHEDULABLE_TOTAL: &str = "flotilla_orchestrator_placements_unschedulable_total";
+pub const DEPLOYMENTS_FINALIZED_TOTAL: &str = "flotilla_orchestrator_deployments_finalized_total";
+
+#[derive(Debug, Default)]
+pub struct OrchestratorStats {
+    pub rounds: AtomicU64,
+    pub round_failures: AtomicU64,
+    pub replicas_placed: AtomicU64,
+    pub unschedulable: AtomicU64,
+    pub finalized: AtomicU64,
+}
+
+pub fn collector(stats: &Arc<OrchestratorStats>) -> FnCollector {
+    let read = |f: fn(&OrchestratorStats) -> &AtomicU64| {
+        let stats = stats.clone();
+        move || f(&stats).load(Ordering::Relaxed) as f64
+    };
+    FnCollector::new(vec![
+        MetricSpec::counter(ROUNDS_TOTAL, "Placement rounds run.", read(|s| &s.rounds)),
+        MetricSpec::counter(
+            ROUND_FAILURES_TOTAL,
+            "Placement rounds that failed (database unreachable).",
+            read(|s| &s.round_failures),
+        ),
+        MetricSpec::counter(REPLICAS_PLACED_TOTAL, "Replicas placed on nodes.", read(|s| &s.replicas_placed)),
+        MetricSpec::counter(
+            PLACEMENTS_UNSCHEDULABLE_TOTAL,
+            "Replicas that found no node to run on in a round.",
+            read(|s| &s.unschedulable),
+        ),
+        MetricSpec::counter(
+            DEPLOYMENTS_FINALIZED_TOTAL,
+            "Deleted deployments removed once their replicas were gone.",
+            read(|s| &s.finalized),
+        ),
+    ])
+}

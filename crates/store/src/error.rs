@@ -1,0 +1,62 @@
+use sqlx::error::DatabaseError;
+
+/// Errors of the control database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{entity} {id} not found")]
+    NotFound { entity: &'static str, id: String },
+
+    #[error("{what} already exists")]
+    AlreadyExists { what: String },
+
+    /// Optimistic concurrency: the row changed since it was read.
+    #[error("{what}")]
+    Conflict { what: String },
+
+    /// The database could not be reached; the caller may retry.
+    #[error("database unavailable during {operation}: {source}")]
+    Unavailable {
+        operation: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    #[error("database error during {operation}: {source}")]
+    Database {
+        operation: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// A row holds something this version cannot read back.
+    #[error("unreadable {table} row {id}: {detail}")]
+    Corrupt { table: &'static str, id: String, detail: String },
+
+    #[error("migrating the control database failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// Maps a sqlx error for `operation`, telling an unreachable database
+    /// apart from a failed statement.
+    pub(crate) fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
+        move |source| match source {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_) => Self::Unavailable { operation, source },
+            source => Self::Database { operation, source },
+        }
+    }
+
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// The violated constraint's name, when `error` is a unique violation.
+pub(crate) fn unique_violation(error: &sqlx::Error) -> Option<&str> {
+    let db: &dyn DatabaseError = error.as_database_error()?;
+    if db.is_unique_violation() { db.constraint() } else { None }
+}

@@ -1,0 +1,94 @@
+//! The control database: tenants, desired state, placements, nodes and routing.
+//!
+//! Access is split by who may do what:
+//! - [`Store::tenant`] gives the queries users' requests run; each of them is
+//!   scoped to one organization in its SQL, so a handler cannot forget it;
+//! - [`placement`] holds the orchestrator's queries, [`replicas`] the node
+//!   agent's, [`nodes`] the heartbeat and node listing.
+
+mod copy;
+mod error;
+pub mod metrics;
+pub mod models;
+pub mod nodes;
+pub mod placement;
+pub mod replicas;
+pub mod tenant;
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+pub use error::StoreError;
+pub use models::*;
+pub use tenant::Tenant;
+
+use flotilla_types::OrganizationId;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// Connection settings for the control database.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub url: String,
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl StoreConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), max_connections: 16, acquire_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// A handle on the control database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects lazily: the pool opens connections when first used, so a
+    /// process can start while PostgreSQL is still coming up.
+    pub fn connect_lazy(config: &StoreConfig) -> Result<Self, StoreError> {
+        let options: PgConnectOptions =
+            config.url.parse::<PgConnectOptions>().map_err(StoreError::db("parsing the database URL"))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.acquire_timeout)
+            .connect_lazy_with(options);
+        Ok(Self { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies every pending migration in `migrations/`. Safe to run from
+    /// several processes at once: sqlx takes an advisory lock.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Answers whether the database can be reached right now.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(StoreError::db("ping"))?;
+        Ok(())
+    }
+
+    /// The queries of one organization's users.
+    pub fn tenant(&self, organization_id: OrganizationId) -> Tenant<'_> {
+        Tenant::new(&self.pool, organization_id)
+    }
+}
+
+/// The migrations compiled into this binary, for tests and diagnostics.
+pub fn migrator() -> &'static sqlx::migrate::Migrator {
+    &MIGRATOR
+}

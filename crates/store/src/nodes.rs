@@ -1,0 +1,62 @@
+//! Node registration through heartbeats, and node listing.
+
+use flotilla_types::NodeId;
+use sqlx::types::Json;
+
+use crate::models::{NODE_COLUMNS, NodeRow, collect};
+use crate::{NodeHeartbeat, NodeRecord, Store, StoreError};
+
+impl Store {
+    /// Registers or refreshes a node. Availability (an operator's decision)
+    /// and status (the orchestrator's) are left as they are; the deployment
+    /// count is recounted from the placement rows.
+    pub async fn upsert_heartbeat(&self, beat: &NodeHeartbeat) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO node_metadata (node_id, hostname, address, role, labels, total_cpu_millis, \
+             total_memory_bytes, used_cpu_millis, used_memory_bytes, max_deployments, agent_version, \
+             deployment_count, last_heartbeat) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+             (SELECT count(*) FROM deployment_locations WHERE node_id = $1), now()) \
+             ON CONFLICT (node_id) DO UPDATE SET hostname = EXCLUDED.hostname, address = EXCLUDED.address, \
+             role = EXCLUDED.role, labels = EXCLUDED.labels, total_cpu_millis = EXCLUDED.total_cpu_millis, \
+             total_memory_bytes = EXCLUDED.total_memory_bytes, used_cpu_millis = EXCLUDED.used_cpu_millis, \
+             used_memory_bytes = EXCLUDED.used_memory_bytes, max_deployments = EXCLUDED.max_deployments, \
+             agent_version = EXCLUDED.agent_version, deployment_count = EXCLUDED.deployment_count, \
+             last_heartbeat = now(), updated_at = now()",
+        )
+        .bind(beat.node_id.as_str())
+        .bind(&beat.hostname)
+        .bind(&beat.address)
+        .bind(&beat.role)
+        .bind(Json(&beat.labels))
+        .bind(beat.total_cpu_millis)
+        .bind(beat.total_memory_bytes)
+        .bind(beat.used_cpu_millis)
+        .bind(beat.used_memory_bytes)
+        .bind(beat.max_deployments)
+        .bind(&beat.agent_version)
+        .execute(self.pool())
+        .await
+        .map_err(StoreError::db("recording a heartbeat"))?;
+        Ok(())
+    }
+
+    pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM node_metadata ORDER BY node_id");
+        let rows: Vec<NodeRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_all(self.pool())
+            .await
+            .map_err(StoreError::db("listing nodes"))?;
+        collect(rows)
+    }
+
+    pub async fn node(&self, node: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM node_metadata WHERE node_id = $1");
+        let row: Option<NodeRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(node.as_str())
+            .fetch_optional(self.pool())
+            .await
+            .map_err(StoreError::db("reading a node"))?;
+        row.map(NodeRecord::try_from).transpose()
+    }
+}

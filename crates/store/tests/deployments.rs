@@ -1,0 +1,202 @@
+//! Desired state, placement and observed state through the store's queries,
+//! against a real PostgreSQL.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flotilla_store::placement::{NewReplica, PlacementOutcome};
+use flotilla_store::replicas::ReplicaObservation;
+use flotilla_store::tenant::ensure_organization;
+use flotilla_store::{NodeHeartbeat, StoreError};
+use flotilla_test_utils::TestDb;
+use flotilla_types::status::Health;
+use flotilla_types::{DeploymentSpec, DeploymentSpecInput, DeploymentStatus, NodeId, ReplicaId, ReplicaState};
+
+fn spec(name: &str, domain: &str) -> DeploymentSpec {
+    DeploymentSpec::validate(DeploymentSpecInput {
+        name: name.into(),
+        image: "flotilla/demo-http:latest".into(),
+        port: 8080,
+        domain: domain.into(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn heartbeat(node: &NodeId) -> NodeHeartbeat {
+    NodeHeartbeat {
+        node_id: node.clone(),
+        hostname: "host".into(),
+        address: "127.0.0.1".into(),
+        role: "standalone".into(),
+        labels: BTreeMap::new(),
+        total_cpu_millis: 2000,
+        total_memory_bytes: 1 << 30,
+        used_cpu_millis: 0,
+        used_memory_bytes: 0,
+        max_deployments: 10,
+        agent_version: "test".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_tenant_sees_only_its_own_deployments() {
+    let db = TestDb::new().await;
+    let (org_a, _) = ensure_organization(db.pool(), "a", "A").await.unwrap();
+    let (org_b, project_b) = ensure_organization(db.pool(), "b", "B").await.unwrap();
+    let a = db.store.tenant(org_a);
+    let b = db.store.tenant(org_b);
+
+    let created = a.create_deployment(None, &spec("web", "web.example.com")).await.unwrap();
+    assert_eq!(a.get_deployment(created.id).await.unwrap().deployment, created);
+
+    assert!(matches!(b.get_deployment(created.id).await, Err(StoreError::NotFound { .. })));
+    assert!(b.list_deployments(None, None, 50).await.unwrap().deployments.is_empty());
+    assert!(matches!(b.delete_deployment(created.id).await, Err(StoreError::NotFound { .. })));
+    // Organization A cannot deploy into B's project either.
+    assert!(matches!(
+        a.create_deployment(Some(project_b), &spec("x", "")).await,
+        Err(StoreError::NotFound { entity: "project", .. })
+    ));
+    // B's failed delete changed nothing.
+    assert_eq!(a.get_deployment(created.id).await.unwrap().status().0, DeploymentStatus::Pending);
+}
+
+#[tokio::test]
+async fn names_and_domains_are_claimed_once() {
+    let db = TestDb::new().await;
+    let (org, _) = ensure_organization(db.pool(), "a", "A").await.unwrap();
+    let t = db.store.tenant(org);
+    t.create_deployment(None, &spec("web", "web.example.com")).await.unwrap();
+    let same_name = t.create_deployment(None, &spec("web", "")).await.unwrap_err();
+    assert!(matches!(same_name, StoreError::AlreadyExists { .. }), "{same_name}");
+    let (other, _) = ensure_organization(db.pool(), "b", "B").await.unwrap();
+    let same_domain = db.store.tenant(other).create_deployment(None, &spec("x", "web.example.com")).await.unwrap_err();
+    assert!(same_domain.to_string().contains("web.example.com"), "{same_domain}");
+}
+
+#[tokio::test]
+async fn listing_pages_through_everything_once() {
+    let db = TestDb::new().await;
+    let (org, _) = ensure_organization(db.pool(), "a", "A").await.unwrap();
+    let t = db.store.tenant(org);
+    let mut created = Vec::new();
+    for i in 0..7 {
+        created.push(t.create_deployment(None, &spec(&format!("app-{i}"), "")).await.unwrap().id);
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = t.list_deployments(None, after, 3).await.unwrap();
+        assert!(page.deployments.len() <= 3);
+        seen.extend(page.deployments.iter().map(|d| d.deployment.id));
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, created);
+}
+
+#[tokio::test]
+async fn placement_then_observation_then_deletion() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let (org, _) = ensure_organization(db.pool(), "a", "A").await.unwrap();
+    let node = NodeId::parse("node-1").unwrap();
+    store.upsert_heartbeat(&heartbeat(&node)).await.unwrap();
+    assert_eq!(store.schedulable_nodes(Duration::from_secs(15)).await.unwrap().len(), 1);
+
+    let deployment = store.tenant(org).create_deployment(None, &spec("web", "web.example.com")).await.unwrap();
+    let needs = store.deployments_to_place(100).await.unwrap();
+    assert_eq!(needs.len(), 1);
+    assert_eq!(needs[0].placed, Vec::<i32>::new());
+
+    let replica = NewReplica {
+        id: ReplicaId::new(),
+        replica_index: 0,
+        node_id: node.clone(),
+        address: "127.0.0.1".into(),
+        labels: BTreeMap::from([("a".to_owned(), "b".to_owned())]),
+    };
+    let outcome = store
+        .commit_placement(deployment.id, deployment.generation, std::slice::from_ref(&replica), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, PlacementOutcome::Placed(1));
+    // Placing the same index again writes nothing: no double placement.
+    let again = NewReplica { id: ReplicaId::new(), ..replica.clone() };
+    assert_eq!(
+        store.commit_placement(deployment.id, deployment.generation, &[again], None).await.unwrap(),
+        PlacementOutcome::Placed(0)
+    );
+    // A stale generation writes nothing.
+    assert_eq!(
+        store.commit_placement(deployment.id, deployment.generation + 1, &[], None).await.unwrap(),
+        PlacementOutcome::Stale
+    );
+    assert!(store.deployments_to_place(100).await.unwrap().is_empty());
+
+    let work = store.node_assignments(&node).await.unwrap();
+    assert_eq!(work.len(), 1);
+    assert_eq!(work[0].replica.id, replica.id);
+    assert_eq!(work[0].labels["a"], "b");
+    assert!(store.node_assignments(&NodeId::parse("other").unwrap()).await.unwrap().is_empty());
+
+    let seen = ReplicaObservation {
+        id: replica.id,
+        status: ReplicaState::Running,
+        health: Health::Healthy,
+        generation: Some(deployment.generation),
+        container_id: Some("c0ffee".into()),
+        container_name: Some("flotilla-web".into()),
+        port: Some(20001),
+        message: None,
+        started_at: Some(chrono::Utc::now()),
+    };
+    // Another node's agent cannot write this node's row.
+    assert!(!store.record_replica(&NodeId::parse("other").unwrap(), &seen).await.unwrap());
+    assert!(store.record_replica(&node, &seen).await.unwrap());
+    let view = store.tenant(org).get_deployment(deployment.id).await.unwrap();
+    assert_eq!(view.status().0, DeploymentStatus::Running);
+    assert_eq!(view.replicas[0].endpoint().as_deref(), Some("http://127.0.0.1:20001"));
+
+    let deleting = store.tenant(org).delete_deployment(deployment.id).await.unwrap();
+    assert_eq!(deleting.status().0, DeploymentStatus::Deleting);
+    // Not finalized while a replica row remains.
+    assert!(store.finalize_deleted_deployments(Duration::from_secs(15)).await.unwrap().is_empty());
+    assert!(store.delete_replica(&node, replica.id).await.unwrap());
+    assert_eq!(store.finalize_deleted_deployments(Duration::from_secs(15)).await.unwrap(), vec![deployment.id]);
+    assert!(matches!(store.tenant(org).get_deployment(deployment.id).await, Err(StoreError::NotFound { .. })));
+}
+
+#[tokio::test]
+async fn a_deleted_deployment_on_a_silent_node_is_finalized_without_its_agent() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let (org, _) = ensure_organization(db.pool(), "a", "A").await.unwrap();
+    let node = NodeId::parse("gone-node").unwrap();
+    store.upsert_heartbeat(&heartbeat(&node)).await.unwrap();
+    let deployment = store.tenant(org).create_deployment(None, &spec("web", "")).await.unwrap();
+    let replica = NewReplica {
+        id: ReplicaId::new(),
+        replica_index: 0,
+        node_id: node.clone(),
+        address: "127.0.0.1".into(),
+        labels: BTreeMap::new(),
+    };
+    store.commit_placement(deployment.id, deployment.generation, &[replica], None).await.unwrap();
+    store.tenant(org).delete_deployment(deployment.id).await.unwrap();
+
+    // The node is still heard from: its agent must remove the replica first.
+    assert!(store.finalize_deleted_deployments(Duration::from_secs(15)).await.unwrap().is_empty());
+    // Silent for longer than the timeout: nobody will; the rows go.
+    sqlx::query("UPDATE node_metadata SET last_heartbeat = now() - interval '1 minute'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(store.finalize_deleted_deployments(Duration::from_secs(15)).await.unwrap(), vec![deployment.id]);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM deployment_locations").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(rows, 0);
+    assert_eq!(store.node(&node).await.unwrap().unwrap().deployment_count, 0);
+}

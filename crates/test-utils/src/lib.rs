@@ -1,0 +1,49 @@
+//! Fixtures that let integration tests run in parallel against real services:
+//! each test gets its own PostgreSQL database, its own Redis key prefix and
+//! its own Docker label, and everything is removed when the fixture drops.
+//!
+//! The services come from `scripts/dev-services.sh start`; their URLs can be
+//! overridden with `FLOTILLA_TEST_DATABASE_URL` and `FLOTILLA_TEST_REDIS_URL`.
+
+mod database;
+mod docker;
+pub mod proxy;
+mod redis_prefix;
+
+pub use database::TestDb;
+pub use docker::{DEMO_IMAGE, TEST_LABEL, TestDocker};
+pub use redis_prefix::TestRedis;
+
+use std::sync::Once;
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://flotilla:flotilla@127.0.0.1:55432/flotilla";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:56379";
+
+/// A short unique suffix for names.
+pub fn unique_suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// Logs to the test's captured output, filtered by `RUST_LOG` (default: warnings,
+/// and info for Flotilla's own crates).
+pub fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,flotilla=info"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    });
+}
+
+/// Runs async cleanup from `Drop`, which cannot await: on a thread of its own
+/// with its own runtime, so it works whether or not a runtime is running.
+pub fn block_on_cleanup<F>(cleanup: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let handle = std::thread::spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(cleanup),
+        Err(e) => eprintln!("test cleanup: no runtime: {e}"),
+    });
+    let _ = handle.join();
+}

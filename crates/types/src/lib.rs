@@ -1,0 +1,20 @@
+//! Flotilla's domain vocabulary: identifiers, the validated deployment spec,
+//! replica and deployment states, container labels and Traefik routing labels.
+//!
+//! Nothing here does I/O, so every rule can be unit-tested directly and shared
+//! by the API, the orchestrator and the node agent.
+
+pub mod deployment;
+pub mod health;
+pub mod ids;
+pub mod labels;
+pub mod metrics;
+pub mod routing;
+pub mod status;
+pub mod validate;
+
+pub use deployment::{DeploymentSpec, DeploymentSpecInput, EnvVar, ResourceLimits};
+pub use health::{HealthCheck, HealthCheckKind, NetworkMode, RestartPolicy};
+pub use ids::{DeploymentId, NodeId, OrganizationId, ProjectId, ReplicaId};
+pub use status::{DeploymentStatus, DesiredState, ReplicaState};
+pub use validate::{FieldError, Hostname, ImageReference};

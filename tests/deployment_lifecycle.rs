@@ -1,0 +1,271 @@
+//! One deployment end to end through the real API, a real Docker Engine,
+//! PostgreSQL and Redis: create, run, serve, report, delete; over Connect
+//! JSON, Connect binary and gRPC; and bad input refused without a trace.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBuilder};
+use flotilla_e2e::{TestFlotilla, http_get_eventually};
+use flotilla_proto::v1 as pb;
+use serde_json::{Value, json};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn containers_of(flotilla: &TestFlotilla, deployment_id: &str) -> Vec<bollard::models::ContainerSummary> {
+    let filters = HashMap::from([("label", vec![format!("flotilla.deployment.id={deployment_id}")])]);
+    let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+    flotilla.docker.docker.list_containers(Some(options)).await.expect("list containers")
+}
+
+/// The rows of one deployment in the three tables it owns.
+async fn row_counts(flotilla: &TestFlotilla, deployment_id: &str) -> (i64, i64, i64) {
+    let id: uuid::Uuid = deployment_id.parse().expect("a UUID");
+    let count = |sql: &'static str| async move {
+        sqlx::query_scalar::<_, i64>(sql).bind(id).fetch_one(flotilla.db.pool()).await.expect("count rows")
+    };
+    (
+        count("SELECT count(*) FROM deployments WHERE id = $1").await,
+        count("SELECT count(*) FROM deployment_locations WHERE deployment_id = $1").await,
+        count("SELECT count(*) FROM deployment_routing WHERE deployment_id = $1").await,
+    )
+}
+
+async fn table_count(flotilla: &TestFlotilla, sql: &'static str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql).fetch_one(flotilla.db.pool()).await.expect("count rows")
+}
+
+fn is_running(status: u16, body: &Value) -> bool {
+    status == 200 && body["deployment"]["status"] == "DEPLOYMENT_STATUS_RUNNING"
+}
+
+#[tokio::test]
+async fn a_deployment_runs_serves_reports_and_is_deleted_over_connect_json() {
+    let flotilla = TestFlotilla::start().await;
+    let name = format!("web-{}", &flotilla.docker.test_id[..6]);
+    let domain = format!("{name}.example.test");
+
+    let (status, created) = flotilla
+        .connect_json(
+            "CreateDeployment",
+            json!({
+                "name": name,
+                "image": flotilla_e2e::DEMO_IMAGE,
+                "port": 8080,
+                "domain": domain,
+                "env": [
+                    {"name": "GREETING", "value": "hi"},
+                    {"name": "API_TOKEN", "value": "s3cret-value", "secret": true}
+                ],
+                "limits": {"memoryBytes": 64 * 1024 * 1024, "cpuMillis": 500}
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let id = created["deployment"]["id"].as_str().expect("an id").to_owned();
+    assert_eq!(created["deployment"]["status"], "DEPLOYMENT_STATUS_PENDING");
+    // The secret's value never comes back.
+    assert!(!created.to_string().contains("s3cret-value"), "{created}");
+
+    let (_, running) = flotilla.wait_for(&id, RUN_TIMEOUT, is_running).await;
+    let deployment = &running["deployment"];
+    let replica = &deployment["replicas"][0];
+    assert_eq!(replica["status"], "REPLICA_STATUS_RUNNING");
+    assert_eq!(replica["nodeId"], flotilla.node_id.as_str());
+    let port = replica["hostPort"].as_u64().expect("a host port") as u16;
+    let container_id = replica["containerId"].as_str().expect("a container id").to_owned();
+
+    // Independently, through the Docker API: one container, running, ours.
+    let containers = containers_of(&flotilla, &id).await;
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].id.as_deref(), Some(container_id.as_str()));
+    let inspect = flotilla
+        .docker
+        .docker
+        .inspect_container(&container_id, None::<InspectContainerOptions>)
+        .await
+        .expect("inspect");
+    assert_eq!(inspect.state.as_ref().and_then(|s| s.running), Some(true));
+    let labels = inspect.config.as_ref().and_then(|c| c.labels.clone()).expect("labels");
+    assert_eq!(labels["flotilla.managed"], "true");
+    assert_eq!(labels["flotilla.deployment.id"], id);
+    assert_eq!(labels["flotilla.node.id"], flotilla.node_id.as_str());
+    let router = format!("flo-{}", id.replace('-', ""));
+    assert_eq!(labels[&format!("traefik.http.routers.{router}.rule")], format!("Host(`{domain}`)"));
+    assert_eq!(labels[&format!("traefik.http.services.{router}.loadbalancer.server.port")], "8080");
+    let host_config = inspect.host_config.expect("host config");
+    assert_eq!(host_config.memory, Some(64 * 1024 * 1024));
+    assert_eq!(host_config.nano_cpus, Some(500_000_000));
+    let bindings = host_config.port_bindings.expect("port bindings");
+    let binding = &bindings["8080/tcp"].as_ref().expect("8080 published")[0];
+    assert_eq!(binding.host_port.as_deref(), Some(port.to_string().as_str()));
+    let env = inspect.config.and_then(|c| c.env).unwrap_or_default();
+    assert!(env.contains(&"GREETING=hi".to_owned()));
+    assert!(env.contains(&format!("FLOTILLA_DEPLOYMENT_NAME={name}")));
+
+    // The app serves its page on the published port.
+    let page = http_get_eventually(&format!("http://127.0.0.1:{port}/"), Duration::from_secs(10)).await;
+    assert!(page.contains(&format!("Hello from {name}")), "{page}");
+    assert!(page.contains(&id), "{page}");
+
+    // Placement and routing rows exist.
+    assert_eq!(row_counts(&flotilla, &id).await, (1, 1, 1));
+
+    // Listed, too.
+    let (status, list) = flotilla.connect_json("ListDeployments", json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["deployments"].as_array().map(Vec::len), Some(1));
+
+    // Delete: the container, its rows and the deployment all go.
+    let (status, deleting) = flotilla.connect_json("DeleteDeployment", json!({ "id": id })).await;
+    assert_eq!(status, 200, "{deleting}");
+    assert_eq!(deleting["deployment"]["status"], "DEPLOYMENT_STATUS_DELETING");
+    let (status, gone) = flotilla.wait_for(&id, RUN_TIMEOUT, |status, _| status == 404).await;
+    assert_eq!(gone["code"], "not_found", "{status}: {gone}");
+    assert!(containers_of(&flotilla, &id).await.is_empty(), "the container is removed");
+    assert_eq!(row_counts(&flotilla, &id).await, (0, 0, 0), "no rows are left");
+
+    flotilla.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_calls_work_over_grpc_and_connect_binary() {
+    let flotilla = TestFlotilla::start().await;
+    let name = format!("rpc-{}", &flotilla.docker.test_id[..6]);
+
+    // gRPC through tonic.
+    let mut grpc = pb::deployment_service_client::DeploymentServiceClient::connect(flotilla.base_url.clone())
+        .await
+        .expect("gRPC connects");
+    let created = grpc
+        .create_deployment(pb::CreateDeploymentRequest {
+            name: name.clone(),
+            image: flotilla_e2e::DEMO_IMAGE.to_owned(),
+            port: 8080,
+            replicas: Some(2),
+            ..Default::default()
+        })
+        .await
+        .expect("gRPC create")
+        .into_inner()
+        .deployment
+        .expect("a deployment");
+    assert_eq!(created.name, name);
+    assert_eq!(created.replica_count, 2);
+
+    // Connect with binary protobuf through the generated client.
+    let binary = pb::deployment_service_connect_client::DeploymentServiceClient::builder(flotilla.base_url.clone())
+        .use_proto()
+        .build()
+        .expect("Connect client");
+    let (_, running) = flotilla.wait_for(&created.id, RUN_TIMEOUT, is_running).await;
+    assert_eq!(running["deployment"]["replicas"].as_array().map(Vec::len), Some(2));
+    let fetched = binary
+        .get_deployment(&pb::GetDeploymentRequest { id: created.id.clone() })
+        .await
+        .expect("Connect binary get")
+        .into_inner()
+        .deployment
+        .expect("a deployment");
+    assert_eq!(fetched.status, pb::DeploymentStatus::Running as i32);
+    let ports: Vec<u32> = fetched.replicas.iter().map(|r| r.host_port).collect();
+    assert_eq!(ports.len(), 2);
+    assert_ne!(ports[0], ports[1], "each replica has its own host port");
+    for port in ports {
+        let page = http_get_eventually(&format!("http://127.0.0.1:{port}/"), Duration::from_secs(10)).await;
+        assert!(page.contains(&name), "{page}");
+    }
+
+    let listed = grpc.list_deployments(pb::ListDeploymentsRequest::default()).await.expect("gRPC list").into_inner();
+    assert_eq!(listed.deployments.len(), 1);
+
+    // Errors carry the right code on both protocols.
+    let missing = grpc
+        .get_deployment(pb::GetDeploymentRequest { id: "00000000-0000-0000-0000-000000000000".into() })
+        .await
+        .expect_err("not found");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let invalid =
+        binary.get_deployment(&pb::GetDeploymentRequest { id: "not-a-uuid".into() }).await.expect_err("invalid");
+    assert_eq!(invalid.code(), connectrpc_axum_client::Code::InvalidArgument);
+
+    binary
+        .delete_deployment(&pb::DeleteDeploymentRequest { id: created.id.clone() })
+        .await
+        .expect("Connect binary delete");
+    flotilla.wait_for(&created.id, RUN_TIMEOUT, |status, _| status == 404).await;
+    assert!(containers_of(&flotilla, &created.id).await.is_empty());
+
+    flotilla.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
+    let flotilla = TestFlotilla::start().await;
+    let valid = json!({ "name": "ok", "image": flotilla_e2e::DEMO_IMAGE, "port": 8080 });
+    let with = |field: &str, value: Value| {
+        let mut body = valid.clone();
+        body[field] = value;
+        body
+    };
+    let without = |field: &str| {
+        let mut body = valid.clone();
+        body.as_object_mut().expect("object").remove(field);
+        body
+    };
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("invalid image reference", with("image", json!("Not A/Valid::Image")), "image"),
+        ("image with a shell", with("image", json!("demo;rm -rf /")), "image"),
+        ("name not a DNS label", with("name", json!("Bad_Name")), "name"),
+        ("name too long", with("name", json!("a".repeat(64))), "name"),
+        ("domain not a hostname", with("domain", json!("exa mple.com")), "domain"),
+        ("domain injecting a rule", with("domain", json!("a.com`) || Host(`evil.com")), "domain"),
+        ("port out of range", with("port", json!(70000)), "port"),
+        ("negative port", with("port", json!(-1)), "port"),
+        ("negative memory", with("limits", json!({ "memoryBytes": -1 })), "limits.memory_bytes"),
+        ("negative cpu", with("limits", json!({ "cpuMillis": -5 })), "limits.cpu_millis"),
+        ("zero replicas", with("replicas", json!(0)), "replicas"),
+        ("missing name", without("name"), "name"),
+        ("missing image", without("image"), "image"),
+        ("missing port", without("port"), "port"),
+        ("bad project id", with("projectId", json!("nope")), "project_id"),
+        ("reserved variable", with("env", json!([{ "name": "FLOTILLA_NODE_ID", "value": "x" }])), "env[0].name"),
+    ];
+    for (case, body, field) in &cases {
+        let (status, answer) = flotilla.connect_json("CreateDeployment", body.clone()).await;
+        assert_eq!(status, 400, "{case}: {answer}");
+        assert_eq!(answer["code"], "invalid_argument", "{case}: {answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(&format!("{field}:")), "{case}: message {message:?} does not name {field}");
+    }
+
+    // The same code over gRPC.
+    let mut grpc = pb::deployment_service_client::DeploymentServiceClient::connect(flotilla.base_url.clone())
+        .await
+        .expect("gRPC connects");
+    let refused = grpc
+        .create_deployment(pb::CreateDeploymentRequest {
+            name: "ok".into(),
+            image: flotilla_e2e::DEMO_IMAGE.into(),
+            port: 8080,
+            limits: Some(pb::ResourceLimits { memory_bytes: -1, cpu_millis: 0 }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().starts_with("limits.memory_bytes:"), "{}", refused.message());
+
+    // Nothing was created: no deployment row, no placement, no container.
+    assert_eq!(table_count(&flotilla, "SELECT count(*) FROM deployments").await, 0);
+    assert_eq!(table_count(&flotilla, "SELECT count(*) FROM deployment_locations").await, 0);
+    // Give a (wrongly) placed replica time to show up before checking.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(flotilla.docker.containers().await.is_empty());
+
+    // A valid request right after is accepted, so the refusals were not luck.
+    let (status, body) = flotilla.connect_json("CreateDeployment", valid).await;
+    assert_eq!(status, 200, "{body}");
+
+    flotilla.stop().await;
+}

@@ -1,0 +1,319 @@
+//! A whole Flotilla (`flotillad all`) started in-process for one test, on its
+//! own database, Redis prefix and Docker label, with helpers to call its API
+//! the way clients do, to add agents on the same engine, and to cut the
+//! services it depends on.
+
+pub use flotilla_test_utils::proxy;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_agent::{Agent, AgentConfig};
+use flotilla_daemon::{Daemon, DaemonSettings, MetricsSettings, Roles};
+use flotilla_docker::{DockerClient, DockerConfig};
+use flotilla_orchestrator::OrchestratorConfig;
+use flotilla_redis::WakeBus;
+use flotilla_telemetry::Telemetry;
+use flotilla_test_utils::{TestDb, TestDocker, TestRedis, init_tracing};
+use flotilla_types::NodeId;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use flotilla_test_utils::DEMO_IMAGE;
+
+pub const DEMO_V2: &str = "flotilla/demo-http:2";
+pub const BROKEN_IMAGE: &str = "flotilla/demo-broken:latest";
+
+/// `flotillad all` for one test.
+pub struct TestFlotilla {
+    pub daemon: Option<Daemon>,
+    pub base_url: String,
+    pub node_id: NodeId,
+    pub http: reqwest::Client,
+    pub settings: DaemonSettings,
+    extra_agents: Vec<ExtraAgent>,
+    // Dropped last, in this order: containers, then Redis keys, then the database.
+    pub docker: TestDocker,
+    pub redis: TestRedis,
+    pub db: TestDb,
+    _state_dir: TempDir,
+}
+
+/// Settings tests start from: quick heartbeats, short grace periods.
+fn test_settings(db: &TestDb, redis: &TestRedis, docker: &TestDocker, state_dir: &TempDir) -> DaemonSettings {
+    DaemonSettings {
+        roles: Roles::ALL,
+        database_url: db.url.clone(),
+        redis: Some((redis.url.clone(), redis.prefix.clone())),
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        insecure_dev_auth: true,
+        docker: DockerConfig::default(),
+        agent: test_agent_config(docker, state_dir, 0),
+        orchestrator: OrchestratorConfig::default(),
+        metrics: MetricsSettings::default(),
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+fn test_agent_config(docker: &TestDocker, state_dir: &TempDir, n: usize) -> AgentConfig {
+    // A slice of the port range of its own, so parallel tests rarely race
+    // for the same host port (the agent copes when they do).
+    let slice = (uuid::Uuid::new_v4().as_u128() % 40) as u16;
+    let start = 20_000 + slice * 250;
+    AgentConfig {
+        port_range: start..=start + 249,
+        node_id: Some(docker.node_id(n)),
+        node_id_file: state_dir.0.join(format!("node-id-{n}")),
+        advertise_address: Some("127.0.0.1".to_owned()),
+        publish_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        heartbeat_interval: Duration::from_secs(1),
+        stop_grace: Duration::from_secs(5),
+        rollout_drain: Duration::from_secs(2),
+        extra_container_labels: docker.labels().into_iter().collect::<BTreeMap<_, _>>(),
+        ..AgentConfig::default()
+    }
+}
+
+impl TestFlotilla {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with the test settings as changed by `configure`.
+    pub async fn start_with(configure: impl FnOnce(&mut DaemonSettings)) -> Self {
+        init_tracing();
+        let db = TestDb::empty().await;
+        let redis = TestRedis::new().await;
+        let docker = TestDocker::new().await;
+        docker.require_demo_image().await;
+        let state_dir = TempDir::new();
+        let mut settings = test_settings(&db, &redis, &docker, &state_dir);
+        configure(&mut settings);
+        let node_id = settings.agent.node_id.clone().unwrap_or_else(|| docker.node_id(0));
+        let daemon = Daemon::start(settings.clone(), CancellationToken::new()).await.expect("flotillad starts");
+        let base_url = format!("http://{}", daemon.local_addr);
+        Self {
+            daemon: Some(daemon),
+            base_url,
+            node_id,
+            http: reqwest::Client::new(),
+            settings,
+            extra_agents: Vec::new(),
+            docker,
+            redis,
+            db,
+            _state_dir: state_dir,
+        }
+    }
+
+    /// The daemon's node agent.
+    pub fn agent(&self) -> Arc<Agent> {
+        self.daemon.as_ref().and_then(|d| d.agent.clone()).expect("the daemon runs an agent")
+    }
+
+    /// Starts another agent on the same engine, as node `n` (n > 0), with
+    /// the test settings as changed by `configure`.
+    pub async fn add_agent(&mut self, n: usize, configure: impl FnOnce(&mut AgentConfig)) -> Arc<Agent> {
+        let mut config = test_agent_config(&self.docker, &self._state_dir, n);
+        configure(&mut config);
+        let docker = DockerClient::connect(&DockerConfig::default()).await.expect("Docker");
+        let wake = WakeBus::with_redis(&self.redis.url, &self.redis.prefix).expect("Redis");
+        let telemetry = Telemetry::new("agent", "test");
+        let agent =
+            Agent::new(config, self.db.store.clone(), docker, wake.clone(), telemetry).await.expect("agent starts");
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let listener = wake.spawn_listener(vec![flotilla_redis::agent_topic(agent.node_id().as_str())], cancel.clone());
+        tracker.spawn(async move {
+            let _ = listener.await;
+        });
+        agent.spawn(&tracker, cancel.clone());
+        tracker.close();
+        self.extra_agents.push(ExtraAgent { cancel, tracker });
+        agent
+    }
+
+    /// Calls a DeploymentService method with Connect's JSON encoding over
+    /// plain HTTP, as a browser or curl would. Returns the HTTP status and body.
+    pub async fn connect_json(&self, method: &str, body: Value) -> (u16, Value) {
+        let url = format!("{}/flotilla.v1.DeploymentService/{method}", self.base_url);
+        let response = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .header("connect-protocol-version", "1")
+            .json(&body)
+            .send()
+            .await
+            .expect("the API answers");
+        let status = response.status().as_u16();
+        let value = response.json::<Value>().await.unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    /// Calls a server-streaming DeploymentService method with Connect's
+    /// streaming JSON encoding (enveloped messages) and reads up to `want`
+    /// messages, or until the stream ends or `timeout` passes. Returns the
+    /// messages and the end-of-stream message, if it came.
+    pub async fn connect_stream(
+        &self,
+        method: &str,
+        body: Value,
+        want: usize,
+        timeout: Duration,
+    ) -> (Vec<Value>, Option<Value>) {
+        let url = format!("{}/flotilla.v1.DeploymentService/{method}", self.base_url);
+        let payload = serde_json::to_vec(&body).expect("JSON");
+        let mut envelope = vec![0u8];
+        envelope.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        envelope.extend_from_slice(&payload);
+        let mut response = self
+            .http
+            .post(url)
+            .header("content-type", "application/connect+json")
+            .header("connect-protocol-version", "1")
+            .body(envelope)
+            .send()
+            .await
+            .expect("the API answers");
+        assert_eq!(response.status().as_u16(), 200, "a stream starts with 200");
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (mut buffer, mut messages, mut end) = (Vec::<u8>::new(), Vec::new(), None);
+        while messages.len() < want && end.is_none() {
+            let chunk = match tokio::time::timeout_at(deadline, response.chunk()).await {
+                Ok(chunk) => chunk.expect("reading the stream"),
+                Err(_) => break,
+            };
+            let Some(chunk) = chunk else { break };
+            buffer.extend_from_slice(&chunk);
+            // Whole envelopes: a flag byte, a big-endian length, the JSON.
+            while buffer.len() >= 5 {
+                let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+                if buffer.len() < 5 + length {
+                    break;
+                }
+                let value: Value = serde_json::from_slice(&buffer[5..5 + length]).expect("a JSON message");
+                if buffer[0] & 0x02 != 0 {
+                    end = Some(value);
+                } else {
+                    messages.push(value);
+                }
+                buffer.drain(..5 + length);
+            }
+        }
+        (messages, end)
+    }
+
+    /// Creates a deployment and returns its id.
+    pub async fn create(&self, body: Value) -> String {
+        let (status, created) = self.connect_json("CreateDeployment", body).await;
+        assert_eq!(status, 200, "{created}");
+        created["deployment"]["id"].as_str().expect("an id").to_owned()
+    }
+
+    /// Creates a deployment of the demo image called `name` and waits until
+    /// it runs; returns its id.
+    pub async fn deploy_demo(&self, name: &str, replicas: u32) -> String {
+        let id = self.create(json!({ "name": name, "image": DEMO_IMAGE, "port": 8080, "replicas": replicas })).await;
+        self.wait_for(&id, Duration::from_secs(30), is_running).await;
+        id
+    }
+
+    pub async fn get(&self, id: &str) -> Value {
+        let (status, body) = self.connect_json("GetDeployment", json!({ "id": id })).await;
+        assert_eq!(status, 200, "{body}");
+        body["deployment"].clone()
+    }
+
+    /// Polls GetDeployment (Connect JSON) until `done` holds or `timeout`.
+    pub async fn wait_for(&self, id: &str, timeout: Duration, done: impl Fn(u16, &Value) -> bool) -> (u16, Value) {
+        let started = Instant::now();
+        loop {
+            let (status, body) = self.connect_json("GetDeployment", json!({ "id": id })).await;
+            if done(status, &body) {
+                return (status, body);
+            }
+            assert!(started.elapsed() < timeout, "timed out after {timeout:?}; last answer {status}: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Rows of `table` matching `condition` (SQL, trusted test input).
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql).fetch_one(self.db.pool()).await.expect("count rows")
+    }
+
+    /// Stops the daemon and the extra agents; the fixtures then remove what
+    /// the test made.
+    pub async fn stop(mut self) {
+        for extra in self.extra_agents.drain(..) {
+            extra.cancel.cancel();
+            tokio::time::timeout(Duration::from_secs(10), extra.tracker.wait()).await.expect("extra agent stops");
+        }
+        if let Some(daemon) = self.daemon.take() {
+            assert!(daemon.shutdown().await, "flotillad drained within its grace period");
+        }
+    }
+}
+
+struct ExtraAgent {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// `status` 200 and the deployment running.
+pub fn is_running(status: u16, body: &Value) -> bool {
+    status == 200 && body["deployment"]["status"] == "DEPLOYMENT_STATUS_RUNNING"
+}
+
+/// The container id of replica `index` as the API shows it.
+pub fn replica_container(deployment: &Value, index: u64) -> Option<String> {
+    deployment["replicas"]
+        .as_array()?
+        .iter()
+        .find(|r| r["index"].as_u64().unwrap_or(0) == index)
+        .and_then(|r| r["containerId"].as_str())
+        .map(str::to_owned)
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("flotilla-test-{}", flotilla_test_utils::unique_suffix()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// GETs `url` until it answers 200 or `timeout` passes; returns the body.
+pub async fn http_get_eventually(url: &str, timeout: Duration) -> String {
+    let started = Instant::now();
+    loop {
+        match reqwest::get(url).await {
+            Ok(response) if response.status().is_success() => {
+                return response.text().await.expect("body");
+            }
+            other => {
+                assert!(started.elapsed() < timeout, "{url} did not answer 200 within {timeout:?}: {other:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
