@@ -41,6 +41,9 @@ need_packages() {
   [ -n "$(pg_bin)" ] || missing+=(postgresql postgresql-contrib)
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v protoc >/dev/null || missing+=(protobuf-compiler)
+  # protoc needs the well-known types (google/protobuf/timestamp.proto) that
+  # this package ships; --no-install-recommends would otherwise skip it.
+  [ -f /usr/include/google/protobuf/timestamp.proto ] || missing+=(libprotobuf-dev)
   dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
   command -v curl >/dev/null || missing+=(curl)
   command -v promtool >/dev/null || missing+=(prometheus)
