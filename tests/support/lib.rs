@@ -136,6 +136,37 @@ impl TestFlotilla {
         agent
     }
 
+    /// Stops the `i`-th extra agent at once, as if its process died: its
+    /// heartbeats stop; its containers keep running.
+    pub async fn kill_agent(&mut self, i: usize) {
+        let extra = self.extra_agents.remove(i);
+        extra.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), extra.tracker.wait()).await.expect("extra agent stops");
+    }
+
+    /// Calls a NodeService method with Connect's JSON encoding.
+    pub async fn connect_node(&self, method: &str, body: Value) -> (u16, Value) {
+        let url = format!("{}/flotilla.v1.NodeService/{method}", self.base_url);
+        let response = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .json(&body)
+            .send()
+            .await
+            .expect("the API answers");
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap_or(Value::Null))
+    }
+
+    /// The route table Traefik polls, as JSON.
+    pub async fn route_table(&self) -> Value {
+        let url = format!("{}/traefik/dynamic", self.base_url);
+        let response = self.http.get(url).send().await.expect("the route table answers");
+        assert_eq!(response.status().as_u16(), 200);
+        response.json().await.expect("JSON")
+    }
+
     /// Calls a DeploymentService method with Connect's JSON encoding over
     /// plain HTTP, as a browser or curl would. Returns the HTTP status and body.
     pub async fn connect_json(&self, method: &str, body: Value) -> (u16, Value) {

@@ -48,6 +48,8 @@ pub enum RemoveReason {
     Duplicate,
     /// Dead: cannot be started again, only replaced.
     Dead,
+    /// Moved to another node (drain); its stop time has come.
+    Moved,
 }
 
 /// What one pass looks at.
@@ -147,6 +149,8 @@ fn plan_replica(
     let gone = match deployment.desired_state {
         DesiredState::Deleted => Some(RemoveReason::Deleted),
         _ if replica.replica_index >= deployment.spec.replicas as i32 => Some(RemoveReason::ScaledDown),
+        // Moved off this node (drain): its replacement serves elsewhere.
+        _ if replica.retire_due || (replica.retiring && current.is_none()) => Some(RemoveReason::Moved),
         _ => None,
     };
     if let Some(reason) = gone {
@@ -259,6 +263,10 @@ mod tests {
                 port,
                 container_port: 8080,
                 status_message: None,
+                placement_reason: None,
+                moving: false,
+                retiring: false,
+                retire_due: false,
                 updated_at: Utc::now(),
             },
             deployment: DeploymentRecord {
@@ -268,6 +276,7 @@ mod tests {
                 spec,
                 desired_state: DesiredState::Running,
                 generation: 1,
+                placement_message: None,
                 created_at: Utc::now(),
                 updated_at: Utc::now(),
             },

@@ -34,6 +34,8 @@ pub struct Caller {
     pub organization_id: OrganizationId,
     pub default_project: ProjectId,
     pub role: Role,
+    /// May manage the cluster itself (nodes).
+    pub platform_admin: bool,
 }
 
 /// How requests are authenticated.
@@ -47,10 +49,17 @@ impl Authenticator {
     pub fn insecure_development(organization_id: OrganizationId, default_project: ProjectId) -> Self {
         tracing::warn!(
             "AUTHENTICATION IS OFF (--insecure-dev-auth): every request acts as the owner of the \
-             default organization. Never expose this server beyond this machine."
+             default organization and as a platform administrator. Never expose this server beyond \
+             this machine."
         );
         Self::InsecureDevelopment {
-            caller: Caller { subject: "dev".to_owned(), organization_id, default_project, role: Role::Owner },
+            caller: Caller {
+                subject: "dev".to_owned(),
+                organization_id,
+                default_project,
+                role: Role::Owner,
+                platform_admin: true,
+            },
         }
     }
 

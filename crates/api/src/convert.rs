@@ -120,6 +120,8 @@ pub fn spec_input(request: pb::CreateDeploymentRequest) -> Result<DeploymentSpec
         domain: request.domain,
         limits: limits(request.limits.unwrap_or_default()),
         replicas: request.replicas,
+        placement_strategy: request.placement.as_ref().map(|p| p.strategy.clone()).unwrap_or_default(),
+        placement_constraints: request.placement.map(|p| p.constraints.into_iter().collect()).unwrap_or_default(),
     })
 }
 
@@ -169,6 +171,12 @@ fn replica(r: &ReplicaRecord) -> pb::Replica {
         updated_at: Some(timestamp(r.updated_at)),
         generation: r.generation,
         health: replica_health(r.health) as i32,
+        placement_reason: r.placement_reason.clone().unwrap_or_default(),
+        drain_state: match (r.moving, r.retiring) {
+            (_, true) => "retiring".to_owned(),
+            (true, _) => "moving".to_owned(),
+            _ => String::new(),
+        },
     }
 }
 
@@ -248,6 +256,11 @@ pub fn deployment(view: &DeploymentView) -> pb::Deployment {
             NetworkMode::Isolated => pb::NetworkMode::Isolated,
         } as i32,
         rollout: Some(rollout(view)),
+        placement: Some(pb::Placement {
+            strategy: d.spec.placement.strategy.map(|s| s.as_str().to_owned()).unwrap_or_default(),
+            constraints: d.spec.placement.constraints.as_map().clone().into_iter().collect(),
+        }),
+        placement_message: d.placement_message.clone().unwrap_or_default(),
     }
 }
 

@@ -33,7 +33,8 @@ pub async fn create_deployment(
     caller: Caller,
     ConnectRequest(request): ConnectRequest<pb::CreateDeploymentRequest>,
 ) -> Reply<pb::CreateDeploymentResponse> {
-    api.observe("CreateDeployment", async {
+    // Boxed: the spec and its validation make a large future.
+    api.observe("CreateDeployment", Box::pin(async {
         require_mutation(&caller)?;
         let project: Option<ProjectId> = parse_optional_id("project_id", &request.project_id)?;
         let spec = DeploymentSpec::validate(convert::spec_input(request)?)?;
@@ -47,7 +48,7 @@ pub async fn create_deployment(
         Ok(pb::CreateDeploymentResponse {
             deployment: Some(convert::deployment(&view)),
         })
-    })
+    }))
     .await
 }
 
@@ -172,6 +173,10 @@ fn apply_update(current: &DeploymentSpec, request: pb::UpdateDeploymentRequest) 
     }
     if let Some(mode) = convert::network_mode("network_mode", request.network_mode)? {
         input.network_mode = Some(mode);
+    }
+    if let Some(placement) = request.placement {
+        input.placement_strategy = placement.strategy;
+        input.placement_constraints = placement.constraints.into_iter().collect();
     }
     Ok(DeploymentSpec::validate(input)?)
 }

@@ -10,6 +10,7 @@ mod convert;
 mod deployments;
 mod error;
 pub mod metrics;
+mod nodes;
 mod usage;
 
 use std::future::Future;
@@ -20,6 +21,7 @@ use axum::extract::FromRef;
 use connectrpc_axum::{ConnectError, ConnectResponse, MakeServiceBuilder};
 use flotilla_metrics::LiveView;
 use flotilla_proto::v1::deployment_service_connect::DeploymentServiceTonicCompatibleBuilder;
+use flotilla_proto::v1::node_service_connect::NodeServiceTonicCompatibleBuilder;
 use flotilla_redis::WakeBus;
 use flotilla_store::Store;
 use flotilla_store::metrics::MetricsStore;
@@ -102,9 +104,12 @@ impl ApiState {
 
 /// The whole HTTP service of an API process: Connect and gRPC on the same
 /// port (told apart by content type), plus the telemetry routes.
+/// The API on one port, beside `extra` (the route table, when this process
+/// runs the orchestrator) and the telemetry endpoints.
 pub fn service(
     state: ApiState,
     telemetry: &Telemetry,
+    extra: axum::Router,
 ) -> impl tower::Service<
     axum::http::Request<axum::body::Body>,
     Response = axum::http::Response<axum::body::Body>,
@@ -122,12 +127,21 @@ pub fn service(
         .get_deployment_metrics(usage::get_deployment_metrics)
         .stream_deployment_metrics(usage::stream_deployment_metrics)
         .get_usage(usage::get_usage)
+        .with_state(state.clone())
+        .build();
+    let (node_connect, node_grpc) = NodeServiceTonicCompatibleBuilder::new()
+        .list_nodes(nodes::list_nodes)
+        .get_node(nodes::get_node)
+        .drain_node(nodes::drain_node)
+        .activate_node(nodes::activate_node)
         .with_state(state)
         .build();
     MakeServiceBuilder::new()
         .add_router(connect)
-        .add_axum_router(telemetry.router())
+        .add_router(node_connect)
+        .add_axum_router(telemetry.router().merge(extra))
         .receive_max_bytes(MAX_REQUEST_BYTES)
         .add_grpc_service_with(grpc, |svc| svc.max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_grpc_service_with(node_grpc, |svc| svc.max_decoding_message_size(MAX_REQUEST_BYTES))
         .build()
 }

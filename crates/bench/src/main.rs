@@ -458,6 +458,10 @@ fn synthetic(size: usize) -> (Vec<Assignment>, Vec<ManagedContainer>) {
                 port: Some(port),
                 container_port: 8080,
                 status_message: None,
+                placement_reason: None,
+                moving: false,
+                retiring: false,
+                retire_due: false,
                 updated_at: now,
             },
             deployment: DeploymentRecord {
@@ -467,6 +471,7 @@ fn synthetic(size: usize) -> (Vec<Assignment>, Vec<ManagedContainer>) {
                 spec: spec.clone(),
                 desired_state: DesiredState::Running,
                 generation: 1,
+                placement_message: None,
                 created_at: now,
                 updated_at: now,
             },

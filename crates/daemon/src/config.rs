@@ -12,8 +12,8 @@ use flotilla_agent::AgentConfig;
 use flotilla_metrics::{BreakerConfig, MetricsConfig, SourceChoice};
 use flotilla_orchestrator::OrchestratorConfig;
 use flotilla_store::metrics::Retention;
-use flotilla_types::NodeId;
 use flotilla_types::routing::{EdgeSettings, Tls};
+use flotilla_types::{NodeId, PlacementStrategy};
 
 #[derive(Debug, Parser)]
 #[command(name = "flotillad", version, about = "Flotilla's daemon: API, orchestrator and node agent")]
@@ -267,9 +267,24 @@ pub struct AgentArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct OrchestratorArgs {
-    /// A node silent for this long takes no new replicas.
+    /// A node silent for this long is `down`: no new replicas, and its
+    /// replicas are placed on other nodes.
     #[arg(long, env = "FLOTILLA_HEARTBEAT_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     pub heartbeat_timeout: Duration,
+
+    /// How replicas of deployments that name no strategy are placed:
+    /// least-loaded, round-robin, binpack or spread (resource-based).
+    #[arg(long, env = "FLOTILLA_PLACEMENT_STRATEGY", default_value = "least-loaded", value_parser = parse_strategy)]
+    pub placement_strategy: PlacementStrategy,
+
+    /// A leader that has not renewed its lease for this long is replaced by
+    /// another orchestrator replica.
+    #[arg(long, env = "FLOTILLA_LEADER_LEASE", default_value = "6s", value_parser = parse_duration)]
+    pub leader_lease: Duration,
+
+    /// A drained replica leaves the route table this long before it is stopped.
+    #[arg(long, env = "FLOTILLA_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
 
     /// A placement round runs at least this often.
     #[arg(long, env = "FLOTILLA_PLACEMENT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -354,6 +369,9 @@ impl DaemonConfig {
         OrchestratorConfig {
             heartbeat_timeout: o.heartbeat_timeout,
             interval: o.placement_interval,
+            default_strategy: o.placement_strategy,
+            lease_ttl: o.leader_lease,
+            drain_delay: o.drain_delay,
             edge: EdgeSettings {
                 http_entrypoint: o.edge_http_entrypoint.clone(),
                 https_entrypoint: o.edge_https_entrypoint.clone(),
@@ -407,6 +425,10 @@ fn parse_container_label(text: &str) -> Result<(String, String), String> {
         return Err(format!("{key:?}: container label keys must not be empty or start with flotilla. or traefik."));
     }
     Ok((key, value))
+}
+
+fn parse_strategy(text: &str) -> Result<PlacementStrategy, String> {
+    PlacementStrategy::parse("placement-strategy", text).map_err(|e| e.reason)
 }
 
 fn parse_tls(text: &str) -> Result<Tls, String> {

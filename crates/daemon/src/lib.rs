@@ -3,6 +3,7 @@
 //! [`Daemon::start`]; the binary adds flags, logging and signals.
 
 pub mod config;
+pub mod edge;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -259,9 +260,13 @@ impl Daemon {
         }
 
         let shutdown = cancel.clone().cancelled_owned();
+        let extra = match roles.orchestrator {
+            true => edge::router(store.clone(), settings.orchestrator.edge.clone()),
+            false => axum::Router::new(),
+        };
         match api_state {
             Some(state) => {
-                let service = flotilla_api::service(state, &telemetry);
+                let service = flotilla_api::service(state, &telemetry, extra);
                 tracker.spawn(async move {
                     let make = tower::make::Shared::new(service);
                     if let Err(error) = axum::serve(listener, make).with_graceful_shutdown(shutdown).await {
@@ -270,7 +275,7 @@ impl Daemon {
                 });
             }
             None => {
-                let router = telemetry.router::<()>();
+                let router = telemetry.router::<()>().merge(extra);
                 tracker.spawn(async move {
                     if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
                         tracing::error!(%error, "HTTP server stopped");

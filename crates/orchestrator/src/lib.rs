@@ -1,14 +1,18 @@
 //! The orchestrator: decides where each replica runs and how traffic reaches
-//! it. A round reads the deployments that want more replicas than they have,
-//! picks a node for each missing replica, and writes the replica rows, their
-//! Traefik labels and the deployment's route in one transaction; then it
-//! wakes the chosen nodes' agents. It also removes deleted deployments once
-//! their agents have removed every replica.
+//! it. Replicas of it elect a leader through a lease row in PostgreSQL; only
+//! the leader runs rounds, and every write of a round is fenced by the
+//! lease's term, so a replica that lost the lease (paused, cut off) cannot
+//! place anything twice.
 //!
-//! Rounds are idempotent and level-triggered: they run on every wake-up and
-//! on a timer.
+//! A round: the node health watch (silent nodes go down and their replicas
+//! are taken off them), one step of every drain, placement of every missing
+//! replica (one [`select::Placer`] per round; all decisions committed in one
+//! transaction), preparation of new generations, and removal of deleted
+//! deployments. Rounds are idempotent and level-triggered: they run on every
+//! wake-up and on a timer.
 
 pub mod metrics;
+pub mod route_table;
 pub mod select;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,28 +23,39 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use flotilla_redis::{ORCHESTRATOR_TOPIC, WakeBus, agent_topic};
 use flotilla_runtime::{Next, PeriodicTask, run_periodically};
-use flotilla_store::placement::{NewReplica, PlacementNeed, PlacementOutcome, RouteRecord};
+use flotilla_store::placement::{Lease, NewReplica, PlacementNeed, PlacementOutcome, PlacementPlan, RouteRecord};
 use flotilla_store::{Store, StoreError};
 use flotilla_telemetry::Telemetry;
 use flotilla_types::routing::{EdgeSettings, PathPrefix, Route, Tls};
-use flotilla_types::{NodeId, ReplicaId};
+use flotilla_types::{NodeId, PlacementStrategy, ReplicaId};
 use serde_json::json;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use select::{NodeLoad, least_loaded};
+use select::{Candidate, Placer, Request};
 
 /// The orchestrator's settings.
 #[derive(Debug, Clone)]
 pub struct OrchestratorConfig {
-    /// A node not heard from for this long takes no new replicas.
+    /// A node not heard from for this long is `down`: it takes no new
+    /// replicas and its replicas are placed elsewhere.
     pub heartbeat_timeout: Duration,
     /// A round runs at least this often, wake-ups or not.
     pub interval: Duration,
     /// Deployments looked at per round.
     pub batch_size: i64,
     pub edge: EdgeSettings,
+    /// The strategy of deployments that do not name one.
+    pub default_strategy: PlacementStrategy,
+    /// Who this replica is in the leader election (unique per process).
+    pub holder: String,
+    /// A leader not renewing its lease for this long is replaced.
+    pub lease_ttl: Duration,
+    /// A drained replica leaves the route table this long before its
+    /// container is stopped, so requests under way finish.
+    pub drain_delay: Duration,
 }
 
 impl Default for OrchestratorConfig {
@@ -50,8 +65,17 @@ impl Default for OrchestratorConfig {
             interval: Duration::from_secs(10),
             batch_size: 500,
             edge: EdgeSettings::default(),
+            default_strategy: PlacementStrategy::LeastLoaded,
+            holder: format!("orchestrator-{}", uuid_like()),
+            lease_ttl: Duration::from_secs(6),
+            drain_delay: Duration::from_secs(5),
         }
     }
+}
+
+/// A process-unique suffix for the lease holder's name.
+fn uuid_like() -> String {
+    format!("{}-{:x}", std::process::id(), Utc::now().timestamp_nanos_opt().unwrap_or_default())
 }
 
 /// What one round did.
@@ -65,6 +89,16 @@ pub struct RoundReport {
     pub generations_prepared: usize,
     pub unschedulable: usize,
     pub finalized: usize,
+    /// Nodes that went down / came back in this round.
+    pub nodes_down: Vec<String>,
+    pub nodes_back: Vec<String>,
+    /// Replica rows taken off down nodes.
+    pub evicted: usize,
+    /// Replicas on drained nodes that began moving / were retired.
+    pub drain_moving: usize,
+    pub drain_retired: usize,
+    /// Not the leader: nothing was done.
+    pub follower: bool,
     /// Why replicas could not be placed, when some could not.
     pub unschedulable_reason: Option<String>,
     pub error: Option<String>,
@@ -78,21 +112,48 @@ pub struct Orchestrator {
     telemetry: Telemetry,
     stats: Arc<metrics::OrchestratorStats>,
     last_round: Mutex<RoundReport>,
+    /// The lease while this replica leads.
+    lease: watch::Sender<Option<Lease>>,
 }
 
 impl Orchestrator {
     pub fn new(config: OrchestratorConfig, store: Store, wake: WakeBus, telemetry: Telemetry) -> Arc<Self> {
         let stats = Arc::new(metrics::OrchestratorStats::default());
         telemetry.register(Box::new(metrics::collector(&stats)));
-        Arc::new(Self { config, store, wake, telemetry, stats, last_round: Mutex::new(RoundReport::default()) })
+        Arc::new(Self {
+            config,
+            store,
+            wake,
+            telemetry,
+            stats,
+            last_round: Mutex::new(RoundReport::default()),
+            lease: watch::Sender::new(None),
+        })
     }
 
     pub fn last_round(&self) -> RoundReport {
         self.last_round.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Runs rounds on every wake-up and every `interval` until `cancel`.
+    /// The lease, while this replica leads.
+    pub fn lease(&self) -> Option<Lease> {
+        self.lease.borrow().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.lease.borrow().is_some()
+    }
+
+    /// Runs the leader election, and rounds on every wake-up and every
+    /// `interval` while leading, until `cancel`. The lease is given up at
+    /// shutdown so another replica takes over at once.
     pub fn spawn(self: &Arc<Self>, tracker: &TaskTracker, cancel: CancellationToken) {
+        let orchestrator = self.clone();
+        let election_cancel = cancel.clone();
+        tracker.spawn(
+            async move { orchestrator.run_election(election_cancel).await }
+                .instrument(tracing::info_span!("orchestrator.lease", holder = %self.config.holder)),
+        );
         let orchestrator = self.clone();
         let task = PeriodicTask {
             name: "orchestrator.placement",
@@ -105,73 +166,130 @@ impl Orchestrator {
                 let orchestrator = orchestrator.clone();
                 async move {
                     let report = orchestrator.run_round().await;
-                    // Failed, or left replicas without a node: try again soon.
-                    if report.error.is_some() || report.unschedulable > 0 { Next::RetrySoon } else { Next::Interval }
+                    if report.error.is_some() || report.unschedulable > 0 {
+                        Next::RetrySoon
+                    } else if report.drain_moving > 0 || orchestrator.drains_under_way() {
+                        // A drain waits on replacements becoming healthy.
+                        Next::After(Duration::from_secs(1))
+                    } else {
+                        Next::Interval
+                    }
                 }
             })
             .instrument(tracing::info_span!("orchestrator")),
         );
     }
 
+    fn drains_under_way(&self) -> bool {
+        let report = self.last_round.lock().unwrap_or_else(|e| e.into_inner());
+        report.drain_moving > 0 || report.drain_retired > 0
+    }
+
+    /// Renews (or tries to take) the lease every third of its time to live.
+    async fn run_election(self: Arc<Self>, cancel: CancellationToken) {
+        let period = self.config.lease_ttl / 3;
+        let mut lost_at: Option<Instant> = None;
+        loop {
+            match self.store.acquire_lease(&self.config.holder, self.config.lease_ttl).await {
+                Ok(lease) => {
+                    lost_at = None;
+                    self.set_lease(lease);
+                }
+                Err(error) => {
+                    // Keep leading only as long as the lease surely holds;
+                    // fenced writes would fail after that anyway.
+                    let since = *lost_at.get_or_insert_with(Instant::now);
+                    tracing::warn!(%error, "could not renew the orchestrator lease");
+                    if since.elapsed() + period >= self.config.lease_ttl {
+                        self.set_lease(None);
+                    }
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(period) => {}
+            }
+        }
+        if let Some(lease) = self.lease() {
+            self.set_lease(None);
+            match self.store.release_lease(&lease).await {
+                Ok(()) => tracing::info!(term = lease.term, "orchestrator lease released"),
+                Err(error) => tracing::warn!(%error, "could not release the orchestrator lease; it expires by itself"),
+            }
+        }
+    }
+
+    fn set_lease(&self, lease: Option<Lease>) {
+        let before = self.lease.borrow().as_ref().map(|l| l.term);
+        let after = lease.as_ref().map(|l| l.term);
+        if before == after {
+            return;
+        }
+        self.stats.leadership_changes.fetch_add(1, Ordering::Relaxed);
+        self.stats.leader.store(u64::from(after.is_some()), Ordering::Relaxed);
+        match after {
+            Some(term) => tracing::info!(term, holder = %self.config.holder, "became the orchestrator leader"),
+            None => tracing::warn!(holder = %self.config.holder, "no longer the orchestrator leader"),
+        }
+        let became_leader = after.is_some();
+        self.lease.send_replace(lease);
+        if became_leader {
+            // Catch up at once rather than at the next timer.
+            self.wake.notify_local(ORCHESTRATOR_TOPIC);
+        }
+    }
+
     /// One round, with its outcome recorded for `/health`.
     pub async fn run_round(&self) -> RoundReport {
         let started = Instant::now();
         let started_at = Utc::now();
-        let mut report = match self.round().await {
-            Ok(report) => report,
-            Err(error) => {
-                self.stats.round_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%error, "placement round failed");
-                RoundReport { error: Some(error.to_string()), ..RoundReport::default() }
-            }
+        let mut report = match self.lease() {
+            None => RoundReport { follower: true, ..RoundReport::default() },
+            Some(lease) => match self.round(&lease).await {
+                Ok(report) => report,
+                Err(StoreError::NotLeader { term }) => {
+                    tracing::warn!(term, "lost the lease during a round; nothing of it was written");
+                    self.set_lease(None);
+                    RoundReport { follower: true, ..RoundReport::default() }
+                }
+                Err(error) => {
+                    self.stats.round_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, "orchestrator round failed");
+                    RoundReport { error: Some(error.to_string()), ..RoundReport::default() }
+                }
+            },
         };
         report.started_at = Some(started_at);
         report.duration_ms = started.elapsed().as_millis() as u64;
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
-        self.telemetry.health.report_pass("orchestrator", report.error.as_deref(), json!({ "last_round": report }));
+        self.telemetry.health.report_pass(
+            "orchestrator",
+            report.error.as_deref(),
+            json!({ "last_round": report, "leader": !report.follower, "holder": self.config.holder }),
+        );
         *self.last_round.lock().unwrap_or_else(|e| e.into_inner()) = report.clone();
         report
     }
 
-    #[tracing::instrument(skip_all, err)]
-    async fn round(&self) -> Result<RoundReport, StoreError> {
+    #[tracing::instrument(skip_all, fields(term = lease.term), err)]
+    async fn round(&self, lease: &Lease) -> Result<RoundReport, StoreError> {
         let mut report = RoundReport::default();
-        let needs = self.store.deployments_to_place(self.config.batch_size).await?;
-        report.deployments_considered = needs.len();
-        if !needs.is_empty() {
-            let mut nodes: Vec<NodeLoad> =
-                self.store.schedulable_nodes(self.config.heartbeat_timeout).await?.iter().map(NodeLoad::from).collect();
-            for need in &needs {
-                let (replicas, unplaced) = self.choose_nodes(need, &mut nodes);
-                if let Some(reason) = unplaced {
-                    report.unschedulable += (need.replicas as usize).saturating_sub(need.placed.len() + replicas.len());
-                    report.unschedulable_reason = Some(reason);
-                }
-                if replicas.is_empty() {
-                    continue;
-                }
-                let route = need.domain.clone().map(|domain| self.route_record(need, domain));
-                match self
-                    .store
-                    .commit_placement(need.deployment_id, need.generation, &replicas, route.as_ref())
-                    .await?
-                {
-                    PlacementOutcome::Placed(n) => {
-                        report.replicas_placed += n;
-                        tracing::info!(deployment.id = %need.deployment_id, placed = n, "replicas placed");
-                        // At once, not after the round: the agents start while we go on.
-                        self.wake_nodes(replicas.iter().map(|r| &r.node_id)).await;
-                    }
-                    // Changed meanwhile: the next round sees the new state.
-                    PlacementOutcome::Stale | PlacementOutcome::Prepared(_) => {}
-                }
-            }
+        self.watch_nodes(lease, &mut report).await?;
+        let drains = self.store.advance_drains(lease, self.config.drain_delay).await?;
+        report.drain_moving = drains.moving;
+        report.drain_retired = drains.retiring.len();
+        self.stats.retired.fetch_add(drains.retiring.len() as u64, Ordering::Relaxed);
+        if drains.moving > 0 || drains.restored > 0 || !drains.retiring.is_empty() {
+            tracing::info!(moving = drains.moving, retiring = ?drains.retiring, restored = drains.restored, "drain step");
         }
+        self.place(lease, &mut report).await?;
         for need in self.store.generations_to_prepare(self.config.batch_size).await? {
             let route = need.domain.clone().map(|domain| self.route_record(&need, domain));
             let labels = self.labels_for(&need);
-            if let PlacementOutcome::Prepared(nodes) =
-                self.store.prepare_generation(need.deployment_id, need.generation, &labels, route.as_ref()).await?
+            if let PlacementOutcome::Prepared(nodes) = self
+                .store
+                .prepare_generation(lease, need.deployment_id, need.generation, &labels, route.as_ref())
+                .await?
             {
                 report.generations_prepared += 1;
                 tracing::info!(deployment.id = %need.deployment_id, generation = need.generation, "generation prepared");
@@ -183,10 +301,120 @@ impl Orchestrator {
             tracing::info!(deployment.id = %id, "deleted deployment removed");
         }
         report.finalized = finalized.len();
+        // Agents stop retired replicas when woken after their time has come.
+        let due = self.store.nodes_with_due_retirements().await?;
+        self.wake_nodes(due.iter()).await;
+        if !due.is_empty() {
+            report.drain_retired = report.drain_retired.max(1);
+        }
         self.stats.replicas_placed.fetch_add(report.replicas_placed as u64, Ordering::Relaxed);
         self.stats.unschedulable.fetch_add(report.unschedulable as u64, Ordering::Relaxed);
         self.stats.finalized.fetch_add(report.finalized as u64, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// Silent nodes go down (their replicas are placed elsewhere this very
+    /// round); nodes heard from again are ready.
+    async fn watch_nodes(&self, lease: &Lease, report: &mut RoundReport) -> Result<(), StoreError> {
+        let changes = self.store.watch_node_health(lease, self.config.heartbeat_timeout).await?;
+        for node in &changes.down {
+            tracing::warn!(node.id = %node, timeout = ?self.config.heartbeat_timeout, "node missed its heartbeats: down");
+        }
+        for node in &changes.back {
+            tracing::info!(node.id = %node, "node is sending heartbeats again: ready");
+        }
+        if changes.evicted > 0 {
+            tracing::warn!(replicas = changes.evicted, "replicas taken off down nodes, to be placed elsewhere");
+        }
+        self.stats.nodes_down.fetch_add(changes.down.len() as u64, Ordering::Relaxed);
+        self.stats.evicted.fetch_add(changes.evicted as u64, Ordering::Relaxed);
+        report.nodes_down = changes.down.iter().map(ToString::to_string).collect();
+        report.nodes_back = changes.back.iter().map(ToString::to_string).collect();
+        report.evicted = changes.evicted;
+        Ok(())
+    }
+
+    /// Places every missing replica: one snapshot, one decision per replica,
+    /// one transaction for all of them.
+    async fn place(&self, lease: &Lease, report: &mut RoundReport) -> Result<(), StoreError> {
+        let needs = self.store.deployments_to_place(self.config.batch_size).await?;
+        report.deployments_considered = needs.len();
+        if needs.is_empty() {
+            return Ok(());
+        }
+        let (snapshot, cursor) = self.store.placement_snapshot(self.config.heartbeat_timeout).await?;
+        let cursor_before = cursor.clone();
+        let candidates: Vec<Candidate> = snapshot
+            .iter()
+            .map(|n| Candidate::from_record(&n.node, n.heartbeat_fresh, n.reserved_cpu_millis, n.reserved_memory_bytes))
+            .collect();
+        let mut placer = Placer::new(candidates, cursor);
+        let plans: Vec<PlacementPlan> = needs
+            .iter()
+            .map(|need| {
+                let plan = self.plan(need, &mut placer);
+                if let Some(reason) = &plan.unplaced {
+                    report.unschedulable +=
+                        (need.replicas as usize).saturating_sub(need.placed.len() + plan.replicas.len());
+                    report.unschedulable_reason = Some(reason.clone());
+                }
+                plan
+            })
+            .collect();
+        let cursor = placer.cursor().filter(|c| Some(*c) != cursor_before.as_ref());
+        let committed = self.store.commit_placements(lease, &plans, cursor).await?;
+        report.replicas_placed = committed.placed;
+        for plan in plans.iter().filter(|p| !p.replicas.is_empty() && !committed.stale.contains(&p.deployment_id)) {
+            tracing::info!(
+                deployment.id = %plan.deployment_id,
+                placed = plan.replicas.len(),
+                nodes = ?plan.replicas.iter().map(|r| r.node_id.as_str()).collect::<Vec<_>>(),
+                "replicas placed"
+            );
+        }
+        let chosen: Vec<NodeId> = plans.iter().flat_map(|p| p.replicas.iter().map(|r| r.node_id.clone())).collect();
+        self.wake_nodes(chosen.iter()).await;
+        Ok(())
+    }
+
+    /// Decides a node for each missing replica of one deployment, updating
+    /// the placer as it goes.
+    fn plan(&self, need: &PlacementNeed, placer: &mut Placer) -> PlacementPlan {
+        let strategy = need.placement.strategy.unwrap_or(self.config.default_strategy);
+        let mut avoid: Vec<NodeId> = need.nodes.clone();
+        let mut replicas = Vec::new();
+        let mut unplaced = None;
+        let labels = self.labels_for(need);
+        for index in (0..need.replicas as i32).filter(|i| !need.placed.contains(i)) {
+            let request = Request {
+                strategy,
+                cpu_millis: need.limits.cpu_millis,
+                memory_bytes: need.limits.memory_bytes,
+                constraints: &need.placement.constraints,
+                avoid: &avoid,
+            };
+            match placer.choose(&request) {
+                Ok(choice) => {
+                    placer.commit(choice.index, &request);
+                    let node = placer.node(choice.index);
+                    avoid.push(node.node_id.clone());
+                    replicas.push(NewReplica {
+                        id: ReplicaId::new(),
+                        replica_index: index,
+                        node_id: node.node_id.clone(),
+                        address: node.address.clone(),
+                        labels: labels.clone(),
+                        reason: choice.reason,
+                    });
+                }
+                Err(no_fit) => {
+                    unplaced = Some(no_fit.to_string());
+                    break;
+                }
+            }
+        }
+        let route = need.domain.clone().map(|domain| self.route_record(need, domain));
+        PlacementPlan { deployment_id: need.deployment_id, generation: need.generation, replicas, route, unplaced }
     }
 
     /// Wakes each node's agent once.
@@ -195,33 +423,6 @@ impl Orchestrator {
         for node in nodes {
             self.wake.wake(&agent_topic(node.as_str())).await;
         }
-    }
-
-    /// Picks a node for each missing replica index, updating the snapshot's
-    /// counts as it goes. Returns the new replicas and, when some could not be
-    /// placed, why.
-    fn choose_nodes(&self, need: &PlacementNeed, nodes: &mut [NodeLoad]) -> (Vec<NewReplica>, Option<String>) {
-        let mut replicas = Vec::new();
-        let mut on_nodes: Vec<NodeId> = Vec::new();
-        let missing = (0..need.replicas as i32).filter(|i| !need.placed.contains(i));
-        for index in missing {
-            match least_loaded(nodes, &on_nodes) {
-                Ok(i) => {
-                    let node = &mut nodes[i];
-                    node.deployment_count += 1;
-                    on_nodes.push(node.node_id.clone());
-                    replicas.push(NewReplica {
-                        id: ReplicaId::new(),
-                        replica_index: index,
-                        node_id: node.node_id.clone(),
-                        address: node.address.clone(),
-                        labels: self.labels_for(need),
-                    });
-                }
-                Err(why) => return (replicas, Some(why.to_string())),
-            }
-        }
-        (replicas, None)
     }
 
     fn route_for(need: &PlacementNeed, domain: flotilla_types::Hostname) -> Route {

@@ -10,6 +10,11 @@ pub const ROUND_FAILURES_TOTAL: &str = "flotilla_orchestrator_round_failures_tot
 pub const REPLICAS_PLACED_TOTAL: &str = "flotilla_orchestrator_replicas_placed_total";
 pub const PLACEMENTS_UNSCHEDULABLE_TOTAL: &str = "flotilla_orchestrator_placements_unschedulable_total";
 pub const DEPLOYMENTS_FINALIZED_TOTAL: &str = "flotilla_orchestrator_deployments_finalized_total";
+pub const LEADER: &str = "flotilla_orchestrator_leader";
+pub const LEADERSHIP_CHANGES_TOTAL: &str = "flotilla_orchestrator_leadership_changes_total";
+pub const NODES_DOWN_TOTAL: &str = "flotilla_orchestrator_nodes_down_total";
+pub const REPLICAS_EVICTED_TOTAL: &str = "flotilla_orchestrator_replicas_evicted_total";
+pub const REPLICAS_RETIRED_TOTAL: &str = "flotilla_orchestrator_replicas_retired_total";
 
 #[derive(Debug, Default)]
 pub struct OrchestratorStats {
@@ -18,6 +23,12 @@ pub struct OrchestratorStats {
     pub replicas_placed: AtomicU64,
     pub unschedulable: AtomicU64,
     pub finalized: AtomicU64,
+    /// 1 while this replica holds the lease.
+    pub leader: AtomicU64,
+    pub leadership_changes: AtomicU64,
+    pub nodes_down: AtomicU64,
+    pub evicted: AtomicU64,
+    pub retired: AtomicU64,
 }
 
 pub fn collector(stats: &Arc<OrchestratorStats>) -> FnCollector {
@@ -42,6 +53,23 @@ pub fn collector(stats: &Arc<OrchestratorStats>) -> FnCollector {
             DEPLOYMENTS_FINALIZED_TOTAL,
             "Deleted deployments removed once their replicas were gone.",
             read(|s| &s.finalized),
+        ),
+        MetricSpec::gauge(LEADER, "1 while this orchestrator holds the leader lease.", read(|s| &s.leader)),
+        MetricSpec::counter(
+            LEADERSHIP_CHANGES_TOTAL,
+            "Times this orchestrator became or stopped being the leader.",
+            read(|s| &s.leadership_changes),
+        ),
+        MetricSpec::counter(NODES_DOWN_TOTAL, "Nodes marked down after missing heartbeats.", read(|s| &s.nodes_down)),
+        MetricSpec::counter(
+            REPLICAS_EVICTED_TOTAL,
+            "Replica rows taken off down nodes to be placed elsewhere.",
+            read(|s| &s.evicted),
+        ),
+        MetricSpec::counter(
+            REPLICAS_RETIRED_TOTAL,
+            "Replicas on drained nodes retired once their replacement was healthy.",
+            read(|s| &s.retired),
         ),
     ])
 }

@@ -109,7 +109,8 @@ impl WakeBus {
         local.entry(topic.to_owned()).or_default().clone()
     }
 
-    fn notify_local(&self, topic: &str) {
+    /// Wakes `topic` in this process only.
+    pub fn notify_local(&self, topic: &str) {
         self.waiter(topic).notify_one();
     }
 

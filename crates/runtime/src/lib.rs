@@ -20,6 +20,9 @@ pub enum Next {
     /// Failed or left work undone: again soon, with exponential backoff
     /// (never later than the interval).
     RetrySoon,
+    /// Work is under way that needs watching: again after this long (never
+    /// later than the interval), without backing off.
+    After(Duration),
 }
 
 /// A periodic loop.
@@ -52,6 +55,10 @@ where
                 task.interval
             }
             Next::RetrySoon => backoff.next().unwrap_or(task.interval).min(task.interval),
+            Next::After(delay) => {
+                backoff = retry::reconciler_delays();
+                delay.min(task.interval)
+            }
         };
         let woken = async {
             match &task.wake {

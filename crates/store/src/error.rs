@@ -32,6 +32,11 @@ pub enum StoreError {
     #[error("unreadable {table} row {id}: {detail}")]
     Corrupt { table: &'static str, id: String, detail: String },
 
+    /// A write fenced by the orchestrator's lease found the lease gone:
+    /// another replica leads now.
+    #[error("not the leader: the orchestrator lease (term {term}) is held by another replica or expired")]
+    NotLeader { term: i64 },
+
     #[error("migrating the control database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }

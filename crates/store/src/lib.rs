@@ -13,6 +13,7 @@ pub mod models;
 pub mod nodes;
 pub mod placement;
 pub mod replicas;
+pub mod routes;
 pub mod tenant;
 
 use std::time::Duration;

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use flotilla_types::status::{Health, ReplicaGeneration, ReplicaView, Rollout, derive_rollout, derive_status};
 use flotilla_types::{
-    DeploymentId, DeploymentSpec, DeploymentStatus, DesiredState, EnvVar, HealthCheck, Hostname, ImageReference,
-    NetworkMode, NodeId, OrganizationId, ProjectId, ReplicaId, ReplicaState, ResourceLimits, RestartPolicy,
+    Constraints, DeploymentId, DeploymentSpec, DeploymentStatus, DesiredState, EnvVar, HealthCheck, Hostname,
+    ImageReference, NetworkMode, NodeId, OrganizationId, Placement, PlacementStrategy, ProjectId, ReplicaId,
+    ReplicaState, ResourceLimits, RestartPolicy,
 };
 use uuid::Uuid;
 
@@ -21,6 +22,8 @@ pub struct DeploymentRecord {
     pub spec: DeploymentSpec,
     pub desired_state: DesiredState,
     pub generation: i64,
+    /// Why replicas wait for a node, while some do.
+    pub placement_message: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -47,6 +50,13 @@ pub struct ReplicaRecord {
     pub port: Option<u16>,
     pub container_port: u16,
     pub status_message: Option<String>,
+    /// Why the orchestrator chose its node.
+    pub placement_reason: Option<String>,
+    /// Being moved off its node: its replacement is starting elsewhere.
+    pub moving: bool,
+    /// Its replacement serves: out of routing, stopped once `retire_due`.
+    pub retiring: bool,
+    pub retire_due: bool,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -166,13 +176,16 @@ pub(crate) struct DeploymentRow {
     pub restart_policy: sqlx::types::Json<RestartPolicy>,
     pub health_check: sqlx::types::Json<HealthCheck>,
     pub network_mode: String,
+    pub placement_strategy: Option<String>,
+    pub placement_constraints: sqlx::types::Json<BTreeMap<String, String>>,
+    pub placement_message: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 pub(crate) const DEPLOYMENT_COLUMNS: &str = "id, organization_id, project_id, name, image, container_port, env, domain, \
      memory_limit_bytes, cpu_limit_millis, replicas, desired_state, generation, restart_policy, health_check, \
-     network_mode, created_at, updated_at";
+     network_mode, placement_strategy, placement_constraints, placement_message, created_at, updated_at";
 
 fn corrupt(table: &'static str, id: impl std::fmt::Display, detail: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt { table, id: id.to_string(), detail: detail.to_string() }
@@ -192,6 +205,16 @@ impl TryFrom<DeploymentRow> for DeploymentRecord {
         let replicas = u32::try_from(row.replicas).map_err(|e| bad(e.to_string()))?;
         let network_mode =
             NetworkMode::parse(&row.network_mode).ok_or_else(|| bad(format!("network mode {:?}", row.network_mode)))?;
+        let placement = Placement {
+            strategy: row
+                .placement_strategy
+                .as_deref()
+                .map(|s| PlacementStrategy::parse("placement_strategy", s))
+                .transpose()
+                .map_err(|e| bad(e.to_string()))?,
+            constraints: Constraints::parse("placement_constraints", &row.placement_constraints.0)
+                .map_err(|e| bad(e.to_string()))?,
+        };
         Ok(Self {
             id: row.id.into(),
             organization_id: row.organization_id.into(),
@@ -207,9 +230,11 @@ impl TryFrom<DeploymentRow> for DeploymentRecord {
                 health_check: row.health_check.0,
                 restart_policy: row.restart_policy.0,
                 network_mode,
+                placement,
             },
             desired_state,
             generation: row.generation,
+            placement_message: row.placement_message,
             created_at: row.created_at,
             updated_at: row.updated_at,
         })
@@ -234,12 +259,18 @@ pub(crate) struct ReplicaRow {
     pub port: Option<i32>,
     pub container_port: i32,
     pub status_message: Option<String>,
+    pub placement_reason: Option<String>,
+    pub moving: bool,
+    pub retiring: bool,
+    pub retire_due: bool,
     pub updated_at: DateTime<Utc>,
 }
 
 pub(crate) const REPLICA_COLUMNS: &str = "l.id, l.deployment_id, l.replica_index, l.generation, l.target_generation, \
      l.failed_generation, l.rollout_message, l.node_id, l.container_id, l.container_name, l.status, l.health_status, \
-     l.address, l.port, l.container_port, l.status_message, l.updated_at";
+     l.address, l.port, l.container_port, l.status_message, l.placement_reason, coalesce(l.drain_state = 'moving', false) AS moving, \
+     coalesce(l.drain_state = 'retiring', false) AS retiring, \
+     coalesce(l.retire_at <= now(), false) AS retire_due, l.updated_at";
 
 impl TryFrom<ReplicaRow> for ReplicaRecord {
     type Error = StoreError;
@@ -263,6 +294,10 @@ impl TryFrom<ReplicaRow> for ReplicaRecord {
             port: row.port.map(u16::try_from).transpose().map_err(|e| bad(e.to_string()))?,
             container_port: u16::try_from(row.container_port).map_err(|e| bad(e.to_string()))?,
             status_message: row.status_message,
+            placement_reason: row.placement_reason,
+            moving: row.moving,
+            retiring: row.retiring,
+            retire_due: row.retire_due,
             updated_at: row.updated_at,
         })
     }

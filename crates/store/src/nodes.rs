@@ -59,4 +59,15 @@ impl Store {
             .map_err(StoreError::db("reading a node"))?;
         row.map(NodeRecord::try_from).transpose()
     }
+
+    /// Replicas still on each node that are being moved off it (drain).
+    pub async fn replicas_moving_by_node(&self) -> Result<std::collections::BTreeMap<String, i32>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT node_id, count(*) FROM deployment_locations WHERE drain_state IS NOT NULL GROUP BY node_id",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(StoreError::db("counting replicas being moved"))?;
+        Ok(rows.into_iter().map(|(node, n)| (node, n as i32)).collect())
+    }
 }

@@ -4,15 +4,17 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla_types::routing::Route;
-use flotilla_types::{DeploymentId, Hostname, NodeId, ReplicaId, ResourceLimits};
+use flotilla_types::{
+    Constraints, DeploymentId, Hostname, NodeId, Placement, PlacementStrategy, ReplicaId, ResourceLimits,
+};
 use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::error::unique_violation;
-use crate::models::{NODE_COLUMNS, NodeRow, collect};
+use crate::models::{NODE_COLUMNS, NodeRow};
 use crate::{NodeRecord, Store, StoreError};
 
-/// A running deployment with fewer placed replicas than it wants.
+/// A running deployment with fewer live replicas than it wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlacementNeed {
     pub deployment_id: DeploymentId,
@@ -22,8 +24,11 @@ pub struct PlacementNeed {
     pub limits: ResourceLimits,
     pub replicas: u32,
     pub generation: i64,
-    /// Replica indexes that already have a row.
+    pub placement: Placement,
+    /// Replica indexes that already have a live row.
     pub placed: Vec<i32>,
+    /// Nodes that run a replica of it already (anti-affinity).
+    pub nodes: Vec<NodeId>,
 }
 
 /// A replica the orchestrator decided to run on `node_id`.
@@ -34,6 +39,8 @@ pub struct NewReplica {
     pub node_id: NodeId,
     pub address: String,
     pub labels: BTreeMap<String, String>,
+    /// Why this node.
+    pub reason: String,
 }
 
 /// A route row as the orchestrator writes it.
@@ -44,15 +51,76 @@ pub struct RouteRecord {
     pub cert_resolver: Option<String>,
 }
 
-/// What happened to a placement or a preparation.
+/// What a round decided for one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementPlan {
+    pub deployment_id: DeploymentId,
+    /// The generation the decision was made for: a deployment changed since
+    /// is left for the next round.
+    pub generation: i64,
+    pub replicas: Vec<NewReplica>,
+    pub route: Option<RouteRecord>,
+    /// Why some replicas found no node; `None` clears an earlier message.
+    pub unplaced: Option<String>,
+}
+
+/// The orchestrator's lease, as held by one replica: fences its writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub holder: String,
+    pub term: i64,
+}
+
+/// What happened to a batch of placements.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitReport {
+    /// Replica rows written.
+    pub placed: usize,
+    /// Deployments that changed or went away since they were read.
+    pub stale: Vec<DeploymentId>,
+}
+
+/// What happened to a preparation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlacementOutcome {
-    /// This many replica rows were written.
-    Placed(usize),
     /// Replica rows on these nodes were prepared for the new generation.
     Prepared(Vec<NodeId>),
     /// The deployment changed or went away since it was read; nothing written.
     Stale,
+}
+
+/// A node with what placement needs beyond its row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSnapshot {
+    pub node: NodeRecord,
+    /// Heard from within the heartbeat timeout.
+    pub heartbeat_fresh: bool,
+    /// The limits of the replicas placed on it.
+    pub reserved_cpu_millis: i64,
+    pub reserved_memory_bytes: i64,
+}
+
+/// Node state changes made by the health watch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeHealthChanges {
+    /// Nodes that missed their heartbeats and went down.
+    pub down: Vec<NodeId>,
+    /// Down nodes heard from again.
+    pub back: Vec<NodeId>,
+    /// Replica rows taken off down nodes, to be placed elsewhere.
+    pub evicted: usize,
+}
+
+/// What a drain step changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrainProgress {
+    /// Replicas on drained nodes that now wait for a replacement.
+    pub moving: usize,
+    /// Replicas whose replacement serves; out of routing, stopped soon.
+    pub retiring: Vec<NodeId>,
+    /// Moving replicas back to live because their node was activated
+    /// before a replacement was placed.
+    pub restored: usize,
 }
 
 #[derive(sqlx::FromRow)]
@@ -65,12 +133,23 @@ struct NeedRow {
     cpu_limit_millis: i64,
     replicas: i32,
     generation: i64,
+    placement_strategy: Option<String>,
+    placement_constraints: Json<BTreeMap<String, String>>,
     placed: Vec<i32>,
+    nodes: Vec<String>,
 }
 
 impl NeedRow {
     fn into_need(self) -> Result<PlacementNeed, StoreError> {
         let bad = |detail: String| StoreError::Corrupt { table: "deployments", id: self.id.to_string(), detail };
+        let strategy = self
+            .placement_strategy
+            .as_deref()
+            .map(|s| PlacementStrategy::parse("placement_strategy", s))
+            .transpose()
+            .map_err(|e| bad(e.to_string()))?;
+        let constraints = Constraints::parse("placement_constraints", &self.placement_constraints.0)
+            .map_err(|e| bad(e.to_string()))?;
         Ok(PlacementNeed {
             deployment_id: self.id.into(),
             domain: self
@@ -82,6 +161,8 @@ impl NeedRow {
             container_port: u16::try_from(self.container_port).map_err(|e| bad(e.to_string()))?,
             limits: ResourceLimits { memory_bytes: self.memory_limit_bytes, cpu_millis: self.cpu_limit_millis },
             replicas: u32::try_from(self.replicas).map_err(|e| bad(e.to_string()))?,
+            placement: Placement { strategy, constraints },
+            nodes: self.nodes.iter().filter_map(|n| NodeId::parse(n).ok()).collect(),
             name: self.name,
             generation: self.generation,
             placed: self.placed,
@@ -89,147 +170,247 @@ impl NeedRow {
     }
 }
 
-/// Replaces a deployment's routes inside `tx`: readers see the old set or the
-/// new one, never none in between.
+const NEED_COLUMNS: &str = "d.id, d.name, d.domain, d.container_port, d.memory_limit_bytes, d.cpu_limit_millis, \
+     d.replicas, d.generation, d.placement_strategy, d.placement_constraints";
+
+/// Replaces the routes of `deployments` inside `tx` with `routes`: readers
+/// see the old set or the new one, never none in between.
 async fn replace_routes(
     tx: &mut sqlx::PgTransaction<'_>,
-    deployment_id: DeploymentId,
-    route: Option<&RouteRecord>,
+    deployments: &[Uuid],
+    routes: &[&RouteRecord],
     op: &'static str,
 ) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM deployment_routing WHERE deployment_id = $1")
-        .bind(deployment_id.as_uuid())
+    sqlx::query("DELETE FROM deployment_routing WHERE deployment_id = ANY($1)")
+        .bind(deployments)
         .execute(&mut **tx)
         .await
         .map_err(StoreError::db(op))?;
-    let Some(record) = route else { return Ok(()) };
-    let route = &record.route;
+    if routes.is_empty() {
+        return Ok(());
+    }
+    let column = |f: &dyn Fn(&RouteRecord) -> String| routes.iter().map(|r| f(r)).collect::<Vec<String>>();
     sqlx::query(
         "INSERT INTO deployment_routing (id, deployment_id, domain, path_prefix, target_port, \
-         tls_enabled, cert_resolver, router_name) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+         tls_enabled, cert_resolver, router_name) \
+         SELECT t.id, t.deployment_id, t.domain, t.path_prefix, t.target_port, t.tls, nullif(t.resolver, ''), t.router \
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::bool[], $7::text[], $8::text[]) \
+         AS t(id, deployment_id, domain, path_prefix, target_port, tls, resolver, router)",
     )
-    .bind(Uuid::now_v7())
-    .bind(deployment_id.as_uuid())
-    .bind(route.domain.as_str())
-    .bind(route.path_prefix.as_str())
-    .bind(i32::from(route.target_port))
-    .bind(record.tls_enabled)
-    .bind(record.cert_resolver.as_deref())
-    .bind(route.router_name())
+    .bind(routes.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(routes.iter().map(|r| r.route.deployment_id.as_uuid()).collect::<Vec<_>>())
+    .bind(column(&|r| r.route.domain.to_string()))
+    .bind(column(&|r| r.route.path_prefix.to_string()))
+    .bind(routes.iter().map(|r| i32::from(r.route.target_port)).collect::<Vec<_>>())
+    .bind(routes.iter().map(|r| r.tls_enabled).collect::<Vec<_>>())
+    .bind(column(&|r| r.cert_resolver.clone().unwrap_or_default()))
+    .bind(column(&|r| r.route.router_name()))
     .execute(&mut **tx)
     .await
     .map_err(|e| match unique_violation(&e) {
-        Some(_) => StoreError::AlreadyExists { what: format!("a route for {}{}", route.domain, route.path_prefix) },
+        Some(_) => StoreError::AlreadyExists {
+            what: format!(
+                "a route for {}",
+                routes
+                    .iter()
+                    .map(|r| format!("{}{}", r.route.domain, r.route.path_prefix))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        },
         None => StoreError::db(op)(e),
     })?;
     Ok(())
 }
 
+/// Inside `tx`: fails with `NotLeader` unless `lease` still holds. The row
+/// lock keeps another replica from taking the lease until `tx` ends.
+async fn fence(tx: &mut sqlx::PgTransaction<'_>, lease: &Lease, op: &'static str) -> Result<(), StoreError> {
+    let held: Option<i64> = sqlx::query_scalar(
+        "SELECT term FROM orchestrator_lease WHERE holder = $1 AND term = $2 AND expires_at > now() FOR SHARE",
+    )
+    .bind(&lease.holder)
+    .bind(lease.term)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(StoreError::db(op))?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(StoreError::NotLeader { term: lease.term }),
+    }
+}
+
 impl Store {
-    /// Running deployments that want more replicas than they have rows.
+    /// Running deployments that want more live replicas than they have.
     pub async fn deployments_to_place(&self, limit: i64) -> Result<Vec<PlacementNeed>, StoreError> {
-        let rows: Vec<NeedRow> = sqlx::query_as(
-            "SELECT d.id, d.name, d.domain, d.container_port, d.memory_limit_bytes, d.cpu_limit_millis, \
-             d.replicas, d.generation, \
-             coalesce(array_agg(l.replica_index) FILTER (WHERE l.id IS NOT NULL), '{}') AS placed \
+        let sql = format!(
+            "SELECT {NEED_COLUMNS}, \
+             coalesce(array_agg(l.replica_index) FILTER (WHERE l.id IS NOT NULL AND l.drain_state IS NULL), '{{}}') \
+             AS placed, coalesce(array_agg(DISTINCT l.node_id) FILTER (WHERE l.id IS NOT NULL), '{{}}') AS nodes \
              FROM deployments d LEFT JOIN deployment_locations l ON l.deployment_id = d.id \
              WHERE d.desired_state = 'running' \
-             GROUP BY d.id HAVING count(l.id) < d.replicas ORDER BY d.id LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await
-        .map_err(StoreError::db("finding deployments to place"))?;
+             GROUP BY d.id HAVING count(l.id) FILTER (WHERE l.drain_state IS NULL) < d.replicas \
+             ORDER BY d.id LIMIT $1"
+        );
+        let rows: Vec<NeedRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await
+            .map_err(StoreError::db("finding deployments to place"))?;
         rows.into_iter().map(NeedRow::into_need).collect()
     }
 
-    /// Nodes that may take new work: active, ready, heard from recently.
-    pub async fn schedulable_nodes(&self, heartbeat_within: Duration) -> Result<Vec<NodeRecord>, StoreError> {
+    /// Every node, with its heartbeat freshness and the resources its
+    /// replicas reserve, and the node round-robin chose last.
+    pub async fn placement_snapshot(
+        &self,
+        heartbeat_within: Duration,
+    ) -> Result<(Vec<NodeSnapshot>, Option<NodeId>), StoreError> {
+        let op = "reading the placement snapshot";
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            node: NodeRow,
+            fresh: bool,
+            reserved_cpu: i64,
+            reserved_memory: i64,
+        }
+        let columns = NODE_COLUMNS.split(", ").map(|c| format!("n.{}", c.trim())).collect::<Vec<_>>().join(", ");
         let sql = format!(
-            "SELECT {NODE_COLUMNS} FROM node_metadata WHERE availability = 'active' AND status = 'ready' \
-             AND last_heartbeat > now() - make_interval(secs => $1) ORDER BY node_id"
+            "SELECT {columns}, n.last_heartbeat > now() - make_interval(secs => $1) AS fresh, \
+             coalesce(r.cpu, 0)::int8 AS reserved_cpu, coalesce(r.memory, 0)::int8 AS reserved_memory \
+             FROM node_metadata n LEFT JOIN (SELECT l.node_id, sum(d.cpu_limit_millis) AS cpu, \
+             sum(d.memory_limit_bytes) AS memory FROM deployment_locations l \
+             JOIN deployments d ON d.id = l.deployment_id GROUP BY l.node_id) r ON r.node_id = n.node_id \
+             ORDER BY n.node_id"
         );
-        let rows: Vec<NodeRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(heartbeat_within.as_secs_f64())
             .fetch_all(self.pool())
             .await
-            .map_err(StoreError::db("listing schedulable nodes"))?;
-        collect(rows)
+            .map_err(StoreError::db(op))?;
+        let cursor: Option<String> = sqlx::query_scalar("SELECT round_robin_cursor FROM orchestrator_state WHERE id")
+            .fetch_optional(self.pool())
+            .await
+            .map_err(StoreError::db(op))?
+            .flatten();
+        let nodes = rows
+            .into_iter()
+            .map(|r| {
+                Ok(NodeSnapshot {
+                    node: NodeRecord::try_from(r.node)?,
+                    heartbeat_fresh: r.fresh,
+                    reserved_cpu_millis: r.reserved_cpu,
+                    reserved_memory_bytes: r.reserved_memory,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok((nodes, cursor.and_then(|c| NodeId::parse(&c).ok())))
     }
 
-    /// Writes replica rows and the deployment's route in one transaction,
-    /// provided the deployment is still at `generation` and running. A
-    /// replica index that already has a row is skipped, so placing twice
-    /// cannot create a second replica.
-    pub async fn commit_placement(
+    /// Writes a round's decisions in one transaction: the replica rows (with
+    /// the reason for each node), the routes, the nodes' counts, the
+    /// deployments' placement messages and the round-robin cursor. Fenced
+    /// by `lease`; a deployment no longer at its plan's generation (or no
+    /// longer running) is skipped and reported stale. A replica index that
+    /// already has a live row is skipped, so placing twice cannot create a
+    /// second replica.
+    pub async fn commit_placements(
         &self,
-        deployment_id: DeploymentId,
-        generation: i64,
-        replicas: &[NewReplica],
-        route: Option<&RouteRecord>,
-    ) -> Result<PlacementOutcome, StoreError> {
-        let op = "committing a placement";
+        lease: &Lease,
+        plans: &[PlacementPlan],
+        cursor: Option<&NodeId>,
+    ) -> Result<CommitReport, StoreError> {
+        let op = "committing placements";
         let mut tx = self.pool().begin().await.map_err(StoreError::db(op))?;
-        let current: Option<(i64, String, i32, String, Option<String>)> = sqlx::query_as(
-            "SELECT generation, desired_state, container_port, name, domain FROM deployments WHERE id = $1 FOR UPDATE",
+        fence(&mut tx, lease, op).await?;
+        let ids: Vec<Uuid> = plans.iter().map(|p| p.deployment_id.as_uuid()).collect();
+        let current: Vec<(Uuid, i64)> = sqlx::query_as(
+            "SELECT id, generation FROM deployments WHERE id = ANY($1) AND desired_state = 'running' \
+             ORDER BY id FOR UPDATE",
         )
-        .bind(deployment_id.as_uuid())
-        .fetch_optional(&mut *tx)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
         .await
         .map_err(StoreError::db(op))?;
-        let Some((current_generation, desired_state, container_port, _name, domain)) = current else {
-            return Ok(PlacementOutcome::Stale);
-        };
-        if current_generation != generation || desired_state != "running" {
-            return Ok(PlacementOutcome::Stale);
-        }
-        let mut placed = 0;
-        for replica in replicas {
-            let inserted = sqlx::query(
+        let current: BTreeMap<Uuid, i64> = current.into_iter().collect();
+        let (fresh, stale): (Vec<&PlacementPlan>, Vec<&PlacementPlan>) =
+            plans.iter().partition(|p| current.get(&p.deployment_id.as_uuid()) == Some(&p.generation));
+        let replicas: Vec<(&PlacementPlan, &NewReplica)> =
+            fresh.iter().flat_map(|p| p.replicas.iter().map(move |r| (*p, r))).collect();
+        let mut placed_on: Vec<String> = Vec::new();
+        if !replicas.is_empty() {
+            placed_on = sqlx::query_scalar(
                 "INSERT INTO deployment_locations (id, deployment_id, node_id, replica_index, generation, \
-                 target_generation, status, address, container_port, domain, labels) \
-                 VALUES ($1, $2, $3, $4, $5, $5, 'pending', $6, $7, $8, $9) \
-                 ON CONFLICT (deployment_id, replica_index) DO NOTHING",
+                 target_generation, status, address, container_port, domain, labels, placement_reason) \
+                 SELECT t.id, t.deployment_id, t.node_id, t.replica_index, d.generation, d.generation, 'pending', \
+                 t.address, d.container_port, d.domain, t.labels, t.reason \
+                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::jsonb[], $7::text[]) \
+                 AS t(id, deployment_id, node_id, replica_index, address, labels, reason) \
+                 JOIN deployments d ON d.id = t.deployment_id \
+                 ON CONFLICT (deployment_id, replica_index) WHERE drain_state IS NULL DO NOTHING \
+                 RETURNING node_id",
             )
-            .bind(replica.id.as_uuid())
-            .bind(deployment_id.as_uuid())
-            .bind(replica.node_id.as_str())
-            .bind(replica.replica_index)
-            .bind(generation)
-            .bind(&replica.address)
-            .bind(container_port)
-            .bind(domain.as_deref())
-            .bind(Json(&replica.labels))
+            .bind(replicas.iter().map(|(_, r)| r.id.as_uuid()).collect::<Vec<_>>())
+            .bind(replicas.iter().map(|(p, _)| p.deployment_id.as_uuid()).collect::<Vec<_>>())
+            .bind(replicas.iter().map(|(_, r)| r.node_id.to_string()).collect::<Vec<_>>())
+            .bind(replicas.iter().map(|(_, r)| r.replica_index).collect::<Vec<_>>())
+            .bind(replicas.iter().map(|(_, r)| r.address.clone()).collect::<Vec<_>>())
+            .bind(replicas.iter().map(|(_, r)| Json(&r.labels)).collect::<Vec<_>>())
+            .bind(replicas.iter().map(|(_, r)| r.reason.clone()).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::db(op))?;
+            sqlx::query(
+                "UPDATE node_metadata n SET deployment_count = n.deployment_count + c.added \
+                 FROM (SELECT node_id, count(*)::int AS added FROM unnest($1::text[]) AS node_id GROUP BY node_id) c \
+                 WHERE n.node_id = c.node_id",
+            )
+            .bind(&placed_on)
             .execute(&mut *tx)
             .await
             .map_err(StoreError::db(op))?;
-            if inserted.rows_affected() == 1 {
-                placed += 1;
-                sqlx::query("UPDATE node_metadata SET deployment_count = deployment_count + 1 WHERE node_id = $1")
-                    .bind(replica.node_id.as_str())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::db(op))?;
-            }
         }
-        replace_routes(&mut tx, deployment_id, route, op).await?;
+        // Routes change only with replicas placed (a new deployment) or on
+        // a new generation (prepare_generation).
+        let routed: Vec<&PlacementPlan> = fresh.iter().copied().filter(|p| !p.replicas.is_empty()).collect();
+        let routes: Vec<&RouteRecord> = routed.iter().filter_map(|p| p.route.as_ref()).collect();
+        let routed_ids: Vec<Uuid> = routed.iter().map(|p| p.deployment_id.as_uuid()).collect();
+        replace_routes(&mut tx, &routed_ids, &routes, op).await?;
+        sqlx::query(
+            "UPDATE deployments d SET placement_message = nullif(t.message, '') \
+             FROM unnest($1::uuid[], $2::text[]) AS t(id, message) \
+             WHERE d.id = t.id AND d.placement_message IS DISTINCT FROM nullif(t.message, '')",
+        )
+        .bind(fresh.iter().map(|p| p.deployment_id.as_uuid()).collect::<Vec<_>>())
+        .bind(fresh.iter().map(|p| p.unplaced.clone().unwrap_or_default()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(op))?;
+        if let Some(cursor) = cursor {
+            sqlx::query("UPDATE orchestrator_state SET round_robin_cursor = $1 WHERE id")
+                .bind(cursor.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(op))?;
+        }
         tx.commit().await.map_err(StoreError::db(op))?;
-        Ok(PlacementOutcome::Placed(placed))
+        Ok(CommitReport { placed: placed_on.len(), stale: stale.iter().map(|p| p.deployment_id).collect() })
     }
 
     /// Deployments whose replicas are not all prepared for the current
     /// generation (their labels and route date from an older one).
     pub async fn generations_to_prepare(&self, limit: i64) -> Result<Vec<PlacementNeed>, StoreError> {
-        let rows: Vec<NeedRow> = sqlx::query_as(
-            "SELECT d.id, d.name, d.domain, d.container_port, d.memory_limit_bytes, d.cpu_limit_millis, \
-             d.replicas, d.generation, '{}'::int[] AS placed \
+        let sql = format!(
+            "SELECT {NEED_COLUMNS}, '{{}}'::int[] AS placed, '{{}}'::text[] AS nodes \
              FROM deployments d WHERE d.desired_state <> 'deleted' AND EXISTS (SELECT 1 FROM deployment_locations l \
-             WHERE l.deployment_id = d.id AND l.target_generation < d.generation) ORDER BY d.id LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await
-        .map_err(StoreError::db("finding generations to prepare"))?;
+             WHERE l.deployment_id = d.id AND l.target_generation < d.generation) ORDER BY d.id LIMIT $1"
+        );
+        let rows: Vec<NeedRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await
+            .map_err(StoreError::db("finding generations to prepare"))?;
         rows.into_iter().map(NeedRow::into_need).collect()
     }
 
@@ -240,6 +421,7 @@ impl Store {
     /// generation's labels.
     pub async fn prepare_generation(
         &self,
+        lease: &Lease,
         deployment_id: DeploymentId,
         generation: i64,
         labels: &BTreeMap<String, String>,
@@ -247,6 +429,7 @@ impl Store {
     ) -> Result<PlacementOutcome, StoreError> {
         let op = "preparing a generation";
         let mut tx = self.pool().begin().await.map_err(StoreError::db(op))?;
+        fence(&mut tx, lease, op).await?;
         let current: Option<(i64, String)> =
             sqlx::query_as("SELECT generation, desired_state FROM deployments WHERE id = $1 FOR UPDATE")
                 .bind(deployment_id.as_uuid())
@@ -268,7 +451,8 @@ impl Store {
         .fetch_all(&mut *tx)
         .await
         .map_err(StoreError::db(op))?;
-        replace_routes(&mut tx, deployment_id, route, op).await?;
+        let routes: Vec<&RouteRecord> = route.into_iter().collect();
+        replace_routes(&mut tx, &[deployment_id.as_uuid()], &routes, op).await?;
         tx.commit().await.map_err(StoreError::db(op))?;
         let mut nodes: Vec<NodeId> = nodes.iter().filter_map(|n| NodeId::parse(n).ok()).collect();
         nodes.sort();
@@ -317,5 +501,186 @@ impl Store {
             tracing::info!(rows = abandoned.len(), "removed replica rows of deleted deployments on silent nodes");
         }
         Ok(ids.into_iter().map(DeploymentId::from).collect())
+    }
+
+    /// Takes the orchestrator lease for `holder`, or renews it, unless
+    /// another holder's lease is still valid. Returns the lease held, or
+    /// `None` when another replica leads.
+    pub async fn acquire_lease(&self, holder: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+        let term: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO orchestrator_lease AS l (id, holder, term, acquired_at, expires_at) \
+             VALUES (true, $1, 1, now(), now() + make_interval(secs => $2)) \
+             ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, \
+             term = CASE WHEN l.holder = EXCLUDED.holder AND l.expires_at > now() THEN l.term ELSE l.term + 1 END, \
+             acquired_at = CASE WHEN l.holder = EXCLUDED.holder AND l.expires_at > now() \
+             THEN l.acquired_at ELSE now() END, expires_at = EXCLUDED.expires_at \
+             WHERE l.holder = EXCLUDED.holder OR l.expires_at <= now() RETURNING term",
+        )
+        .bind(holder)
+        .bind(ttl.as_secs_f64())
+        .fetch_optional(self.pool())
+        .await
+        .map_err(StoreError::db("acquiring the orchestrator lease"))?;
+        Ok(term.map(|term| Lease { holder: holder.to_owned(), term }))
+    }
+
+    /// Gives the lease up (at shutdown), so another replica takes over at
+    /// once. The row stays, so terms keep growing.
+    pub async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        sqlx::query("UPDATE orchestrator_lease SET expires_at = now() WHERE holder = $1 AND term = $2")
+            .bind(&lease.holder)
+            .bind(lease.term)
+            .execute(self.pool())
+            .await
+            .map_err(StoreError::db("releasing the orchestrator lease"))?;
+        Ok(())
+    }
+
+    /// The current leader, if the lease is valid: (holder, term).
+    pub async fn current_leader(&self) -> Result<Option<Lease>, StoreError> {
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT holder, term FROM orchestrator_lease WHERE expires_at > now()")
+                .fetch_optional(self.pool())
+                .await
+                .map_err(StoreError::db("reading the orchestrator lease"))?;
+        Ok(row.map(|(holder, term)| Lease { holder, term }))
+    }
+
+    /// The health watch: nodes silent for `timeout` go `down` and their
+    /// replica rows are taken off them (to be placed elsewhere; if the node
+    /// comes back, its agent removes the containers it finds without rows,
+    /// or adopts them when nobody took their place); `down` nodes heard from
+    /// again are `ready`. Fenced by `lease`.
+    pub async fn watch_node_health(&self, lease: &Lease, timeout: Duration) -> Result<NodeHealthChanges, StoreError> {
+        let op = "watching node health";
+        let mut tx = self.pool().begin().await.map_err(StoreError::db(op))?;
+        fence(&mut tx, lease, op).await?;
+        let down: Vec<String> = sqlx::query_scalar(
+            "UPDATE node_metadata SET status = 'down', updated_at = now() \
+             WHERE status <> 'down' AND last_heartbeat < now() - make_interval(secs => $1) RETURNING node_id",
+        )
+        .bind(timeout.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::db(op))?;
+        let back: Vec<String> = sqlx::query_scalar(
+            "UPDATE node_metadata SET status = 'ready', updated_at = now() \
+             WHERE status <> 'ready' AND last_heartbeat >= now() - make_interval(secs => $1) RETURNING node_id",
+        )
+        .bind(timeout.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::db(op))?;
+        let evicted = sqlx::query(
+            "DELETE FROM deployment_locations l USING node_metadata n \
+             WHERE n.node_id = l.node_id AND n.status = 'down'",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(op))?
+        .rows_affected() as usize;
+        if evicted > 0 {
+            sqlx::query("UPDATE node_metadata SET deployment_count = 0 WHERE status = 'down'")
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(op))?;
+        }
+        tx.commit().await.map_err(StoreError::db(op))?;
+        let ids = |v: Vec<String>| v.iter().filter_map(|n| NodeId::parse(n).ok()).collect();
+        Ok(NodeHealthChanges { down: ids(down), back: ids(back), evicted })
+    }
+
+    /// One step of every drain under way, fenced by `lease`:
+    /// - live replicas on drained nodes become `moving` (the next placement
+    ///   finds their index missing and places a replacement elsewhere);
+    /// - a moving replica whose replacement runs and is healthy (or has no
+    ///   check) becomes `retiring`: out of the route table at once, stopped
+    ///   by its agent after `drain_delay`;
+    /// - moving replicas on nodes activated again, with no replacement yet,
+    ///   are live again.
+    pub async fn advance_drains(&self, lease: &Lease, drain_delay: Duration) -> Result<DrainProgress, StoreError> {
+        let op = "advancing drains";
+        let mut tx = self.pool().begin().await.map_err(StoreError::db(op))?;
+        fence(&mut tx, lease, op).await?;
+        let restored = sqlx::query(
+            "UPDATE deployment_locations l SET drain_state = NULL, updated_at = now() FROM node_metadata n \
+             WHERE n.node_id = l.node_id AND n.availability = 'active' AND l.drain_state = 'moving' \
+             AND NOT EXISTS (SELECT 1 FROM deployment_locations r WHERE r.deployment_id = l.deployment_id \
+             AND r.replica_index = l.replica_index AND r.drain_state IS NULL)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(op))?
+        .rows_affected() as usize;
+        let moving = sqlx::query(
+            "UPDATE deployment_locations l SET drain_state = 'moving', updated_at = now() \
+             FROM node_metadata n, deployments d WHERE n.node_id = l.node_id AND d.id = l.deployment_id \
+             AND n.availability = 'drain' AND l.drain_state IS NULL AND d.desired_state <> 'deleted'",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(op))?
+        .rows_affected() as usize;
+        let retiring: Vec<String> = sqlx::query_scalar(
+            "UPDATE deployment_locations l SET drain_state = 'retiring', \
+             retire_at = now() + make_interval(secs => $1), updated_at = now() \
+             WHERE l.drain_state = 'moving' AND EXISTS (SELECT 1 FROM deployment_locations r \
+             WHERE r.deployment_id = l.deployment_id AND r.replica_index = l.replica_index \
+             AND r.drain_state IS NULL AND r.status = 'running' AND r.health_status IN ('healthy', 'none')) \
+             RETURNING l.node_id",
+        )
+        .bind(drain_delay.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::db(op))?;
+        tx.commit().await.map_err(StoreError::db(op))?;
+        let mut retiring: Vec<NodeId> = retiring.iter().filter_map(|n| NodeId::parse(n).ok()).collect();
+        retiring.sort();
+        retiring.dedup();
+        Ok(DrainProgress { moving, retiring, restored })
+    }
+
+    /// Nodes with replicas whose stop time has come: their agents are woken.
+    pub async fn nodes_with_due_retirements(&self) -> Result<Vec<NodeId>, StoreError> {
+        let nodes: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT node_id FROM deployment_locations WHERE drain_state = 'retiring' AND retire_at <= now()",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(StoreError::db("finding due retirements"))?;
+        Ok(nodes.iter().filter_map(|n| NodeId::parse(n).ok()).collect())
+    }
+
+    /// Sets a node's availability (operators: drain, pause, activate).
+    /// `drain --now` also retires every replica on it at once: out of the
+    /// route table and stopped by its agent without waiting for a
+    /// replacement. Returns false when the node is unknown.
+    pub async fn set_node_availability(
+        &self,
+        node: &NodeId,
+        availability: &str,
+        retire_now: bool,
+    ) -> Result<bool, StoreError> {
+        let op = "setting a node's availability";
+        let mut tx = self.pool().begin().await.map_err(StoreError::db(op))?;
+        let updated = sqlx::query("UPDATE node_metadata SET availability = $2, updated_at = now() WHERE node_id = $1")
+            .bind(node.as_str())
+            .bind(availability)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(op))?
+            .rows_affected();
+        if updated == 1 && retire_now {
+            sqlx::query(
+                "UPDATE deployment_locations SET drain_state = 'retiring', retire_at = now(), updated_at = now() \
+                 WHERE node_id = $1 AND drain_state IS DISTINCT FROM 'retiring'",
+            )
+            .bind(node.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(op))?;
+        }
+        tx.commit().await.map_err(StoreError::db(op))?;
+        Ok(updated == 1)
     }
 }

@@ -65,8 +65,10 @@ impl<'a> Tenant<'a> {
         let project_id = self.resolve_project(project).await?;
         let sql = format!(
             "INSERT INTO deployments (id, organization_id, project_id, name, image, container_port, env, domain, \
-             memory_limit_bytes, cpu_limit_millis, replicas, restart_policy, health_check, network_mode) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING {DEPLOYMENT_COLUMNS}"
+             memory_limit_bytes, cpu_limit_millis, replicas, restart_policy, health_check, network_mode, \
+             placement_strategy, placement_constraints) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+             RETURNING {DEPLOYMENT_COLUMNS}"
         );
         let row: DeploymentRow = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(DeploymentId::new().as_uuid())
@@ -83,6 +85,8 @@ impl<'a> Tenant<'a> {
             .bind(Json(&spec.restart_policy))
             .bind(Json(&spec.health_check))
             .bind(spec.network_mode.as_str())
+            .bind(spec.placement.strategy.map(|s| s.as_str()))
+            .bind(Json(spec.placement.constraints.as_map()))
             .fetch_one(self.pool)
             .await
             .map_err(|e| claim_error(e, spec, "creating a deployment"))?;
@@ -103,7 +107,8 @@ impl<'a> Tenant<'a> {
         let sql = format!(
             "UPDATE deployments SET image = $4, container_port = $5, env = $6, domain = $7, memory_limit_bytes = $8, \
              cpu_limit_millis = $9, replicas = $10, restart_policy = $11, health_check = $12, network_mode = $13, \
-             generation = generation + CASE WHEN $14 THEN 1 ELSE 0 END, updated_at = now() \
+             generation = generation + CASE WHEN $14 THEN 1 ELSE 0 END, placement_strategy = $15, \
+             placement_constraints = $16, updated_at = now() \
              WHERE organization_id = $1 AND id = $2 AND generation = $3 AND desired_state <> 'deleted' \
              RETURNING {DEPLOYMENT_COLUMNS}"
         );
@@ -122,6 +127,8 @@ impl<'a> Tenant<'a> {
             .bind(Json(&spec.health_check))
             .bind(spec.network_mode.as_str())
             .bind(new_generation)
+            .bind(spec.placement.strategy.map(|s| s.as_str()))
+            .bind(Json(spec.placement.constraints.as_map()))
             .fetch_optional(self.pool)
             .await
             .map_err(|e| claim_error(e, spec, "updating a deployment"))?;

@@ -4,13 +4,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_store::placement::{NewReplica, PlacementOutcome};
+use flotilla_store::Store;
+use flotilla_store::placement::{CommitReport, Lease, NewReplica, PlacementPlan};
 use flotilla_store::replicas::ReplicaObservation;
 use flotilla_store::tenant::ensure_organization;
 use flotilla_store::{NodeHeartbeat, StoreError};
 use flotilla_test_utils::TestDb;
 use flotilla_types::status::Health;
-use flotilla_types::{DeploymentSpec, DeploymentSpecInput, DeploymentStatus, NodeId, ReplicaId, ReplicaState};
+use flotilla_types::{
+    DeploymentId, DeploymentSpec, DeploymentSpecInput, DeploymentStatus, NodeId, ReplicaId, ReplicaState,
+};
 
 fn spec(name: &str, domain: &str) -> DeploymentSpec {
     DeploymentSpec::validate(DeploymentSpecInput {
@@ -21,6 +24,19 @@ fn spec(name: &str, domain: &str) -> DeploymentSpec {
         ..Default::default()
     })
     .unwrap()
+}
+
+/// Commits one deployment's placement as the orchestrator's leader would.
+async fn place(store: &Store, deployment: DeploymentId, generation: i64, replicas: &[NewReplica]) -> CommitReport {
+    let lease: Lease = store.acquire_lease("test-leader", Duration::from_secs(30)).await.unwrap().unwrap();
+    let plan = PlacementPlan {
+        deployment_id: deployment,
+        generation,
+        replicas: replicas.to_vec(),
+        route: None,
+        unplaced: None,
+    };
+    store.commit_placements(&lease, &[plan], None).await.unwrap()
 }
 
 fn heartbeat(node: &NodeId) -> NodeHeartbeat {
@@ -105,7 +121,8 @@ async fn placement_then_observation_then_deletion() {
     let (org, _) = ensure_organization(db.pool(), "a", "A").await.unwrap();
     let node = NodeId::parse("node-1").unwrap();
     store.upsert_heartbeat(&heartbeat(&node)).await.unwrap();
-    assert_eq!(store.schedulable_nodes(Duration::from_secs(15)).await.unwrap().len(), 1);
+    let (nodes, _) = store.placement_snapshot(Duration::from_secs(15)).await.unwrap();
+    assert_eq!(nodes.iter().filter(|n| n.heartbeat_fresh && n.node.status == "ready").count(), 1);
 
     let deployment = store.tenant(org).create_deployment(None, &spec("web", "web.example.com")).await.unwrap();
     let needs = store.deployments_to_place(100).await.unwrap();
@@ -118,22 +135,18 @@ async fn placement_then_observation_then_deletion() {
         node_id: node.clone(),
         address: "127.0.0.1".into(),
         labels: BTreeMap::from([("a".to_owned(), "b".to_owned())]),
+        reason: "test".into(),
     };
-    let outcome = store
-        .commit_placement(deployment.id, deployment.generation, std::slice::from_ref(&replica), None)
-        .await
-        .unwrap();
-    assert_eq!(outcome, PlacementOutcome::Placed(1));
+    let outcome = place(store, deployment.id, deployment.generation, std::slice::from_ref(&replica)).await;
+    assert_eq!(outcome, CommitReport { placed: 1, stale: Vec::new() });
     // Placing the same index again writes nothing: no double placement.
     let again = NewReplica { id: ReplicaId::new(), ..replica.clone() };
-    assert_eq!(
-        store.commit_placement(deployment.id, deployment.generation, &[again], None).await.unwrap(),
-        PlacementOutcome::Placed(0)
-    );
+    assert_eq!(place(store, deployment.id, deployment.generation, &[again]).await.placed, 0);
     // A stale generation writes nothing.
+    let stale = NewReplica { id: ReplicaId::new(), replica_index: 1, ..replica.clone() };
     assert_eq!(
-        store.commit_placement(deployment.id, deployment.generation + 1, &[], None).await.unwrap(),
-        PlacementOutcome::Stale
+        place(store, deployment.id, deployment.generation + 1, &[stale]).await,
+        CommitReport { placed: 0, stale: vec![deployment.id] }
     );
     assert!(store.deployments_to_place(100).await.unwrap().is_empty());
 
@@ -184,8 +197,9 @@ async fn a_deleted_deployment_on_a_silent_node_is_finalized_without_its_agent() 
         node_id: node.clone(),
         address: "127.0.0.1".into(),
         labels: BTreeMap::new(),
+        reason: "test".into(),
     };
-    store.commit_placement(deployment.id, deployment.generation, &[replica], None).await.unwrap();
+    place(store, deployment.id, deployment.generation, &[replica]).await;
     store.tenant(org).delete_deployment(deployment.id).await.unwrap();
 
     // The node is still heard from: its agent must remove the replica first.

@@ -1,10 +1,12 @@
 //! The deployment spec: what a user asks Flotilla to run.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::health::{HealthCheck, NetworkMode, RestartPolicy};
+use crate::placement::{Constraints, PlacementStrategy};
 use crate::validate::{self, FieldError, Hostname, ImageReference};
 
 /// Docker refuses memory limits under 6 MiB.
@@ -73,6 +75,9 @@ pub struct DeploymentSpecInput {
     pub health_check: Option<HealthCheck>,
     pub restart_policy: Option<RestartPolicy>,
     pub network_mode: Option<NetworkMode>,
+    /// Empty: the cluster's default strategy.
+    pub placement_strategy: String,
+    pub placement_constraints: BTreeMap<String, String>,
 }
 
 /// A validated deployment spec. Only [`DeploymentSpec::validate`] makes one.
@@ -88,6 +93,15 @@ pub struct DeploymentSpec {
     pub health_check: HealthCheck,
     pub restart_policy: RestartPolicy,
     pub network_mode: NetworkMode,
+    pub placement: Placement,
+}
+
+/// Where a deployment's replicas may run and how their nodes are chosen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// `None`: the cluster's default.
+    pub strategy: Option<PlacementStrategy>,
+    pub constraints: Constraints,
 }
 
 impl DeploymentSpec {
@@ -151,6 +165,11 @@ impl DeploymentSpec {
         {
             return Err(FieldError::new("restart_policy.max_retries", "must be at most 1000"));
         }
+        let strategy = match input.placement_strategy.trim() {
+            "" => None,
+            s => Some(PlacementStrategy::parse("placement.strategy", s)?),
+        };
+        let constraints = Constraints::parse("placement.constraints", &input.placement_constraints)?;
         Ok(Self {
             name: input.name,
             image,
@@ -162,6 +181,7 @@ impl DeploymentSpec {
             health_check,
             restart_policy,
             network_mode: input.network_mode.unwrap_or_default(),
+            placement: Placement { strategy, constraints },
         })
     }
 
@@ -178,13 +198,17 @@ impl DeploymentSpec {
             health_check: Some(self.health_check.clone()),
             restart_policy: Some(self.restart_policy),
             network_mode: Some(self.network_mode),
+            placement_strategy: self.placement.strategy.map(|s| s.as_str().to_owned()).unwrap_or_default(),
+            placement_constraints: self.placement.constraints.as_map().clone(),
         }
     }
 
-    /// Whether `other` needs new containers: anything but the replica count.
+    /// Whether `other` needs new containers: anything but the replica count
+    /// and the placement (which applies to replicas placed from then on).
     pub fn needs_new_containers(&self, other: &Self) -> bool {
         let mut same_count = other.clone();
         same_count.replicas = self.replicas;
+        same_count.placement = self.placement.clone();
         *self != same_count
     }
 
@@ -209,6 +233,32 @@ mod tests {
 
     fn field_of(input: DeploymentSpecInput) -> String {
         DeploymentSpec::validate(input).unwrap_err().field
+    }
+
+    #[test]
+    fn placement_is_validated_and_does_not_need_new_containers() {
+        let constraints = BTreeMap::from([("region".to_owned(), "eu".to_owned())]);
+        let spec = DeploymentSpec::validate(DeploymentSpecInput {
+            placement_strategy: "binpack".into(),
+            placement_constraints: constraints.clone(),
+            ..input()
+        })
+        .unwrap();
+        assert_eq!(spec.placement.strategy, Some(PlacementStrategy::Binpack));
+        assert_eq!(spec.placement.constraints.as_map(), &constraints);
+        assert_eq!(DeploymentSpec::validate(spec.to_input()).unwrap(), spec);
+        let plain = DeploymentSpec::validate(input()).unwrap();
+        assert_eq!(plain.placement, Placement::default());
+        assert!(!plain.needs_new_containers(&spec));
+        assert_eq!(
+            field_of(DeploymentSpecInput { placement_strategy: "fast".into(), ..input() }),
+            "placement.strategy"
+        );
+        let hostile = BTreeMap::from([("region".to_owned(), "eu`) || Host(`x".to_owned())]);
+        assert_eq!(
+            field_of(DeploymentSpecInput { placement_constraints: hostile, ..input() }),
+            "placement.constraints.region"
+        );
     }
 
     #[test]

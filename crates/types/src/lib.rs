@@ -9,12 +9,14 @@ pub mod health;
 pub mod ids;
 pub mod labels;
 pub mod metrics;
+pub mod placement;
 pub mod routing;
 pub mod status;
 pub mod validate;
 
-pub use deployment::{DeploymentSpec, DeploymentSpecInput, EnvVar, ResourceLimits};
+pub use deployment::{DeploymentSpec, DeploymentSpecInput, EnvVar, Placement, ResourceLimits};
 pub use health::{HealthCheck, HealthCheckKind, NetworkMode, RestartPolicy};
 pub use ids::{DeploymentId, NodeId, OrganizationId, ProjectId, ReplicaId};
+pub use placement::{Constraints, PlacementStrategy};
 pub use status::{DeploymentStatus, DesiredState, ReplicaState};
 pub use validate::{FieldError, Hostname, ImageReference};

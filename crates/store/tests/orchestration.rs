@@ -1,0 +1,261 @@
+//! The orchestrator's store operations against a real PostgreSQL: the
+//! leader lease and its fencing, the node health watch, drains and the route
+//! table.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flotilla_store::placement::{Lease, NewReplica, PlacementPlan, RouteRecord};
+use flotilla_store::replicas::ReplicaObservation;
+use flotilla_store::tenant::ensure_organization;
+use flotilla_store::{NodeHeartbeat, Store, StoreError};
+use flotilla_test_utils::TestDb;
+use flotilla_types::routing::{PathPrefix, Route};
+use flotilla_types::status::Health;
+use flotilla_types::{
+    DeploymentId, DeploymentSpec, DeploymentSpecInput, Hostname, NodeId, OrganizationId, ReplicaId, ReplicaState,
+};
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn heartbeat(node: &str) -> NodeHeartbeat {
+    NodeHeartbeat {
+        node_id: NodeId::parse(node).unwrap(),
+        hostname: node.into(),
+        address: format!("10.0.0.{}", node.len()),
+        role: "worker".into(),
+        labels: BTreeMap::new(),
+        total_cpu_millis: 2000,
+        total_memory_bytes: 1 << 30,
+        used_cpu_millis: 0,
+        used_memory_bytes: 0,
+        max_deployments: 10,
+        agent_version: "test".into(),
+    }
+}
+
+async fn deployment(store: &Store, org: OrganizationId, name: &str, domain: &str) -> (DeploymentId, i64) {
+    let spec = DeploymentSpec::validate(DeploymentSpecInput {
+        name: name.into(),
+        image: "flotilla/demo-http:latest".into(),
+        port: 8080,
+        domain: domain.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let d = store.tenant(org).create_deployment(None, &spec).await.unwrap();
+    (d.id, d.generation)
+}
+
+fn replica(node: &str, index: i32) -> NewReplica {
+    NewReplica {
+        id: ReplicaId::new(),
+        replica_index: index,
+        node_id: NodeId::parse(node).unwrap(),
+        address: format!("10.0.0.{}", node.len()),
+        labels: BTreeMap::new(),
+        reason: format!("test: {node}"),
+    }
+}
+
+fn plan(deployment: DeploymentId, generation: i64, replicas: Vec<NewReplica>, domain: &str) -> PlacementPlan {
+    let route = (!domain.is_empty()).then(|| RouteRecord {
+        route: Route {
+            deployment_id: deployment,
+            domain: Hostname::parse("domain", domain).unwrap(),
+            path_prefix: PathPrefix::root(),
+            target_port: 8080,
+        },
+        tls_enabled: false,
+        cert_resolver: None,
+    });
+    PlacementPlan { deployment_id: deployment, generation, replicas, route, unplaced: None }
+}
+
+async fn running(store: &Store, node: &str, id: ReplicaId, port: u16) {
+    let seen = ReplicaObservation {
+        id,
+        status: ReplicaState::Running,
+        health: Health::None,
+        container_id: Some(format!("c-{id}")),
+        container_name: None,
+        port: Some(port),
+        generation: None,
+        message: None,
+        started_at: None,
+    };
+    assert!(store.record_replica(&NodeId::parse(node).unwrap(), &seen).await.unwrap());
+}
+
+/// The route table's servers for `domain`, as "address:port".
+async fn servers(store: &Store, domain: &str) -> Vec<String> {
+    let table = store.route_table().await.unwrap();
+    table
+        .iter()
+        .filter(|r| r.domain == domain)
+        .flat_map(|r| r.servers.iter().zip(&r.ports).map(|(a, p)| format!("{a}:{p}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn one_leader_at_a_time_and_a_deposed_leader_writes_nothing() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let a = store.acquire_lease("a", TTL).await.unwrap().expect("a leads");
+    assert_eq!(store.acquire_lease("b", TTL).await.unwrap(), None, "b must wait");
+    let renewed = store.acquire_lease("a", TTL).await.unwrap().unwrap();
+    assert_eq!(renewed.term, a.term, "renewing keeps the term");
+    assert_eq!(store.current_leader().await.unwrap(), Some(a.clone()));
+
+    // a stops renewing (paused, cut off): once the lease expires, b takes over.
+    sqlx::query("UPDATE orchestrator_lease SET expires_at = now() - interval '1 second'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let b = store.acquire_lease("b", TTL).await.unwrap().expect("b takes over");
+    assert_eq!(b.term, a.term + 1);
+
+    // a wakes up and tries to place with its old lease: refused, nothing written.
+    store.upsert_heartbeat(&heartbeat("n1")).await.unwrap();
+    let (org, _) = ensure_organization(db.pool(), "o", "O").await.unwrap();
+    let (d, generation) = deployment(store, org, "web", "").await;
+    let err = store.commit_placements(&a, &[plan(d, generation, vec![replica("n1", 0)], "")], None).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotLeader { .. }), "{err}");
+    assert!(matches!(store.watch_node_health(&a, TTL).await, Err(StoreError::NotLeader { .. })));
+    assert_eq!(store.deployments_to_place(10).await.unwrap().len(), 1, "still unplaced");
+    assert_eq!(store.acquire_lease("a", TTL).await.unwrap(), None, "a cannot take it back while b holds it");
+
+    // b places it; releasing hands over at once.
+    assert_eq!(
+        store.commit_placements(&b, &[plan(d, generation, vec![replica("n1", 0)], "")], None).await.unwrap().placed,
+        1
+    );
+    store.release_lease(&b).await.unwrap();
+    let a_again = store.acquire_lease("a", TTL).await.unwrap().expect("free after release");
+    assert!(a_again.term > b.term);
+}
+
+#[tokio::test]
+async fn a_silent_node_goes_down_its_replicas_are_freed_and_it_comes_back() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let lease: Lease = store.acquire_lease("leader", TTL).await.unwrap().unwrap();
+    let (org, _) = ensure_organization(db.pool(), "o", "O").await.unwrap();
+    for node in ["n1", "n22"] {
+        store.upsert_heartbeat(&heartbeat(node)).await.unwrap();
+    }
+    let (d, generation) = deployment(store, org, "web", "web.example.com").await;
+    let first = replica("n1", 0);
+    let second = replica("n22", 1);
+    let spec_replicas: i32 = 2;
+    sqlx::query("UPDATE deployments SET replicas = $1").bind(spec_replicas).execute(db.pool()).await.unwrap();
+    store
+        .commit_placements(&lease, &[plan(d, generation, vec![first.clone(), second.clone()], "web.example.com")], None)
+        .await
+        .unwrap();
+    running(store, "n1", first.id, 30001).await;
+    running(store, "n22", second.id, 30002).await;
+    assert_eq!(servers(store, "web.example.com").await, ["10.0.0.2:30001", "10.0.0.3:30002"]);
+
+    // n1 falls silent past the timeout.
+    sqlx::query("UPDATE node_metadata SET last_heartbeat = now() - interval '20 seconds' WHERE node_id = 'n1'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let changes = store.watch_node_health(&lease, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(changes.down, [NodeId::parse("n1").unwrap()]);
+    assert_eq!(changes.evicted, 1);
+    assert_eq!(servers(store, "web.example.com").await, ["10.0.0.3:30002"], "out of the route table at once");
+    let needs = store.deployments_to_place(10).await.unwrap();
+    assert_eq!(needs.len(), 1);
+    assert_eq!(needs[0].placed, [1], "index 0 is to be placed again");
+    assert_eq!(needs[0].nodes, [NodeId::parse("n22").unwrap()]);
+    let node = store.node(&NodeId::parse("n1").unwrap()).await.unwrap().unwrap();
+    assert_eq!((node.status.as_str(), node.deployment_count), ("down", 0));
+    // Idempotent: a second pass changes nothing.
+    assert_eq!(store.watch_node_health(&lease, Duration::from_secs(15)).await.unwrap(), Default::default());
+
+    // Heard from again: ready, and placeable.
+    store.upsert_heartbeat(&heartbeat("n1")).await.unwrap();
+    let changes = store.watch_node_health(&lease, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(changes.back, [NodeId::parse("n1").unwrap()]);
+    let (snapshot, _) = store.placement_snapshot(Duration::from_secs(15)).await.unwrap();
+    assert!(snapshot.iter().all(|n| n.node.status == "ready" && n.heartbeat_fresh));
+}
+
+#[tokio::test]
+async fn a_drained_replica_keeps_serving_until_its_replacement_does() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let lease = store.acquire_lease("leader", TTL).await.unwrap().unwrap();
+    let (org, _) = ensure_organization(db.pool(), "o", "O").await.unwrap();
+    for node in ["n1", "n22"] {
+        store.upsert_heartbeat(&heartbeat(node)).await.unwrap();
+    }
+    let (d, generation) = deployment(store, org, "web", "web.example.com").await;
+    let old = replica("n1", 0);
+    store.commit_placements(&lease, &[plan(d, generation, vec![old.clone()], "web.example.com")], None).await.unwrap();
+    running(store, "n1", old.id, 30001).await;
+    let delay = Duration::from_secs(3600);
+
+    assert!(store.set_node_availability(&NodeId::parse("n1").unwrap(), "drain", false).await.unwrap());
+    assert!(!store.set_node_availability(&NodeId::parse("nope").unwrap(), "drain", false).await.unwrap());
+    let step = store.advance_drains(&lease, delay).await.unwrap();
+    assert_eq!((step.moving, step.retiring.len()), (1, 0));
+    assert_eq!(servers(store, "web.example.com").await, ["10.0.0.2:30001"], "moving still serves");
+    let needs = store.deployments_to_place(10).await.unwrap();
+    assert_eq!(needs[0].placed, Vec::<i32>::new(), "a replacement is wanted");
+
+    let new = replica("n22", 0);
+    store.commit_placements(&lease, &[plan(d, generation, vec![new.clone()], "web.example.com")], None).await.unwrap();
+    // Not healthy yet: the old one keeps serving.
+    assert!(store.advance_drains(&lease, delay).await.unwrap().retiring.is_empty());
+    running(store, "n22", new.id, 30002).await;
+    assert_eq!(servers(store, "web.example.com").await, ["10.0.0.2:30001", "10.0.0.3:30002"]);
+    let step = store.advance_drains(&lease, delay).await.unwrap();
+    assert_eq!(step.retiring, [NodeId::parse("n1").unwrap()]);
+    assert_eq!(servers(store, "web.example.com").await, ["10.0.0.3:30002"], "retiring is out of routing");
+    let on_n1 = store.node_assignments(&NodeId::parse("n1").unwrap()).await.unwrap();
+    assert!(on_n1[0].replica.retiring && !on_n1[0].replica.retire_due, "stopped only after the delay");
+    assert!(store.nodes_with_due_retirements().await.unwrap().is_empty());
+    sqlx::query("UPDATE deployment_locations SET retire_at = now() WHERE drain_state = 'retiring'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert!(store.node_assignments(&NodeId::parse("n1").unwrap()).await.unwrap()[0].replica.retire_due);
+    assert_eq!(store.nodes_with_due_retirements().await.unwrap(), [NodeId::parse("n1").unwrap()]);
+    assert!(store.deployments_to_place(10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn drain_now_retires_at_once_and_activate_restores_what_has_not_moved() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let lease = store.acquire_lease("leader", TTL).await.unwrap().unwrap();
+    let (org, _) = ensure_organization(db.pool(), "o", "O").await.unwrap();
+    store.upsert_heartbeat(&heartbeat("n1")).await.unwrap();
+    let (a, ga) = deployment(store, org, "a", "a.example.com").await;
+    let (b, gb) = deployment(store, org, "b", "").await;
+    let ra = replica("n1", 0);
+    let rb = replica("n1", 0);
+    store
+        .commit_placements(&lease, &[plan(a, ga, vec![ra.clone()], "a.example.com"), plan(b, gb, vec![rb], "")], None)
+        .await
+        .unwrap();
+    running(store, "n1", ra.id, 30001).await;
+
+    // Graceful drain with nowhere to go: moving, still serving...
+    store.set_node_availability(&NodeId::parse("n1").unwrap(), "drain", false).await.unwrap();
+    assert_eq!(store.advance_drains(&lease, TTL).await.unwrap().moving, 2);
+    // ...and activated again before any replacement: live again.
+    store.set_node_availability(&NodeId::parse("n1").unwrap(), "active", false).await.unwrap();
+    assert_eq!(store.advance_drains(&lease, TTL).await.unwrap().restored, 2);
+    assert!(store.deployments_to_place(10).await.unwrap().is_empty());
+
+    // drain --now: out of routing and due at once.
+    store.set_node_availability(&NodeId::parse("n1").unwrap(), "drain", true).await.unwrap();
+    assert!(servers(store, "a.example.com").await.is_empty());
+    let rows = store.node_assignments(&NodeId::parse("n1").unwrap()).await.unwrap();
+    assert!(rows.iter().all(|r| r.replica.retire_due), "{rows:?}");
+    assert_eq!(store.deployments_to_place(10).await.unwrap().len(), 2, "both need a new node");
+}
