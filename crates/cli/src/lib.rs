@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use connectrpc_axum_client::{ClientError, Code};
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::deployment_service_connect_client::DeploymentServiceClient;
+use flotilla_proto::v1::node_service_connect_client::NodeServiceClient;
 
 #[derive(Debug, Parser)]
 #[command(name = "flo", version, about = "Deploy and manage apps on Flotilla")]
@@ -83,6 +84,9 @@ pub enum Command {
         #[arg(long, value_parser = parse_seconds)]
         step: Option<Duration>,
     },
+    /// The cluster's nodes: list, drain, activate (platform administrators).
+    #[command(subcommand)]
+    Nodes(NodesCommand),
     /// Hourly usage (the basis of billing): of one deployment, or of the
     /// whole organization.
     Usage {
@@ -92,6 +96,22 @@ pub enum Command {
         #[arg(long, value_parser = parse_seconds, default_value = "86400")]
         since: Duration,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// List nodes with their state and load.
+    Ls,
+    /// Move every replica off a node; it takes no new work until activated.
+    Drain {
+        node: String,
+        /// Stop its replicas at once instead of waiting for healthy
+        /// replacements elsewhere.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Let a node take new work again.
+    Activate { node: String },
 }
 
 #[derive(Debug, Args)]
@@ -189,7 +209,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| CliError::Unreachable { api: cli.api.clone(), message: e.to_string() })?;
-    let flo = Flo { client, api: cli.api, format: cli.output };
+    let nodes = NodeServiceClient::builder(cli.api.clone())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| CliError::Unreachable { api: cli.api.clone(), message: e.to_string() })?;
+    let flo = Flo { client, nodes, api: cli.api, format: cli.output };
     match cli.command {
         Command::Deploy(args) => flo.deploy(args).await,
         Command::Ls => flo.list().await,
@@ -201,6 +225,19 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Top { deployment, backfill, count, duration } => flo.top(&deployment, backfill, count, duration).await,
         Command::Metrics { deployment, since, step } => flo.metrics(&deployment, since, step).await,
         Command::Usage { deployment, since } => flo.usage(deployment.as_deref(), since).await,
+        Command::Nodes(NodesCommand::Ls) => flo.list_nodes().await,
+        Command::Nodes(NodesCommand::Drain { node, now }) => {
+            let request = pb::DrainNodeRequest { id: node, now };
+            let reply = flo.nodes.drain_node(&request).await.map_err(|e| flo.err(e))?.into_inner();
+            let what =
+                if now { "its replicas are stopped now" } else { "its replicas move once replacements are healthy" };
+            flo.node_changed(reply.node, &format!("drained: no new work; {what}"))
+        }
+        Command::Nodes(NodesCommand::Activate { node }) => {
+            let request = pb::ActivateNodeRequest { id: node };
+            let reply = flo.nodes.activate_node(&request).await.map_err(|e| flo.err(e))?.into_inner();
+            flo.node_changed(reply.node, "active: takes new work")
+        }
     }
 }
 
@@ -226,6 +263,7 @@ fn timestamp(t: chrono::DateTime<chrono::Utc>) -> pbjson_types::Timestamp {
 
 struct Flo {
     client: DeploymentServiceClient,
+    nodes: NodeServiceClient,
     api: String,
     format: OutputFormat,
 }
@@ -425,6 +463,43 @@ impl Flo {
         Ok(())
     }
 
+    async fn list_nodes(&self) -> Result<(), CliError> {
+        let reply = self.nodes.list_nodes(&pb::ListNodesRequest {}).await.map_err(|e| self.err(e))?.into_inner();
+        if self.format == OutputFormat::Json {
+            return self.json(&reply);
+        }
+        self.say(&format!(
+            "{:<28} {:<8} {:<7} {:<10} {:>11} {:>9} {:>7}  {}",
+            "NODE", "STATUS", "AVAIL", "ROLE", "DEPLOYMENTS", "CPU USED", "MEMORY", "LABELS"
+        ))?;
+        for n in &reply.nodes {
+            let mut labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            let moving = if n.replicas_moving > 0 { format!(" ({} moving)", n.replicas_moving) } else { String::new() };
+            self.say(&format!(
+                "{:<28} {:<8} {:<7} {:<10} {:>11} {:>8}m {:>7}  {}{moving}",
+                n.id,
+                n.status,
+                n.availability,
+                n.role,
+                format!("{}/{}", n.deployment_count, n.max_deployments),
+                n.used_cpu_millis,
+                bytes(n.used_memory_bytes as f64),
+                labels.join(",")
+            ))?;
+        }
+        let leader = if reply.leader.is_empty() { "none" } else { reply.leader.as_str() };
+        self.say(&format!("orchestrator leader: {leader}"))
+    }
+
+    fn node_changed(&self, node: Option<pb::Node>, what: &str) -> Result<(), CliError> {
+        let node = node.unwrap_or_default();
+        if self.format == OutputFormat::Json {
+            return self.json(&node);
+        }
+        self.say(&format!("{}: {what}", node.id))
+    }
+
     fn show(&self, d: &pb::Deployment) -> Result<(), CliError> {
         if self.format == OutputFormat::Json {
             return self.json(d);
@@ -452,6 +527,13 @@ impl Flo {
                 if container.is_empty() { "-" } else { container },
                 r.endpoint
             ))?;
+            if !r.placement_reason.is_empty() {
+                let drain = if r.drain_state.is_empty() { String::new() } else { format!(" [{}]", r.drain_state) };
+                self.say(&format!("       placed: {}{drain}", r.placement_reason))?;
+            }
+        }
+        if !d.placement_message.is_empty() {
+            self.say(&format!("  waiting for a node: {}", d.placement_message))?;
         }
         Ok(())
     }
