@@ -22,33 +22,28 @@ fn assert_valid(validator: &jsonschema::Validator, config: &Value) {
     assert!(errors.is_empty(), "the route table is not valid Traefik configuration: {errors:?}\n{config}");
 }
 
+/// The strings at `field` of every element of `array`, sorted.
+fn sorted_strings(array: &Value, field: &str) -> Vec<String> {
+    let mut strings: Vec<String> = array
+        .as_array()
+        .map(|items| items.iter().filter_map(|v| v[field].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    strings.sort();
+    strings
+}
+
 /// The server URLs of the router for `deployment_id` in the route table.
 fn servers(table: &Value, deployment_id: &str) -> Vec<String> {
     let name = format!("flo-{}", deployment_id.replace('-', ""));
-    let mut urls: Vec<String> = table["http"]["services"][&name]["loadBalancer"]["servers"]
-        .as_array()
-        .map(|s| s.iter().filter_map(|v| v["url"].as_str().map(str::to_owned)).collect())
-        .unwrap_or_default();
-    urls.sort();
-    urls
+    sorted_strings(&table["http"]["services"][&name]["loadBalancer"]["servers"], "url")
 }
 
 fn endpoints(deployment: &Value) -> Vec<String> {
-    let mut urls: Vec<String> = deployment["replicas"]
-        .as_array()
-        .map(|r| r.iter().filter_map(|r| r["endpoint"].as_str().map(str::to_owned)).collect())
-        .unwrap_or_default();
-    urls.sort();
-    urls
+    sorted_strings(&deployment["replicas"], "endpoint")
 }
 
 fn nodes_of(deployment: &Value) -> Vec<String> {
-    let mut nodes: Vec<String> = deployment["replicas"]
-        .as_array()
-        .map(|r| r.iter().filter_map(|r| r["nodeId"].as_str().map(str::to_owned)).collect())
-        .unwrap_or_default();
-    nodes.sort();
-    nodes
+    sorted_strings(&deployment["replicas"], "nodeId")
 }
 
 #[tokio::test]

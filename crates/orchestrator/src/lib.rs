@@ -97,6 +97,8 @@ pub struct RoundReport {
     /// Replicas on drained nodes that began moving / were retired.
     pub drain_moving: usize,
     pub drain_retired: usize,
+    /// Replicas still moving or retiring: the round runs every second.
+    pub drain_in_flight: usize,
     /// Not the leader: nothing was done.
     pub follower: bool,
     /// Why replicas could not be placed, when some could not.
@@ -140,10 +142,6 @@ impl Orchestrator {
         self.lease.borrow().clone()
     }
 
-    pub fn is_leader(&self) -> bool {
-        self.lease.borrow().is_some()
-    }
-
     /// Runs the leader election, and rounds on every wake-up and every
     /// `interval` while leading, until `cancel`. The lease is given up at
     /// shutdown so another replica takes over at once.
@@ -168,8 +166,9 @@ impl Orchestrator {
                     let report = orchestrator.run_round().await;
                     if report.error.is_some() || report.unschedulable > 0 {
                         Next::RetrySoon
-                    } else if report.drain_moving > 0 || orchestrator.drains_under_way() {
-                        // A drain waits on replacements becoming healthy.
+                    } else if report.drain_in_flight > 0 {
+                        // A drain waits on replacements becoming healthy and
+                        // on retired replicas' stop times.
                         Next::After(Duration::from_secs(1))
                     } else {
                         Next::Interval
@@ -178,11 +177,6 @@ impl Orchestrator {
             })
             .instrument(tracing::info_span!("orchestrator")),
         );
-    }
-
-    fn drains_under_way(&self) -> bool {
-        let report = self.last_round.lock().unwrap_or_else(|e| e.into_inner());
-        report.drain_moving > 0 || report.drain_retired > 0
     }
 
     /// Renews (or tries to take) the lease every third of its time to live.
@@ -278,6 +272,7 @@ impl Orchestrator {
         let drains = self.store.advance_drains(lease, self.config.drain_delay).await?;
         report.drain_moving = drains.moving;
         report.drain_retired = drains.retiring.len();
+        report.drain_in_flight = drains.in_flight;
         self.stats.retired.fetch_add(drains.retiring.len() as u64, Ordering::Relaxed);
         if drains.moving > 0 || drains.restored > 0 || !drains.retiring.is_empty() {
             tracing::info!(moving = drains.moving, retiring = ?drains.retiring, restored = drains.restored, "drain step");
@@ -304,9 +299,6 @@ impl Orchestrator {
         // Agents stop retired replicas when woken after their time has come.
         let due = self.store.nodes_with_due_retirements().await?;
         self.wake_nodes(due.iter()).await;
-        if !due.is_empty() {
-            report.drain_retired = report.drain_retired.max(1);
-        }
         self.stats.replicas_placed.fetch_add(report.replicas_placed as u64, Ordering::Relaxed);
         self.stats.unschedulable.fetch_add(report.unschedulable as u64, Ordering::Relaxed);
         self.stats.finalized.fetch_add(report.finalized as u64, Ordering::Relaxed);

@@ -236,18 +236,9 @@ impl Placer {
         &self.nodes[index]
     }
 
-    pub fn position(&self, node: &NodeId) -> Option<usize> {
-        self.nodes.binary_search_by(|n| n.node_id.cmp(node)).ok()
-    }
-
     /// The node round-robin chose last.
     pub fn cursor(&self) -> Option<&NodeId> {
         self.cursor.as_ref()
-    }
-
-    /// Eligible nodes (past the static filters) that still have a free slot.
-    pub fn open_nodes(&self) -> usize {
-        self.by_id.len()
     }
 
     fn index(&mut self, i: usize) {

@@ -187,6 +187,17 @@ pub(crate) const DEPLOYMENT_COLUMNS: &str = "id, organization_id, project_id, na
      memory_limit_bytes, cpu_limit_millis, replicas, desired_state, generation, restart_policy, health_check, \
      network_mode, placement_strategy, placement_constraints, placement_message, created_at, updated_at";
 
+/// A deployment's placement as its columns store it.
+pub(crate) fn stored_placement(
+    strategy: Option<&str>,
+    constraints: &BTreeMap<String, String>,
+) -> Result<Placement, flotilla_types::FieldError> {
+    Ok(Placement {
+        strategy: strategy.map(|s| PlacementStrategy::parse("placement_strategy", s)).transpose()?,
+        constraints: Constraints::parse("placement_constraints", constraints)?,
+    })
+}
+
 fn corrupt(table: &'static str, id: impl std::fmt::Display, detail: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt { table, id: id.to_string(), detail: detail.to_string() }
 }
@@ -205,16 +216,8 @@ impl TryFrom<DeploymentRow> for DeploymentRecord {
         let replicas = u32::try_from(row.replicas).map_err(|e| bad(e.to_string()))?;
         let network_mode =
             NetworkMode::parse(&row.network_mode).ok_or_else(|| bad(format!("network mode {:?}", row.network_mode)))?;
-        let placement = Placement {
-            strategy: row
-                .placement_strategy
-                .as_deref()
-                .map(|s| PlacementStrategy::parse("placement_strategy", s))
-                .transpose()
-                .map_err(|e| bad(e.to_string()))?,
-            constraints: Constraints::parse("placement_constraints", &row.placement_constraints.0)
-                .map_err(|e| bad(e.to_string()))?,
-        };
+        let placement = stored_placement(row.placement_strategy.as_deref(), &row.placement_constraints.0)
+            .map_err(|e| bad(e.to_string()))?;
         Ok(Self {
             id: row.id.into(),
             organization_id: row.organization_id.into(),

@@ -4,14 +4,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla_types::routing::Route;
-use flotilla_types::{
-    Constraints, DeploymentId, Hostname, NodeId, Placement, PlacementStrategy, ReplicaId, ResourceLimits,
-};
+use flotilla_types::{DeploymentId, Hostname, NodeId, Placement, ReplicaId, ResourceLimits};
 use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::error::unique_violation;
-use crate::models::{NODE_COLUMNS, NodeRow};
+use crate::models::{NODE_COLUMNS, NodeRow, stored_placement};
 use crate::{NodeRecord, Store, StoreError};
 
 /// A running deployment with fewer live replicas than it wants.
@@ -121,6 +119,9 @@ pub struct DrainProgress {
     /// Moving replicas back to live because their node was activated
     /// before a replacement was placed.
     pub restored: usize,
+    /// Replicas still moving or retiring after this step: the drain is
+    /// under way and needs watching.
+    pub in_flight: usize,
 }
 
 #[derive(sqlx::FromRow)]
@@ -142,13 +143,7 @@ struct NeedRow {
 impl NeedRow {
     fn into_need(self) -> Result<PlacementNeed, StoreError> {
         let bad = |detail: String| StoreError::Corrupt { table: "deployments", id: self.id.to_string(), detail };
-        let strategy = self
-            .placement_strategy
-            .as_deref()
-            .map(|s| PlacementStrategy::parse("placement_strategy", s))
-            .transpose()
-            .map_err(|e| bad(e.to_string()))?;
-        let constraints = Constraints::parse("placement_constraints", &self.placement_constraints.0)
+        let placement = stored_placement(self.placement_strategy.as_deref(), &self.placement_constraints.0)
             .map_err(|e| bad(e.to_string()))?;
         Ok(PlacementNeed {
             deployment_id: self.id.into(),
@@ -161,7 +156,7 @@ impl NeedRow {
             container_port: u16::try_from(self.container_port).map_err(|e| bad(e.to_string()))?,
             limits: ResourceLimits { memory_bytes: self.memory_limit_bytes, cpu_millis: self.cpu_limit_millis },
             replicas: u32::try_from(self.replicas).map_err(|e| bad(e.to_string()))?,
-            placement: Placement { strategy, constraints },
+            placement,
             nodes: self.nodes.iter().filter_map(|n| NodeId::parse(n).ok()).collect(),
             name: self.name,
             generation: self.generation,
@@ -633,11 +628,16 @@ impl Store {
         .fetch_all(&mut *tx)
         .await
         .map_err(StoreError::db(op))?;
+        let in_flight: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM deployment_locations WHERE drain_state IS NOT NULL")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(StoreError::db(op))?;
         tx.commit().await.map_err(StoreError::db(op))?;
         let mut retiring: Vec<NodeId> = retiring.iter().filter_map(|n| NodeId::parse(n).ok()).collect();
         retiring.sort();
         retiring.dedup();
-        Ok(DrainProgress { moving, retiring, restored })
+        Ok(DrainProgress { moving, retiring, restored, in_flight: in_flight as usize })
     }
 
     /// Nodes with replicas whose stop time has come: their agents are woken.

@@ -201,7 +201,7 @@ async fn a_drained_replica_keeps_serving_until_its_replacement_does() {
     assert!(store.set_node_availability(&NodeId::parse("n1").unwrap(), "drain", false).await.unwrap());
     assert!(!store.set_node_availability(&NodeId::parse("nope").unwrap(), "drain", false).await.unwrap());
     let step = store.advance_drains(&lease, delay).await.unwrap();
-    assert_eq!((step.moving, step.retiring.len()), (1, 0));
+    assert_eq!((step.moving, step.retiring.len(), step.in_flight), (1, 0, 1));
     assert_eq!(servers(store, "web.example.com").await, ["10.0.0.2:30001"], "moving still serves");
     let needs = store.deployments_to_place(10).await.unwrap();
     assert_eq!(needs[0].placed, Vec::<i32>::new(), "a replacement is wanted");
@@ -214,6 +214,7 @@ async fn a_drained_replica_keeps_serving_until_its_replacement_does() {
     assert_eq!(servers(store, "web.example.com").await, ["10.0.0.2:30001", "10.0.0.3:30002"]);
     let step = store.advance_drains(&lease, delay).await.unwrap();
     assert_eq!(step.retiring, [NodeId::parse("n1").unwrap()]);
+    assert_eq!(step.in_flight, 1, "retiring until its agent removes it");
     assert_eq!(servers(store, "web.example.com").await, ["10.0.0.3:30002"], "retiring is out of routing");
     let on_n1 = store.node_assignments(&NodeId::parse("n1").unwrap()).await.unwrap();
     assert!(on_n1[0].replica.retiring && !on_n1[0].replica.retire_due, "stopped only after the delay");
