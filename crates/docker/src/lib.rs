@@ -26,7 +26,7 @@ pub use error::DockerError;
 pub use model::{
     CommandHealthcheck, ContainerSpec, ContainerStatus, DockerConfig, EngineInfo, ManagedContainer, RunState,
 };
-pub use stats::{ContainerRuntime, counters as stats_counters};
+pub use stats::{ContainerRuntime, StatsReading, counters as stats_counters};
 pub use streams::{ContainerEvent, EventStream, LogLine, LogOptions, LogSource, LogStream};
 
 use model::{exit_code_from_status, health_from_status};

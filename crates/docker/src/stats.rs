@@ -50,11 +50,11 @@ impl DockerClient {
 
     /// One reading of a container's counters through the stats API
     /// (`stream=false`, `one-shot=true`: no waiting for a second reading).
-    pub async fn one_shot_stats(&self, id: &str) -> Result<RawCounters, DockerError> {
+    pub async fn one_shot_stats(&self, id: &str) -> Result<StatsReading, DockerError> {
         let options = StatsOptionsBuilder::default().stream(false).one_shot(true).build();
         let mut stream = self.docker.stats(id, Some(options));
         match stream.next().await {
-            Some(Ok(stats)) => Ok(counters(&stats)),
+            Some(Ok(stats)) => Ok(StatsReading { counters: counters(&stats), read: stats.read.clone() }),
             Some(Err(e)) => Err(DockerError::from_bollard("reading container stats", id)(e)),
             None => Err(DockerError::NotFound {
                 operation: "reading container stats",
@@ -63,6 +63,16 @@ impl DockerClient {
             }),
         }
     }
+}
+
+/// One answer of the stats API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatsReading {
+    pub counters: RawCounters,
+    /// When the engine read the counters (RFC 3339). The engine may hold a
+    /// call back for up to a second, so this, not the time of the call, is
+    /// when the counters were true.
+    pub read: Option<String>,
 }
 
 /// The engine's statistics as cumulative counters, the way the cgroup path

@@ -416,7 +416,10 @@ impl MetricsPipeline {
                 host_cores: self.host_cores,
             };
             let (key, incarnation) = (known.key.clone(), known.incarnation.clone());
-            if let Some(sample) = state.tracker.observe(&key, &incarnation, reading.counters, limits, now_ms) {
+            // A read time far from the round's (a zero date, a skewed
+            // clock) is not believed.
+            let read_at_ms = reading.read_at_ms.filter(|at| (now_ms - at).abs() <= 10_000).unwrap_or(now_ms);
+            if let Some(sample) = state.tracker.observe(&key, &incarnation, reading.counters, limits, read_at_ms) {
                 samples.push(Arc::new(sample));
             }
         }

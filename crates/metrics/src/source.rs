@@ -38,6 +38,10 @@ pub struct Reading {
     /// Set when the source learned the container's runtime afresh (the
     /// Docker path inspects each round): a new `started_at` is a restart.
     pub runtime: Option<ContainerRuntime>,
+    /// When the counters were read, in ms since the Unix epoch, when the
+    /// source knows better than the round's time (the engine's `read`
+    /// time: it may answer a call up to a second late).
+    pub read_at_ms: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +99,7 @@ impl CgroupSource {
             Err(source) => return Err(ReadError::Files { container_id: target.container_id.clone(), source }),
         }
         match reader.read_files(files, target.runtime.pid) {
-            Ok(counters) => Ok(Reading { counters, runtime: None }),
+            Ok(counters) => Ok(Reading { counters, runtime: None, read_at_ms: None }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(gone()),
             Err(source) => Err(ReadError::Files { container_id: target.container_id.clone(), source }),
         }
@@ -149,11 +153,16 @@ impl DockerSource {
             .await
             .map_err(|_| ReadError::Timeout { container_id: id.to_owned(), timeout: self.timeout })?;
         let Some(runtime) = runtime? else { return Err(ReadError::Gone { container_id: id.to_owned() }) };
-        let counters = stats.map_err(|e| match e {
+        let stats = stats.map_err(|e| match e {
             DockerError::NotFound { .. } => ReadError::Gone { container_id: id.to_owned() },
             other => ReadError::Engine(other),
         })?;
-        Ok(Reading { counters, runtime: Some(runtime) })
+        let read_at_ms = stats
+            .read
+            .as_deref()
+            .and_then(|read| chrono::DateTime::parse_from_rfc3339(read).ok())
+            .map(|read| read.timestamp_millis());
+        Ok(Reading { counters: stats.counters, runtime: Some(runtime), read_at_ms })
     }
 }
 
