@@ -127,6 +127,11 @@ pub struct MetricsArgs {
     #[arg(long, env = "FLOTILLA_METRICS_MAX_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub metrics_max_interval: Duration,
 
+    /// On the cgroup path the engine is asked for the container list when a
+    /// container starts (its events say so) and at least this often.
+    #[arg(long, env = "FLOTILLA_METRICS_FULL_LIST_EVERY", default_value = "2m", value_parser = parse_duration)]
+    pub metrics_full_list_every: Duration,
+
     /// Where counters are read: `auto` (cgroup files when visible, else
     /// Docker), `cgroup` or `docker`.
     #[arg(long, env = "FLOTILLA_METRICS_SOURCE", default_value = "auto")]
@@ -338,6 +343,7 @@ impl DaemonConfig {
         (!m.no_metrics).then(|| MetricsConfig {
             interval: m.metrics_interval,
             max_interval: m.metrics_max_interval,
+            full_list_every: m.metrics_full_list_every,
             source: m.metrics_source,
             cgroup_root: m.metrics_cgroup_root.clone(),
             proc_root: m.metrics_proc_root.clone(),

@@ -77,6 +77,10 @@ pub struct MetricsConfig {
     pub docker_parallelism: usize,
     /// Longest a single Docker call may take.
     pub docker_timeout: Duration,
+    /// On the cgroup path the container list is asked of the engine only
+    /// when a container starts (from the events stream), when that stream
+    /// broke, and at least this often; other rounds cost the engine nothing.
+    pub full_list_every: Duration,
     pub breaker: BreakerConfig,
     /// How much history the live cache keeps per container.
     pub cache_window: Duration,
@@ -103,6 +107,7 @@ impl Default for MetricsConfig {
             proc_root: PathBuf::from("/proc"),
             docker_parallelism: 8,
             docker_timeout: Duration::from_secs(10),
+            full_list_every: Duration::from_secs(120),
             breaker: BreakerConfig::default(),
             cache_window: Duration::from_secs(300),
             subscriber_queue: 256,

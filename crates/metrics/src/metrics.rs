@@ -15,6 +15,8 @@ pub const CONTAINERS: &str = "flotilla_metrics_containers";
 pub const CONTAINERS_PROCESSED_TOTAL: &str = "flotilla_metrics_containers_processed_total";
 pub const CONTAINERS_FAILED_TOTAL: &str = "flotilla_metrics_containers_failed_total";
 pub const READS_TOTAL: &str = "flotilla_metrics_reads_total";
+pub const CONTAINER_LISTS_TOTAL: &str = "flotilla_metrics_container_lists_total";
+pub const CONTAINER_LISTS_SKIPPED_TOTAL: &str = "flotilla_metrics_container_lists_skipped_total";
 pub const SAMPLES_TOTAL: &str = "flotilla_metrics_samples_total";
 pub const MINUTES_TOTAL: &str = "flotilla_metrics_minute_aggregates_total";
 pub const ROUND_DURATION_SECONDS: &str = "flotilla_metrics_round_duration_seconds";
@@ -71,6 +73,16 @@ pub fn collector(pipeline: &Arc<MetricsPipeline>) -> FnCollector {
         }
     };
     FnCollector::new(vec![
+        MetricSpec::counter(
+            CONTAINER_LISTS_TOTAL,
+            "Rounds that asked the engine for the container list.",
+            read(|s| s.container_lists_total as f64),
+        ),
+        MetricSpec::counter(
+            CONTAINER_LISTS_SKIPPED_TOTAL,
+            "Rounds on the cgroup path that skipped the container list: no container had started since.",
+            read(|s| s.container_lists_skipped_total as f64),
+        ),
         MetricSpec::counter(
             COLLECTIONS_TOTAL,
             "Collection rounds that read counters.",

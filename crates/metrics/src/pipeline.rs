@@ -3,7 +3,7 @@
 //! database from bounded buffers.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,8 @@ pub struct RoundReport {
     pub duration: Duration,
     /// Whether the container list came from the engine this round.
     pub listed: bool,
+    /// The list was not needed: no container started since the last one.
+    pub list_skipped: bool,
     pub error: Option<String>,
 }
 
@@ -82,6 +84,22 @@ struct RoundState {
     known: HashMap<String, Known>,
     tracker: DeltaTracker,
     aggregator: MinuteAggregator,
+    listed_at: Option<Instant>,
+}
+
+/// What the events stream tells the collector: whether the container set
+/// may have grown since the last list.
+#[derive(Debug)]
+struct ListSignal {
+    /// A container started, the stream broke, or nothing was listed yet.
+    wanted: AtomicBool,
+    /// The stream is followed; without it every round lists.
+    following: AtomicBool,
+    /// Unix nanoseconds of the last event seen: a new subscription starts
+    /// there, so nothing between two is missed.
+    since_nanos: AtomicI64,
+    lists: AtomicU64,
+    lists_skipped: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +140,11 @@ pub struct PipelineSnapshot {
     pub containers_failed_total: u64,
     pub cgroup_reads_total: u64,
     pub docker_reads_total: u64,
+    /// Rounds that asked the engine for the container list, and rounds that
+    /// did not need to (no container started since).
+    pub container_lists_total: u64,
+    pub container_lists_skipped_total: u64,
+    pub following_events: bool,
     pub samples_total: u64,
     pub minutes_total: u64,
     pub last_round_ms: f64,
@@ -160,6 +183,7 @@ pub struct MetricsPipeline {
     breaker: Mutex<CircuitBreaker>,
     counters: Counters,
     recent_rounds: Mutex<VecDeque<Instant>>,
+    list_signal: ListSignal,
     started: Instant,
     telemetry: Telemetry,
 }
@@ -217,6 +241,13 @@ impl MetricsPipeline {
             feed_queue: OnceLock::new(),
             state: tokio::sync::Mutex::new(RoundState::default()),
             recent_rounds: Mutex::new(VecDeque::new()),
+            list_signal: ListSignal {
+                wanted: AtomicBool::new(true),
+                following: AtomicBool::new(false),
+                since_nanos: AtomicI64::new(Utc::now().timestamp_nanos_opt().unwrap_or_default()),
+                lists: AtomicU64::new(0),
+                lists_skipped: AtomicU64::new(0),
+            },
             started: Instant::now(),
             telemetry: telemetry.clone(),
         });
@@ -277,11 +308,65 @@ impl MetricsPipeline {
                 }
             }
         });
+        if self.cgroup.is_some() {
+            tracker.spawn(self.clone().follow_events(cancel.clone()));
+        }
         let collector = self.clone();
         tracker.spawn(async move {
             collector.run(cancel).await;
             writer_cancel.cancel();
         });
+    }
+
+    /// Follows the node's container events until `cancel` so that rounds on
+    /// the cgroup path list containers only when one started. Public for
+    /// benchmarks; [`Self::spawn`] starts it.
+    pub async fn follow_events(self: Arc<Self>, cancel: CancellationToken) {
+        let signal = &self.list_signal;
+        let mut delays = flotilla_runtime::retry::delays(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let since = signal.since_nanos.load(Ordering::Relaxed);
+            let mut stream = self.docker.container_events(&self.node_id, Some(since));
+            signal.following.store(true, Ordering::SeqCst);
+            let ended = loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    item = stream.next() => match item {
+                        Some(Ok(event)) => {
+                            signal.since_nanos.fetch_max(event.time_nanos, Ordering::Relaxed);
+                            // Health-check execs and the like say nothing new about the set;
+                            // stops and restarts are seen by the reads themselves.
+                            if event.action == "start" {
+                                signal.wanted.store(true, Ordering::SeqCst);
+                            }
+                        }
+                        Some(Err(error)) => break error.to_string(),
+                        None => break "the engine closed the stream".to_owned(),
+                    }
+                }
+            };
+            signal.following.store(false, Ordering::SeqCst);
+            signal.wanted.store(true, Ordering::SeqCst);
+            let delay = delays.next().unwrap_or(Duration::from_secs(5));
+            tracing::debug!(error = %ended, retry_in = ?delay, "metrics: container events stream broke; listing every round until it is back");
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Whether this round must ask the engine for the container list.
+    fn list_needed(&self, state: &RoundState) -> bool {
+        let signal = &self.list_signal;
+        // Cleared before the list, so a start seen during it sets it again.
+        let wanted = signal.wanted.swap(false, Ordering::SeqCst);
+        // While the breaker is not closed the list is also its probe.
+        self.cgroup.is_none()
+            || wanted
+            || self.breaker_snapshot().state != BreakerState::Closed
+            || !signal.following.load(Ordering::SeqCst)
+            || state.listed_at.is_none_or(|at| at.elapsed() >= self.config.full_list_every)
     }
 
     /// Collects every interval until `cancel`, then closes the open minutes.
@@ -354,8 +439,12 @@ impl MetricsPipeline {
         let mut state = self.state.lock().await;
         let mut error = None;
 
-        // Which containers run: from the engine unless the breaker is open.
-        let listed = if self.allow_docker() {
+        // Which containers run: from the engine unless the breaker is open
+        // or nothing started since the last list.
+        let list_skipped = !self.list_needed(&state);
+        let listed = if list_skipped {
+            None
+        } else if self.allow_docker() {
             match tokio::time::timeout(self.config.docker_timeout, self.docker.list_managed(&self.node_id)).await {
                 Ok(Ok(containers)) => {
                     self.docker_result(true);
@@ -377,8 +466,17 @@ impl MetricsPipeline {
             None
         };
         let was_listed = listed.is_some();
+        if list_skipped {
+            self.list_signal.lists_skipped.fetch_add(1, Ordering::Relaxed);
+        } else if was_listed {
+            self.list_signal.lists.fetch_add(1, Ordering::Relaxed);
+            state.listed_at = Some(Instant::now());
+        } else {
+            self.list_signal.wanted.store(true, Ordering::SeqCst);
+        }
         match listed {
             Some(containers) => self.refresh_known(&mut state, containers).await,
+            None if list_skipped => {}
             // Without the engine only the cgroup path can go on, with the
             // containers it already knows.
             None if self.cgroup.is_none() => {
@@ -395,6 +493,7 @@ impl MetricsPipeline {
                     minutes: 0,
                     duration: started.elapsed(),
                     listed: false,
+                    list_skipped,
                     error,
                 });
             }
@@ -427,8 +526,11 @@ impl MetricsPipeline {
         tracker.retain(|id| known.contains_key(id));
 
         let minutes = self.hand_on(&mut state, &samples, now_ms);
-        let outcome =
-            if processed > 0 || (failures == 0 && was_listed) { RoundOutcome::Collected } else { RoundOutcome::Failed };
+        let outcome = if processed > 0 || (failures == 0 && (was_listed || list_skipped)) {
+            RoundOutcome::Collected
+        } else {
+            RoundOutcome::Failed
+        };
         if outcome == RoundOutcome::Failed && error.is_none() {
             error = Some(format!("none of {failures} containers could be read"));
         }
@@ -440,6 +542,7 @@ impl MetricsPipeline {
             minutes,
             duration: started.elapsed(),
             listed: was_listed,
+            list_skipped,
             error,
         })
     }
@@ -508,10 +611,19 @@ impl MetricsPipeline {
     fn known(&self, key: SampleKey, runtime: ContainerRuntime) -> Known {
         let (files, process_start) = match &self.cgroup {
             Some(cgroup) => {
-                match (cgroup.reader.resolve(&key.container_id), cgroup.reader.process_start_time(runtime.pid)) {
-                    (Ok(files), Ok(start)) => (Some(Arc::new(files)), start),
-                    (files, start) => {
-                        tracing::debug!(container.id = %key.container_id, files = ?files.err(), start = ?start.err(), "no cgroup files: reading through Docker");
+                let opened = cgroup.reader.resolve(&key.container_id, runtime.pid).and_then(|files| {
+                    let start = files.process_start()?;
+                    Ok((files, start))
+                });
+                match opened {
+                    Ok((files, start)) => (Some(Arc::new(files)), start),
+                    Err(error) => {
+                        // Out of descriptors is worth an operator's eye (raise the agent's nofile limit).
+                        if error.raw_os_error() == Some(24) {
+                            tracing::warn!(container.id = %key.container_id, %error, "cannot open cgroup files: reading through Docker");
+                        } else {
+                            tracing::debug!(container.id = %key.container_id, %error, "no cgroup files: reading through Docker");
+                        }
                         (None, 0)
                     }
                 }
@@ -678,6 +790,9 @@ impl MetricsPipeline {
             containers_failed_total: c.containers_failed.load(Ordering::Relaxed),
             cgroup_reads_total: c.cgroup_reads.load(Ordering::Relaxed),
             docker_reads_total: c.docker_reads.load(Ordering::Relaxed),
+            container_lists_total: self.list_signal.lists.load(Ordering::Relaxed),
+            container_lists_skipped_total: self.list_signal.lists_skipped.load(Ordering::Relaxed),
+            following_events: self.list_signal.following.load(Ordering::Relaxed),
             samples_total: c.samples.load(Ordering::Relaxed),
             minutes_total: c.minutes.load(Ordering::Relaxed),
             last_round_ms: c.last_round_micros.load(Ordering::Relaxed) as f64 / 1000.0,
@@ -787,6 +902,7 @@ mod tests {
             minutes: 0,
             duration: Duration::from_millis(duration_ms),
             listed: true,
+            list_skipped: false,
             error: None,
         }
     }

@@ -11,7 +11,7 @@ use flotilla_types::metrics::RawCounters;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
-use crate::cgroup::{CgroupReader, ContainerFiles};
+use crate::cgroup::{self, CgroupReader, ContainerFiles};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -88,19 +88,19 @@ pub struct CgroupSource {
 }
 
 impl CgroupSource {
-    fn read_one(reader: &CgroupReader, target: &Target) -> Result<Reading, ReadError> {
+    fn read_one(target: &Target) -> Result<Reading, ReadError> {
         let gone = || ReadError::Gone { container_id: target.container_id.clone() };
         let Some(files) = &target.files else { return Err(gone()) };
         // A different start time means the pid now belongs to another process.
-        match reader.process_start_time(target.runtime.pid) {
+        match files.process_start() {
             Ok(start) if start == target.process_start => {}
             Ok(_) => return Err(gone()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(gone()),
+            Err(e) if cgroup::is_gone(&e) => return Err(gone()),
             Err(source) => return Err(ReadError::Files { container_id: target.container_id.clone(), source }),
         }
-        match reader.read_files(files, target.runtime.pid) {
+        match files.read() {
             Ok(counters) => Ok(Reading { counters, runtime: None, read_at_ms: None }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(gone()),
+            Err(e) if cgroup::is_gone(&e) => Err(gone()),
             Err(source) => Err(ReadError::Files { container_id: target.container_id.clone(), source }),
         }
     }
@@ -113,11 +113,8 @@ impl StatsSource for CgroupSource {
 
     fn read<'a>(&'a self, targets: &'a [Target]) -> BoxFuture<'a, Vec<Result<Reading, ReadError>>> {
         Box::pin(async move {
-            let reader = self.reader.clone();
             let owned = targets.to_vec();
-            let read = tokio::task::spawn_blocking(move || {
-                owned.iter().map(|t| Self::read_one(&reader, t)).collect::<Vec<_>>()
-            });
+            let read = tokio::task::spawn_blocking(move || owned.iter().map(Self::read_one).collect::<Vec<_>>());
             match read.await {
                 Ok(results) => results,
                 // Only a panic in the reader gets here; report every target failed.
