@@ -9,6 +9,7 @@
 #![allow(clippy::print_stdout)]
 
 mod metrics;
+mod placement;
 mod stats;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -95,6 +96,34 @@ enum Bench {
         #[arg(long, default_value_t = 30)]
         rounds: usize,
     },
+    /// Placement decisions over simulated clusters, beside a sort-all and a
+    /// single-scan baseline.
+    PlacementDecisions {
+        /// Cluster sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1_000, 10_000, 100_000])]
+        nodes: Vec<usize>,
+        #[arg(long, default_value_t = 200_000)]
+        decisions: usize,
+        /// Time given to each baseline run, in seconds.
+        #[arg(long, default_value_t = 2.0)]
+        baseline_seconds: f64,
+    },
+    /// Replicas placed per second with the database commit, beside one
+    /// deployment per round.
+    PlacementCommit {
+        #[arg(long, default_value_t = 5_000)]
+        deployments: usize,
+        #[arg(long, default_value_t = 2)]
+        replicas: i32,
+        #[arg(long, default_value_t = 20)]
+        nodes: usize,
+        /// Deployments per round.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+        /// Deployments placed by the one-per-round baseline.
+        #[arg(long, default_value_t = 500)]
+        baseline: usize,
+    },
     /// Rows per second into PostgreSQL: the writer beside one INSERT per row.
     MetricsIngest {
         #[arg(long, default_value_t = 500_000)]
@@ -126,6 +155,12 @@ async fn main() -> anyhow::Result<()> {
         Bench::MetricsSources { containers, rounds } => metrics::sources(containers, rounds).await,
         Bench::MetricsFanout { containers, subscribers, rounds } => {
             metrics::fanout(containers, subscribers, rounds).await
+        }
+        Bench::PlacementDecisions { nodes, decisions, baseline_seconds } => {
+            placement::decisions(&nodes, decisions, Duration::from_secs_f64(baseline_seconds))
+        }
+        Bench::PlacementCommit { deployments, replicas, nodes, batch, baseline } => {
+            placement::commit(deployments, replicas, nodes, batch, baseline).await
         }
         Bench::MetricsIngest { rows, baseline_rows, batch } => metrics::ingest(rows, baseline_rows, batch).await,
     }

@@ -179,6 +179,15 @@ impl Orchestrator {
         );
     }
 
+    /// Tries once to take or renew the lease, for tools that drive rounds
+    /// themselves (benchmarks); [`Self::spawn`] keeps renewing it.
+    pub async fn lead_once(&self) -> Result<bool, StoreError> {
+        let lease = self.store.acquire_lease(&self.config.holder, self.config.lease_ttl).await?;
+        let leading = lease.is_some();
+        self.set_lease(lease);
+        Ok(leading)
+    }
+
     /// Renews (or tries to take) the lease every third of its time to live.
     async fn run_election(self: Arc<Self>, cancel: CancellationToken) {
         let period = self.config.lease_ttl / 3;

@@ -9,6 +9,7 @@
 //! baseline (sort everything, every time) that the benchmark and the
 //! property tests compare against.
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -108,6 +109,22 @@ impl Candidate {
     fn load_key(&self) -> (i32, i64) {
         (self.deployment_count, self.used_cpu_millis)
     }
+
+    fn cpu_class(&self) -> usize {
+        if self.total_cpu_millis <= 0 {
+            CPU_CLASSES - 1
+        } else {
+            cpu_class(self.total_cpu_millis - self.reserved_cpu_millis)
+        }
+    }
+}
+
+/// Whether a node can take a request.
+enum Fit {
+    No,
+    /// It can, but runs a replica of the same deployment already.
+    Avoided,
+    Yes,
 }
 
 /// A filter that removed a node from consideration.
@@ -189,22 +206,88 @@ impl NoFit {
     }
 }
 
+/// Free-CPU classes of the binpack index: class `c` holds nodes whose free
+/// CPU has bit length `c` (free in `[2^(c-1), 2^c)` millis); the last one
+/// also holds nodes whose CPU total is unknown.
+const CPU_CLASSES: usize = 64;
+
+fn cpu_class(free_millis: i64) -> usize {
+    (64 - free_millis.max(0).leading_zeros() as usize).min(CPU_CLASSES - 1)
+}
+
+/// Ordered indexes over the eligible nodes with a free slot, among one set
+/// of members: all nodes, or those matching one set of constraints (so a
+/// constrained request never walks past nodes it cannot use).
+#[derive(Debug, Clone)]
+struct Index {
+    /// Which nodes belong; `None`: all of them.
+    members: Option<Vec<bool>>,
+    /// By (deployment count, CPU use, index): least-loaded.
+    by_load: BTreeSet<(i32, i64, u32)>,
+    /// By (free score, index), per free-CPU class: binpack. A request only
+    /// looks in the classes that can hold it, so nodes too full for it
+    /// (which binpack keeps at the front) are not walked past.
+    by_score: Vec<BTreeSet<(u64, u32)>>,
+    /// Most free first, then by index: spread.
+    by_free: BTreeSet<(Reverse<u64>, u32)>,
+    /// By index (= by node id): round-robin.
+    by_id: BTreeSet<u32>,
+}
+
+impl Index {
+    fn new(members: Option<Vec<bool>>) -> Self {
+        Self {
+            members,
+            by_load: BTreeSet::new(),
+            by_score: vec![BTreeSet::new(); CPU_CLASSES],
+            by_free: BTreeSet::new(),
+            by_id: BTreeSet::new(),
+        }
+    }
+
+    fn has(&self, i: usize) -> bool {
+        self.members.as_ref().is_none_or(|m| m[i])
+    }
+
+    fn insert(&mut self, i: usize, node: &Candidate) {
+        if !self.has(i) {
+            return;
+        }
+        let (count, cpu) = node.load_key();
+        let score = node.free_score();
+        self.by_load.insert((count, cpu, i as u32));
+        self.by_score[node.cpu_class()].insert((score, i as u32));
+        self.by_free.insert((Reverse(score), i as u32));
+        self.by_id.insert(i as u32);
+    }
+
+    fn remove(&mut self, i: usize, node: &Candidate) {
+        if !self.has(i) {
+            return;
+        }
+        let (count, cpu) = node.load_key();
+        let score = node.free_score();
+        self.by_load.remove(&(count, cpu, i as u32));
+        self.by_score[node.cpu_class()].remove(&(score, i as u32));
+        self.by_free.remove(&(Reverse(score), i as u32));
+        self.by_id.remove(&(i as u32));
+    }
+}
+
 /// The nodes of one round, indexed for each strategy.
 #[derive(Debug, Clone)]
 pub struct Placer {
     /// Sorted by node id, so an index into it orders nodes by id.
     nodes: Vec<Candidate>,
     static_filtered: Vec<Option<Filter>>,
-    /// Eligible nodes with a free slot, by (deployment count, CPU use, index).
-    by_load: BTreeSet<(i32, i64, u32)>,
-    /// Eligible nodes with a free slot, by (free score, index): binpack.
-    by_score: BTreeSet<(u64, u32)>,
-    /// The same, most free first, then by index: spread.
-    by_free: BTreeSet<(Reverse<u64>, u32)>,
-    /// Eligible nodes with a free slot, by index (= by node id).
-    by_id: BTreeSet<u32>,
+    all: Index,
+    /// One index per set of constraints asked for, built on first use and
+    /// kept up to date from then on.
+    constrained: RefCell<BTreeMap<Constraints, Index>>,
     /// The node round-robin chose last.
     cursor: Option<NodeId>,
+    /// Where round-robin starts looking: the position after the cursor.
+    rotation_start: u32,
 }
 
 impl Placer {
@@ -216,15 +299,21 @@ impl Placer {
         let mut placer = Self {
             nodes,
             static_filtered,
-            by_load: BTreeSet::new(),
-            by_score: BTreeSet::new(),
-            by_free: BTreeSet::new(),
-            by_id: BTreeSet::new(),
+            all: Index::new(None),
+            constrained: RefCell::new(BTreeMap::new()),
+            rotation_start: 0,
             cursor,
         };
-        for i in 0..placer.nodes.len() {
-            placer.index(i);
+        if let Some(cursor) = &placer.cursor {
+            placer.rotation_start = placer.nodes.partition_point(|n| &n.node_id <= cursor) as u32;
         }
+        let mut all = Index::new(None);
+        for i in 0..placer.nodes.len() {
+            if placer.indexed(i) {
+                all.insert(i, &placer.nodes[i]);
+            }
+        }
+        placer.all = all;
         placer
     }
 
@@ -241,63 +330,125 @@ impl Placer {
         self.cursor.as_ref()
     }
 
+    /// Whether node `i` belongs in the indexes: eligible, with a free slot.
+    fn indexed(&self, i: usize) -> bool {
+        self.static_filtered[i].is_none() && self.nodes[i].deployment_count < self.nodes[i].max_deployments
+    }
+
     fn index(&mut self, i: usize) {
+        if !self.indexed(i) {
+            return;
+        }
         let node = &self.nodes[i];
-        if self.static_filtered[i].is_none() && node.deployment_count < node.max_deployments {
-            let (count, cpu) = node.load_key();
-            self.by_load.insert((count, cpu, i as u32));
-            let score = node.free_score();
-            self.by_score.insert((score, i as u32));
-            self.by_free.insert((Reverse(score), i as u32));
-            self.by_id.insert(i as u32);
+        self.all.insert(i, node);
+        for index in self.constrained.get_mut().values_mut() {
+            index.insert(i, node);
         }
     }
 
     fn unindex(&mut self, i: usize) {
         let node = &self.nodes[i];
-        let (count, cpu) = node.load_key();
-        self.by_load.remove(&(count, cpu, i as u32));
-        let score = node.free_score();
-        self.by_score.remove(&(score, i as u32));
-        self.by_free.remove(&(Reverse(score), i as u32));
-        self.by_id.remove(&(i as u32));
+        self.all.remove(i, node);
+        for index in self.constrained.get_mut().values_mut() {
+            index.remove(i, node);
+        }
     }
 
-    /// The nodes in the order `strategy` prefers them.
-    fn preference(&self, strategy: PlacementStrategy) -> Box<dyn Iterator<Item = usize> + '_> {
-        match strategy {
-            PlacementStrategy::LeastLoaded => Box::new(self.by_load.iter().map(|k| k.2 as usize)),
-            PlacementStrategy::Binpack => Box::new(self.by_score.iter().map(|k| k.1 as usize)),
-            PlacementStrategy::Spread => Box::new(self.by_free.iter().map(|k| k.1 as usize)),
-            PlacementStrategy::RoundRobin => {
-                let start = match &self.cursor {
-                    Some(cursor) => self.nodes.partition_point(|n| &n.node_id <= cursor) as u32,
-                    None => 0,
-                };
-                Box::new(self.by_id.range(start..).chain(self.by_id.range(..start)).map(|i| *i as usize))
+    /// Builds the index of the nodes matching `constraints` (once per set
+    /// of constraints per round).
+    fn constrained_index(&self, constraints: &Constraints) {
+        if self.constrained.borrow().contains_key(constraints) {
+            return;
+        }
+        let members: Vec<bool> = self.nodes.iter().map(|n| constraints.matches(&n.labels)).collect();
+        let mut index = Index::new(Some(members));
+        for i in 0..self.nodes.len() {
+            if self.indexed(i) {
+                index.insert(i, &self.nodes[i]);
             }
         }
+        self.constrained.borrow_mut().insert(constraints.clone(), index);
     }
 
     /// Chooses a node for one replica. Nodes in `request.avoid` are taken
     /// only when no other node fits.
     pub fn choose(&self, request: &Request<'_>) -> Result<Choice, NoFit> {
-        let mut fallback = None;
-        for i in self.preference(request.strategy) {
-            let node = &self.nodes[i];
-            if node.request_filter(request).is_some() {
-                continue;
-            }
-            if request.avoid.contains(&node.node_id) {
-                // The best avoided node, should no other fit.
-                fallback.get_or_insert(i);
-                continue;
-            }
-            return Ok(Choice { index: i, reason: self.reason(i, request, false) });
-        }
-        match fallback {
-            Some(i) => Ok(Choice { index: i, reason: self.reason(i, request, true) }),
+        let chosen = if request.constraints.is_empty() {
+            self.choose_in(&self.all, request)
+        } else {
+            self.constrained_index(request.constraints);
+            let indexes = self.constrained.borrow();
+            indexes.get(request.constraints).and_then(|index| self.choose_in(index, request))
+        };
+        match chosen {
+            Some((i, shared)) => Ok(Choice { index: i, reason: self.reason(i, request, shared) }),
             None => Err(self.no_fit(request)),
+        }
+    }
+
+    /// The best node of `index` for `request`, and whether it is one to avoid.
+    fn choose_in(&self, index: &Index, request: &Request<'_>) -> Option<(usize, bool)> {
+        if request.strategy == PlacementStrategy::Binpack {
+            return self.choose_binpack(index, request);
+        }
+        let preference: Box<dyn Iterator<Item = usize> + '_> = match request.strategy {
+            PlacementStrategy::LeastLoaded => Box::new(index.by_load.iter().map(|k| k.2 as usize)),
+            PlacementStrategy::Spread => Box::new(index.by_free.iter().map(|k| k.1 as usize)),
+            _ => {
+                let start = self.rotation_start;
+                Box::new(index.by_id.range(start..).chain(index.by_id.range(..start)).map(|i| *i as usize))
+            }
+        };
+        let mut fallback = None;
+        for i in preference {
+            match self.fits(i, request) {
+                Fit::No => {}
+                // The best avoided node, should no other fit.
+                Fit::Avoided => {
+                    fallback.get_or_insert(i);
+                }
+                Fit::Yes => return Some((i, false)),
+            }
+        }
+        fallback.map(|i| (i, true))
+    }
+
+    /// Binpack: the lowest free score among the classes that can hold the
+    /// request; the first fitting node of each class is its best.
+    fn choose_binpack(&self, index: &Index, request: &Request<'_>) -> Option<(usize, bool)> {
+        let first_class = if request.cpu_millis > 0 { cpu_class(request.cpu_millis) } else { 0 };
+        let mut best: Option<(u64, u32)> = None;
+        let mut fallback: Option<(u64, u32)> = None;
+        for class in &index.by_score[first_class..] {
+            for key in class {
+                if best.is_some_and(|b| *key > b) {
+                    break;
+                }
+                match self.fits(key.1 as usize, request) {
+                    Fit::No => {}
+                    Fit::Avoided => {
+                        if fallback.is_none_or(|f| *key < f) {
+                            fallback = Some(*key);
+                        }
+                    }
+                    Fit::Yes => {
+                        best = Some(*key);
+                        break;
+                    }
+                }
+            }
+        }
+        best.map(|k| (k.1 as usize, false)).or(fallback.map(|k| (k.1 as usize, true)))
+    }
+
+    fn fits(&self, i: usize, request: &Request<'_>) -> Fit {
+        let node = &self.nodes[i];
+        if node.request_filter(request).is_some() {
+            Fit::No
+        } else if request.avoid.contains(&node.node_id) {
+            Fit::Avoided
+        } else {
+            Fit::Yes
         }
     }
 
@@ -350,6 +501,7 @@ impl Placer {
         node.reserved_memory_bytes += request.memory_bytes.max(0);
         if request.strategy == PlacementStrategy::RoundRobin {
             self.cursor = Some(node.node_id.clone());
+            self.rotation_start = i as u32 + 1;
         }
         self.index(i);
     }
@@ -363,6 +515,37 @@ impl Placer {
         node.reserved_memory_bytes = (node.reserved_memory_bytes - memory_bytes.max(0)).max(0);
         self.index(i);
     }
+}
+
+/// A better baseline: one pass over every node, keeping the best that fits.
+/// Same preferences as [`choose_by_sorting`].
+pub fn choose_by_scanning(nodes: &[Candidate], request: &Request<'_>) -> Option<usize> {
+    let key = |n: &Candidate| {
+        let avoided = request.avoid.contains(&n.node_id);
+        match request.strategy {
+            PlacementStrategy::LeastLoaded | PlacementStrategy::RoundRobin => {
+                (avoided, n.deployment_count as i64, n.used_cpu_millis)
+            }
+            PlacementStrategy::Binpack => (avoided, n.free_score() as i64, 0),
+            PlacementStrategy::Spread => (avoided, -(n.free_score() as i64), 0),
+        }
+    };
+    let mut best: Option<(usize, (bool, i64, i64))> = None;
+    for (i, node) in nodes.iter().enumerate() {
+        if node.static_filter().is_some() || node.request_filter(request).is_some() {
+            continue;
+        }
+        let k = key(node);
+        // Ties go to the lower node id, as in the sort.
+        let better = match &best {
+            None => true,
+            Some((j, best_key)) => k < *best_key || (k == *best_key && node.node_id < nodes[*j].node_id),
+        };
+        if better {
+            best = Some((i, k));
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 /// The naive baseline: filter every node and sort all that fit, for every

@@ -67,7 +67,7 @@ impl FromStr for PlacementStrategy {
 
 /// Node labels a replica's node must carry, each with this exact value
 /// (`compute=true`, `region=eu`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Constraints(BTreeMap<String, String>);
 

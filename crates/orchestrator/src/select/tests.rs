@@ -232,19 +232,34 @@ proptest! {
         }
     }
 
-    /// The indexes choose exactly what sorting every node would.
+    /// The indexes choose exactly what sorting every node would, with
+    /// requests of varying size, with and without constraints, as replicas
+    /// come and go (the indexes are updated, not rebuilt).
     #[test]
-    fn indexed_choice_equals_sorting_everything(nodes in cluster(), strategy in prop::sample::select(vec![PlacementStrategy::LeastLoaded, PlacementStrategy::Binpack, PlacementStrategy::Spread]), rounds in 1..60usize, avoid_first in prop::bool::ANY) {
+    fn indexed_choice_equals_sorting_everything(
+        nodes in cluster(),
+        strategy in prop::sample::select(vec![PlacementStrategy::LeastLoaded, PlacementStrategy::Binpack, PlacementStrategy::Spread]),
+        asks in prop::collection::vec((0..1500i64, 0..2048i64, prop::bool::ANY, 0..4u8), 1..60),
+        avoid_first in prop::bool::ANY,
+    ) {
+        let eu = Constraints::parse("c", &BTreeMap::from([("region".into(), "eu".into())])).unwrap();
         let mut placer = Placer::new(nodes, None);
         let avoid: Vec<NodeId> = if avoid_first { placer.nodes().iter().take(2).map(|n| n.node_id.clone()).collect() } else { Vec::new() };
-        let r = Request { strategy, cpu_millis: 250, memory_bytes: 64 << 20, constraints: &NONE, avoid: &avoid };
-        for _ in 0..rounds {
+        let mut placed: Vec<(usize, i64, i64)> = Vec::new();
+        for (cpu, mib, constrained, release) in asks {
+            let constraints = if constrained { &eu } else { &NONE };
+            let r = Request { strategy, cpu_millis: cpu, memory_bytes: mib << 20, constraints, avoid: &avoid };
             let indexed = placer.choose(&r).ok().map(|c| c.index);
             let sorted = choose_by_sorting(placer.nodes(), &r);
             prop_assert_eq!(indexed, sorted);
-            match indexed {
-                Some(i) => placer.commit(i, &r),
-                None => break,
+            prop_assert_eq!(choose_by_scanning(placer.nodes(), &r), sorted);
+            if let Some(i) = indexed {
+                placer.commit(i, &r);
+                placed.push((i, cpu, mib << 20));
+            }
+            if release == 0 && !placed.is_empty() {
+                let (i, cpu, memory) = placed.remove(0);
+                placer.release(i, cpu, memory);
             }
         }
     }
