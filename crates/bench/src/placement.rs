@@ -299,12 +299,21 @@ async fn place_all(count: usize, replicas: i32, nodes: usize, batch: i64) -> any
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM deployment_locations").fetch_one(store.pool()).await?;
     let routes: i64 = sqlx::query_scalar("SELECT count(*) FROM deployment_routing").fetch_one(store.pool()).await?;
     if rows as usize != count * replicas as usize || routes as usize != count || placed != rows as usize {
-        bail!("expected {} location rows and {count} routes; found {rows} and {routes} ({placed} reported)", count * replicas as usize);
+        bail!(
+            "expected {} location rows and {count} routes; found {rows} and {routes} ({placed} reported)",
+            count * replicas as usize
+        );
     }
     Ok((placed, took, rounds))
 }
 
-pub async fn commit(deployments: usize, replicas: i32, nodes: usize, batch: i64, baseline: usize) -> anyhow::Result<()> {
+pub async fn commit(
+    deployments: usize,
+    replicas: i32,
+    nodes: usize,
+    batch: i64,
+    baseline: usize,
+) -> anyhow::Result<()> {
     println!(
         "placement with the database: {deployments} routed deployments x {replicas} replicas on {nodes} nodes (spread), \
          PostgreSQL on loopback"

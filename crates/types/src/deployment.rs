@@ -135,7 +135,9 @@ impl DeploymentSpec {
                 ));
             }
         }
-        let domain = match input.domain.trim() {
+        // Not trimmed: a domain with spaces or line breaks around it is a
+        // mistake to report, never something to guess at.
+        let domain = match input.domain.as_str() {
             "" => None,
             d => Some(Hostname::parse("domain", d)?),
         };

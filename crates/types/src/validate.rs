@@ -71,6 +71,11 @@ impl Hostname {
         if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(bad("whitespace and control characters are not allowed"));
         }
+        // IDNA would silently drop invisible characters (zero-width spaces,
+        // joiners): the name claimed must be the name typed.
+        if value.chars().any(|c| !c.is_ascii() && !c.is_alphanumeric()) {
+            return Err(bad("only letters, digits, '-' and '.' are allowed"));
+        }
         let (wildcard, rest) = match value.strip_prefix("*.") {
             Some(rest) => (true, rest),
             None => (false, value),
@@ -362,6 +367,8 @@ mod tests {
             "1.2.3.4",
             "\"a.com\"",
             "a.com\u{0}",
+            "ex\u{200b}ample.com",
+            "ex\u{ad}ample.com",
         ];
         for value in hostile {
             let err = Hostname::parse("domain", value).unwrap_err();
