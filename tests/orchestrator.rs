@@ -630,11 +630,95 @@ async fn hostile_domains_are_refused_with_invalid_argument_and_change_nothing() 
         )
         .await;
     assert_eq!((status, error["code"].as_str()), (409, Some("already_exists")), "{error}");
+
+    // Paths: a prefix routes part of a domain; hostile ones are refused.
+    let hostile_paths = [
+        "api",
+        "/api`) || Host(`evil.com",
+        "/api`)",
+        "/a && Host(`b`)",
+        "/a||b",
+        "/(a)",
+        "/a b",
+        "/a\nb",
+        "/a\r\n",
+        "/a/../b",
+        "/a/./b",
+        "//a",
+        "/a//b",
+        "/a?b=1",
+        "/a#b",
+        "/a%20b",
+        "/a\\b",
+        "/a\"b",
+        "/a'b",
+        "/a;b",
+        "/a,b",
+        "/{a}",
+        "/$(id)",
+        "/ä",
+        &format!("/{}", "a".repeat(300)),
+    ];
+    for path in hostile_paths {
+        let body = json!({
+            "name": "hostile-path", "image": DEMO_IMAGE, "port": 8080,
+            "domain": "paths.flotilla.test", "pathPrefix": path
+        });
+        let (status, error) = flotilla.connect_json("CreateDeployment", body).await;
+        assert_eq!((status, error["code"].as_str()), (400, Some("invalid_argument")), "create {path:?}: {error}");
+        assert!(error["message"].as_str().unwrap_or("").contains("path_prefix"), "{path:?}: {error}");
+        let (status, error) =
+            flotilla.connect_json("UpdateDeployment", json!({ "id": taken, "pathPrefix": path })).await;
+        assert_eq!((status, error["code"].as_str()), (400, Some("invalid_argument")), "update {path:?}: {error}");
+    }
+    let (status, error) = flotilla
+        .connect_json(
+            "CreateDeployment",
+            json!({ "name": "nodomain", "image": DEMO_IMAGE, "port": 8080, "pathPrefix": "/api" }),
+        )
+        .await;
+    assert_eq!((status, error["code"].as_str()), (400, Some("invalid_argument")), "a path needs a domain: {error}");
+    assert_eq!(flotilla.count("SELECT count(*) FROM deployments").await, 3, "nothing more was created");
+
+    // One domain, two paths, two deployments; the same domain and path again is taken.
+    let site = flotilla
+        .create(json!({ "name": "site", "image": DEMO_IMAGE, "port": 8080, "domain": "shared.flotilla.test" }))
+        .await;
+    let api = flotilla
+        .create(json!({
+            "name": "api", "image": DEMO_IMAGE, "port": 8080,
+            "domain": "shared.flotilla.test", "pathPrefix": "/api/"
+        }))
+        .await;
+    assert_eq!(flotilla.get(&api).await["pathPrefix"], "/api");
+    let (status, error) = flotilla
+        .connect_json(
+            "CreateDeployment",
+            json!({ "name": "api2", "image": DEMO_IMAGE, "port": 8080, "domain": "shared.flotilla.test", "pathPrefix": "/api" }),
+        )
+        .await;
+    assert_eq!((status, error["code"].as_str()), (409, Some("already_exists")), "{error}");
+
+    for id in [&taken, &site, &api] {
+        flotilla.wait_for(id, Duration::from_secs(60), is_running).await;
+    }
     let table = flotilla.route_table().await;
     assert_valid(&dynamic_schema(), &table);
-    for router in table["http"]["routers"].as_object().into_iter().flat_map(|r| r.values()) {
-        let rule = router["rule"].as_str().unwrap();
-        assert!(!rule.contains("||") && !rule.contains("&&") && rule.matches('`').count() == 2, "{rule}");
-    }
+    let mut rules: Vec<(String, u64)> = table["http"]["routers"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|r| r["service"].as_str().is_some_and(|s| !s.is_empty()))
+        .map(|r| (r["rule"].as_str().unwrap().to_owned(), r["priority"].as_u64().unwrap_or(0)))
+        .filter(|(rule, _)| rule.contains("taken.") || rule.contains("shared."))
+        .collect();
+    rules.sort();
+    let expected = [
+        "Host(`shared.flotilla.test`)",
+        "Host(`shared.flotilla.test`) && PathPrefix(`/api`)",
+        "Host(`taken.flotilla.test`)",
+    ];
+    assert_eq!(rules.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), expected, "{table}");
+    assert!(rules[1].1 > rules[0].1, "the longer prefix wins: {rules:?}");
     flotilla.stop().await;
 }

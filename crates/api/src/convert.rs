@@ -118,6 +118,7 @@ pub fn spec_input(request: pb::CreateDeploymentRequest) -> Result<DeploymentSpec
         port: request.port,
         env: env_vars(request.env),
         domain: request.domain,
+        path_prefix: request.path_prefix,
         limits: limits(request.limits.unwrap_or_default()),
         replicas: request.replicas,
         placement_strategy: request.placement.as_ref().map(|p| p.strategy.clone()).unwrap_or_default(),
@@ -238,6 +239,7 @@ pub fn deployment(view: &DeploymentView) -> pb::Deployment {
             .map(|v| pb::EnvVar { name: v.name.clone(), value: v.display_value().to_owned(), secret: v.secret })
             .collect(),
         domain: d.spec.domain.as_ref().map(ToString::to_string).unwrap_or_default(),
+        path_prefix: d.spec.path_prefix.to_string(),
         limits: Some(pb::ResourceLimits {
             memory_bytes: d.spec.limits.memory_bytes,
             cpu_millis: d.spec.limits.cpu_millis,

@@ -163,7 +163,14 @@ fn apply_update(current: &DeploymentSpec, request: pb::UpdateDeploymentRequest) 
         input.replicas = request.replicas;
     }
     if let Some(domain) = request.domain {
+        // Removing the domain removes its path prefix with it.
+        if domain.is_empty() {
+            input.path_prefix.clear();
+        }
         input.domain = domain;
+    }
+    if let Some(path_prefix) = request.path_prefix {
+        input.path_prefix = path_prefix;
     }
     if let Some(check) = &request.health_check {
         input.health_check = Some(convert::health_check("health_check", check)?);

@@ -133,6 +133,9 @@ pub struct DeployArgs {
     /// Hostname to route to the app.
     #[arg(long)]
     pub domain: Option<String>,
+    /// Route only this path of the domain to the app, e.g. /api.
+    #[arg(long, requires = "domain")]
+    pub path_prefix: Option<String>,
     /// Memory limit, e.g. 64Mi or 1G.
     #[arg(long, value_parser = units::parse_memory)]
     pub memory: Option<i64>,
@@ -369,6 +372,7 @@ impl Flo {
             port: args.port,
             env,
             domain: args.domain.unwrap_or_default(),
+            path_prefix: args.path_prefix.unwrap_or_default(),
             limits: Some(pb::ResourceLimits {
                 memory_bytes: args.memory.unwrap_or(0),
                 cpu_millis: args.cpus.unwrap_or(0),
@@ -396,7 +400,8 @@ impl Flo {
             self.say(&format!("  replica {} on node {}: {}", replica.index, replica.node_id, replica.endpoint))?;
         }
         if !deployment.domain.is_empty() {
-            self.say(&format!("  routed at http://{} (through the edge proxy)", deployment.domain))?;
+            let path = if deployment.path_prefix == "/" { "" } else { deployment.path_prefix.as_str() };
+            self.say(&format!("  routed at http://{}{path} (through the edge proxy)", deployment.domain))?;
         }
         Ok(())
     }
@@ -510,7 +515,7 @@ impl Flo {
         self.say(&format!("  image:    {}", d.image))?;
         self.say(&format!("  port:     {}", d.port))?;
         if !d.domain.is_empty() {
-            self.say(&format!("  domain:   {}", d.domain))?;
+            self.say(&format!("  domain:   {}{}", d.domain, if d.path_prefix == "/" { "" } else { &d.path_prefix }))?;
         }
         for v in &d.env {
             self.say(&format!("  env:      {}={}", v.name, v.value))?;

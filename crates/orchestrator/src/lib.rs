@@ -26,7 +26,7 @@ use flotilla_runtime::{Next, PeriodicTask, run_periodically};
 use flotilla_store::placement::{Lease, NewReplica, PlacementNeed, PlacementOutcome, PlacementPlan, RouteRecord};
 use flotilla_store::{Store, StoreError};
 use flotilla_telemetry::Telemetry;
-use flotilla_types::routing::{EdgeSettings, PathPrefix, Route, Tls};
+use flotilla_types::routing::{EdgeSettings, Route, Tls};
 use flotilla_types::{NodeId, PlacementStrategy, ReplicaId};
 use serde_json::json;
 use tokio::sync::watch;
@@ -430,7 +430,7 @@ impl Orchestrator {
         Route {
             deployment_id: need.deployment_id,
             domain,
-            path_prefix: PathPrefix::root(),
+            path_prefix: need.path_prefix.clone(),
             target_port: need.container_port,
         }
     }

@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use flotilla_types::status::{Health, ReplicaGeneration, ReplicaView, Rollout, derive_rollout, derive_status};
 use flotilla_types::{
     Constraints, DeploymentId, DeploymentSpec, DeploymentStatus, DesiredState, EnvVar, HealthCheck, Hostname,
-    ImageReference, NetworkMode, NodeId, OrganizationId, Placement, PlacementStrategy, ProjectId, ReplicaId,
-    ReplicaState, ResourceLimits, RestartPolicy,
+    ImageReference, NetworkMode, NodeId, OrganizationId, PathPrefix, Placement, PlacementStrategy, ProjectId,
+    ReplicaId, ReplicaState, ResourceLimits, RestartPolicy,
 };
 use uuid::Uuid;
 
@@ -168,6 +168,7 @@ pub(crate) struct DeploymentRow {
     pub container_port: i32,
     pub env: sqlx::types::Json<Vec<EnvVar>>,
     pub domain: Option<String>,
+    pub path_prefix: String,
     pub memory_limit_bytes: i64,
     pub cpu_limit_millis: i64,
     pub replicas: i32,
@@ -184,7 +185,7 @@ pub(crate) struct DeploymentRow {
 }
 
 pub(crate) const DEPLOYMENT_COLUMNS: &str = "id, organization_id, project_id, name, image, container_port, env, domain, \
-     memory_limit_bytes, cpu_limit_millis, replicas, desired_state, generation, restart_policy, health_check, \
+     path_prefix, memory_limit_bytes, cpu_limit_millis, replicas, desired_state, generation, restart_policy, health_check, \
      network_mode, placement_strategy, placement_constraints, placement_message, created_at, updated_at";
 
 /// A deployment's placement as its columns store it.
@@ -210,6 +211,7 @@ impl TryFrom<DeploymentRow> for DeploymentRecord {
         let image = ImageReference::parse("image", &row.image).map_err(|e| bad(e.to_string()))?;
         let domain =
             row.domain.as_deref().map(|d| Hostname::parse("domain", d)).transpose().map_err(|e| bad(e.to_string()))?;
+        let path_prefix = PathPrefix::parse("path_prefix", &row.path_prefix).map_err(|e| bad(e.to_string()))?;
         let desired_state =
             row.desired_state.parse().map_err(|e: flotilla_types::status::UnknownState| bad(e.to_string()))?;
         let port = u16::try_from(row.container_port).map_err(|e| bad(e.to_string()))?;
@@ -228,6 +230,7 @@ impl TryFrom<DeploymentRow> for DeploymentRecord {
                 port,
                 env: row.env.0,
                 domain,
+                path_prefix,
                 limits: ResourceLimits { memory_bytes: row.memory_limit_bytes, cpu_millis: row.cpu_limit_millis },
                 replicas,
                 health_check: row.health_check.0,

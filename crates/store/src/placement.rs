@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla_types::routing::Route;
-use flotilla_types::{DeploymentId, Hostname, NodeId, Placement, ReplicaId, ResourceLimits};
+use flotilla_types::{DeploymentId, Hostname, NodeId, PathPrefix, Placement, ReplicaId, ResourceLimits};
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -18,6 +18,7 @@ pub struct PlacementNeed {
     pub deployment_id: DeploymentId,
     pub name: String,
     pub domain: Option<Hostname>,
+    pub path_prefix: PathPrefix,
     pub container_port: u16,
     pub limits: ResourceLimits,
     pub replicas: u32,
@@ -129,6 +130,7 @@ struct NeedRow {
     id: Uuid,
     name: String,
     domain: Option<String>,
+    path_prefix: String,
     container_port: i32,
     memory_limit_bytes: i64,
     cpu_limit_millis: i64,
@@ -153,6 +155,7 @@ impl NeedRow {
                 .map(|d| Hostname::parse("domain", d))
                 .transpose()
                 .map_err(|e| bad(e.to_string()))?,
+            path_prefix: PathPrefix::parse("path_prefix", &self.path_prefix).map_err(|e| bad(e.to_string()))?,
             container_port: u16::try_from(self.container_port).map_err(|e| bad(e.to_string()))?,
             limits: ResourceLimits { memory_bytes: self.memory_limit_bytes, cpu_millis: self.cpu_limit_millis },
             replicas: u32::try_from(self.replicas).map_err(|e| bad(e.to_string()))?,
@@ -165,7 +168,7 @@ impl NeedRow {
     }
 }
 
-const NEED_COLUMNS: &str = "d.id, d.name, d.domain, d.container_port, d.memory_limit_bytes, d.cpu_limit_millis, \
+const NEED_COLUMNS: &str = "d.id, d.name, d.domain, d.path_prefix, d.container_port, d.memory_limit_bytes, d.cpu_limit_millis, \
      d.replicas, d.generation, d.placement_strategy, d.placement_constraints";
 
 /// Replaces the routes of `deployments` inside `tx` with `routes`: readers

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::health::{HealthCheck, NetworkMode, RestartPolicy};
 use crate::placement::{Constraints, PlacementStrategy};
+use crate::routing::PathPrefix;
 use crate::validate::{self, FieldError, Hostname, ImageReference};
 
 /// Docker refuses memory limits under 6 MiB.
@@ -70,6 +71,8 @@ pub struct DeploymentSpecInput {
     pub port: i32,
     pub env: Vec<EnvVar>,
     pub domain: String,
+    /// Only requests under this path are routed to the deployment (empty: all).
+    pub path_prefix: String,
     pub limits: ResourceLimits,
     pub replicas: Option<i32>,
     pub health_check: Option<HealthCheck>,
@@ -88,6 +91,9 @@ pub struct DeploymentSpec {
     pub port: u16,
     pub env: Vec<EnvVar>,
     pub domain: Option<Hostname>,
+    /// `/` unless the deployment serves only part of its domain.
+    #[serde(default = "PathPrefix::root")]
+    pub path_prefix: PathPrefix,
     pub limits: ResourceLimits,
     pub replicas: u32,
     pub health_check: HealthCheck,
@@ -141,6 +147,13 @@ impl DeploymentSpec {
             "" => None,
             d => Some(Hostname::parse("domain", d)?),
         };
+        let path_prefix = match input.path_prefix.as_str() {
+            "" => PathPrefix::root(),
+            p => PathPrefix::parse("path_prefix", p)?,
+        };
+        if domain.is_none() && !path_prefix.is_root() {
+            return Err(FieldError::new("path_prefix", "a path prefix needs a domain"));
+        }
         let limits = input.limits;
         if limits.memory_bytes < 0 {
             return Err(FieldError::new("limits.memory_bytes", "must not be negative"));
@@ -178,6 +191,7 @@ impl DeploymentSpec {
             port,
             env: input.env,
             domain,
+            path_prefix,
             limits,
             replicas,
             health_check,
@@ -195,6 +209,7 @@ impl DeploymentSpec {
             port: i32::from(self.port),
             env: self.env.clone(),
             domain: self.domain.as_ref().map(ToString::to_string).unwrap_or_default(),
+            path_prefix: if self.path_prefix.is_root() { String::new() } else { self.path_prefix.to_string() },
             limits: self.limits,
             replicas: Some(self.replicas as i32),
             health_check: Some(self.health_check.clone()),

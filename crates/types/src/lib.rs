@@ -18,5 +18,6 @@ pub use deployment::{DeploymentSpec, DeploymentSpecInput, EnvVar, Placement, Res
 pub use health::{HealthCheck, HealthCheckKind, NetworkMode, RestartPolicy};
 pub use ids::{DeploymentId, NodeId, OrganizationId, ProjectId, ReplicaId};
 pub use placement::{Constraints, PlacementStrategy};
+pub use routing::PathPrefix;
 pub use status::{DeploymentStatus, DesiredState, ReplicaState};
 pub use validate::{FieldError, Hostname, ImageReference};
