@@ -142,6 +142,30 @@ async fn replicas_spread_the_route_table_follows_and_a_dead_node_is_replaced() {
     assert_eq!(now_serving, endpoints(&moved));
     assert!(!now_serving.iter().any(|u| dead_endpoint.contains(u)), "the dead node's replica is gone from routing");
 
+    // The node comes back: its agent removes the stale container at once
+    // (well within the 60 s grace for unknown containers) and the node
+    // rejoins as ready, taking work again.
+    let stale = flotilla.docker.containers().await;
+    let back = Instant::now();
+    flotilla.add_agent(2, |_| {}).await;
+    loop {
+        let (_, node) = flotilla.connect_node("GetNode", json!({ "id": dead })).await;
+        let containers = flotilla.docker.containers().await;
+        if node["node"]["status"] == "ready" && containers.len() == 3 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "not rejoined: {node}; containers {containers:?} (before {stale:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("node back: stale container removed and node ready after {:?}", back.elapsed());
+    assert_eq!(stale.len(), 4, "the dead node's container was still there: {stale:?}");
+    let current = flotilla.get(&id).await;
+    assert_eq!(endpoints(&current), endpoints(&moved), "the replicas that serve stay where they are");
+    assert_eq!(servers(&flotilla.route_table().await, &id), endpoints(&moved));
+
     flotilla.stop().await;
 }
 

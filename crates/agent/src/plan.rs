@@ -50,6 +50,8 @@ pub enum RemoveReason {
     Dead,
     /// Moved to another node (drain); its stop time has come.
     Moved,
+    /// Its replica was placed on another node while this one was down.
+    Superseded,
 }
 
 /// What one pass looks at.

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use flotilla_docker::{DockerError, ManagedContainer};
 use flotilla_redis::ORCHESTRATOR_TOPIC;
 use flotilla_store::Assignment;
-use flotilla_store::replicas::{Adoption, ReplicaObservation};
+use flotilla_store::replicas::{AdoptOutcome, Adoption, ReplicaObservation};
 use flotilla_types::status::Health;
 use flotilla_types::{DeploymentId, DesiredState, HealthCheckKind, NetworkMode, ReplicaId, ReplicaState, labels};
 use futures::StreamExt;
@@ -337,15 +337,31 @@ impl Agent {
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect::<BTreeMap<_, _>>(),
                 };
-                if self.store.adopt_replica(&self.node_id, &adoption).await? {
-                    self.stats.adopted.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        container.id = %container.id,
-                        deployment.id = %deployment_id,
-                        replica.id = %replica_id,
-                        "adopted a managed container that had lost its placement row"
-                    );
-                    return Ok(Outcome::Adopted);
+                match self.store.adopt_replica(&self.node_id, &adoption).await? {
+                    AdoptOutcome::Adopted => {
+                        self.stats.adopted.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            container.id = %container.id,
+                            deployment.id = %deployment_id,
+                            replica.id = %replica_id,
+                            "adopted a managed container that had lost its placement row"
+                        );
+                        return Ok(Outcome::Adopted);
+                    }
+                    // This node was down and the replica runs elsewhere now:
+                    // no grace, it serves nobody.
+                    AdoptOutcome::Superseded => {
+                        tracing::warn!(
+                            container.id = %container.id,
+                            deployment.id = %deployment_id,
+                            replica.index = index,
+                            "removing a stale container: its replica was placed on another node"
+                        );
+                        self.remove(&container.id, RemoveReason::Superseded).await?;
+                        self.stats.orphans_removed.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Outcome::Removed { orphan: true, row_deleted: false });
+                    }
+                    AdoptOutcome::NotAdopted => {}
                 }
             }
         }

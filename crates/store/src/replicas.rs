@@ -29,6 +29,18 @@ pub struct ReplicaObservation {
     pub started_at: Option<DateTime<Utc>>,
 }
 
+/// What became of a container found without its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdoptOutcome {
+    /// It has a row again.
+    Adopted,
+    /// Another live replica serves its deployment's replica index (it was
+    /// placed elsewhere while this one's node was down): it is stale.
+    Superseded,
+    /// Neither: its deployment is gone, or a row for it appeared meanwhile.
+    NotAdopted,
+}
+
 /// A managed container found on the node without its row, to be given one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Adoption {
@@ -174,7 +186,7 @@ impl Store {
     /// Gives a managed container found without its row a row again. Returns
     /// false when its replica index already has another row (the container
     /// is then a stale duplicate).
-    pub async fn adopt_replica(&self, node: &NodeId, adoption: &Adoption) -> Result<bool, StoreError> {
+    pub async fn adopt_replica(&self, node: &NodeId, adoption: &Adoption) -> Result<AdoptOutcome, StoreError> {
         let op = "adopting a container";
         let mut tx = self.pool().begin().await.map_err(StoreError::db(op))?;
         let inserted = sqlx::query(
@@ -208,8 +220,26 @@ impl Store {
                 .await
                 .map_err(StoreError::db(op))?;
         }
+        // Not adopted: is its replica index served by another live replica
+        // (placed elsewhere while this node was down)?
+        let superseded = inserted.rows_affected() == 0
+            && sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM deployment_locations WHERE deployment_id = $1                  AND replica_index = $2 AND drain_state IS NULL AND id <> $3)",
+            )
+            .bind(adoption.deployment_id.as_uuid())
+            .bind(adoption.replica_index)
+            .bind(adoption.replica_id.as_uuid())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::db(op))?;
         tx.commit().await.map_err(StoreError::db(op))?;
-        Ok(inserted.rows_affected() == 1)
+        Ok(if inserted.rows_affected() == 1 {
+            AdoptOutcome::Adopted
+        } else if superseded {
+            AdoptOutcome::Superseded
+        } else {
+            AdoptOutcome::NotAdopted
+        })
     }
 
     /// Removes a replica row of `node`, once its container is gone.
