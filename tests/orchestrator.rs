@@ -504,7 +504,10 @@ async fn assert_placed_once(flotilla: &TestFlotilla, deployments: i64, replicas:
 
 #[tokio::test]
 async fn the_leader_dies_and_the_other_orchestrator_takes_over_placing_nothing_twice() {
-    let flotilla = TestFlotilla::start_with(|s| s.roles.orchestrator = false).await;
+    let mut flotilla = TestFlotilla::start_with(|s| s.roles.orchestrator = false).await;
+    flotilla.add_agent(1, |_| {}).await;
+    flotilla.add_agent(2, |_| {}).await;
+    wait_for_nodes(&flotilla, 3).await;
     let mut first = OrchestratorProcess::start(&flotilla, "orchestrator-a");
     let started = Instant::now();
     let (leader, term) = loop {
@@ -523,7 +526,10 @@ async fn the_leader_dies_and_the_other_orchestrator_takes_over_placing_nothing_t
 
     for i in 0..4 {
         flotilla
-            .create(json!({ "name": format!("before-{i}"), "image": DEMO_IMAGE, "port": 8080, "replicas": 2 }))
+            .create(json!({
+                "name": format!("before-{i}"), "image": DEMO_IMAGE, "port": 8080, "replicas": 2,
+                "placement": { "strategy": "round-robin" }
+            }))
             .await;
     }
     assert_placed_once(&flotilla, 4, 2).await;
@@ -533,7 +539,10 @@ async fn the_leader_dies_and_the_other_orchestrator_takes_over_placing_nothing_t
     let killed = Instant::now();
     for i in 0..4 {
         flotilla
-            .create(json!({ "name": format!("after-{i}"), "image": DEMO_IMAGE, "port": 8080, "replicas": 2 }))
+            .create(json!({
+                "name": format!("after-{i}"), "image": DEMO_IMAGE, "port": 8080, "replicas": 2,
+                "placement": { "strategy": "round-robin" }
+            }))
             .await;
     }
     let (holder, new_term) = loop {
@@ -551,6 +560,16 @@ async fn the_leader_dies_and_the_other_orchestrator_takes_over_placing_nothing_t
     assert_placed_once(&flotilla, 8, 2).await;
     let reasons = flotilla.count("SELECT count(*) FROM deployment_locations WHERE placement_reason IS NULL").await;
     assert_eq!(reasons, 0);
+    // The rotation went on across the change of leader: its cursor is in the database.
+    let order: Vec<String> =
+        sqlx::query_scalar("SELECT node_id FROM deployment_locations ORDER BY deployment_id, replica_index")
+            .fetch_all(flotilla.db.pool())
+            .await
+            .unwrap();
+    for i in 3..order.len() {
+        assert_eq!(order[i], order[i - 3], "round-robin did not rotate at {i}: {order:?}");
+        assert_ne!(order[i], order[i - 1], "round-robin repeated a node at {i}: {order:?}");
+    }
     for i in 0..4 {
         let name = format!("after-{i}");
         let (_, list) = flotilla.connect_json("ListDeployments", json!({})).await;

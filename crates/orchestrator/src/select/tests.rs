@@ -308,3 +308,22 @@ proptest! {
         prop_assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1, "{:?}", counts);
     }
 }
+
+#[test]
+fn round_robin_rotates_through_replicas_of_several_deployments() {
+    let nodes = vec![node("a", 0, 10, 0), node("b", 0, 10, 0), node("c", 0, 10, 0)];
+    let mut placer = Placer::new(nodes, Some(id("b")));
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let mut avoid: Vec<NodeId> = Vec::new();
+        for _ in 0..2 {
+            let r = request(PlacementStrategy::RoundRobin, &NONE, &avoid);
+            let choice = placer.choose(&r).unwrap();
+            placer.commit(choice.index, &r);
+            let node = placer.node(choice.index).node_id.clone();
+            order.push(node.to_string());
+            avoid.push(node);
+        }
+    }
+    assert_eq!(order, ["c", "a", "b", "c", "a", "b"]);
+}
