@@ -269,3 +269,67 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
 
     flotilla.stop().await;
 }
+
+#[tokio::test]
+async fn a_retried_create_with_an_idempotency_key_creates_nothing_twice() {
+    let flotilla = TestFlotilla::start().await;
+    let body = json!({
+        "name": "once", "image": flotilla_e2e::DEMO_IMAGE, "port": 8080, "idempotencyKey": "4b0c1e0a-retry-1"
+    });
+    let (status, first) = flotilla.connect_json("CreateDeployment", body.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    let id = first["deployment"]["id"].as_str().unwrap().to_owned();
+    let (status, again) = flotilla.connect_json("CreateDeployment", body.clone()).await;
+    assert_eq!(status, 200, "a retry succeeds: {again}");
+    assert_eq!(again["deployment"]["id"], id.as_str(), "and returns the first result");
+
+    // The same key over gRPC (another protocol, same caller): the same deployment.
+    let mut grpc = pb::deployment_service_client::DeploymentServiceClient::connect(flotilla.base_url.clone())
+        .await
+        .expect("gRPC connects");
+    let request = pb::CreateDeploymentRequest {
+        name: "once".to_owned(),
+        image: flotilla_e2e::DEMO_IMAGE.to_owned(),
+        port: 8080,
+        idempotency_key: "4b0c1e0a-retry-1".to_owned(),
+        ..Default::default()
+    };
+    let over_grpc = grpc.create_deployment(request.clone()).await.expect("gRPC create").into_inner();
+    assert_eq!(over_grpc.deployment.map(|d| d.id), Some(id.clone()));
+
+    // The same key with a different request is refused and changes nothing.
+    let changed = pb::CreateDeploymentRequest { port: 9090, ..request };
+    let refused = grpc.create_deployment(changed).await.expect_err("a different request");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("idempotency_key"), "{refused:?}");
+    assert_eq!(flotilla.count("SELECT count(*) FROM deployments").await, 1);
+    assert_eq!(flotilla.get(&id).await["port"], 8080);
+
+    // Retries racing each other: one creates, the others wait for it and get its result.
+    let racing =
+        json!({ "name": "raced", "image": flotilla_e2e::DEMO_IMAGE, "port": 8080, "idempotencyKey": "race-2" });
+    let answers =
+        futures::future::join_all((0..8).map(|_| flotilla.connect_json("CreateDeployment", racing.clone()))).await;
+    let ids: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|(status, body)| {
+            assert_eq!(*status, 200, "{body}");
+            body["deployment"]["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "eight racing retries, one deployment: {ids:?}");
+    assert_eq!(flotilla.count("SELECT count(*) FROM deployments").await, 2);
+
+    // Keys that are not 1-128 printable ASCII characters are refused.
+    for bad in ["has space", "tab\tkey", "é", &"k".repeat(129)] {
+        let (status, error) = flotilla
+            .connect_json(
+                "CreateDeployment",
+                json!({ "name": "badkey", "image": flotilla_e2e::DEMO_IMAGE, "port": 8080, "idempotencyKey": bad }),
+            )
+            .await;
+        assert_eq!((status, error["code"].as_str()), (400, Some("invalid_argument")), "{bad:?}: {error}");
+    }
+    assert_eq!(flotilla.count("SELECT count(*) FROM deployments").await, 2);
+    flotilla.stop().await;
+}

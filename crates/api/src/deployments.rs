@@ -37,9 +37,21 @@ pub async fn create_deployment(
     api.observe("CreateDeployment", Box::pin(async {
         require_mutation(&caller)?;
         let project: Option<ProjectId> = parse_optional_id("project_id", &request.project_id)?;
+        let key = idempotency_key(&request.idempotency_key)?;
         let spec = DeploymentSpec::validate(convert::spec_input(request)?)?;
         let tenant = api.store.tenant(caller.organization_id);
-        let created = tenant.create_deployment(project, &spec).await?;
+        let created = match &key {
+            None => tenant.create_deployment(project, &spec).await?,
+            Some(key) => {
+                let (record, new) = tenant.create_deployment_once(project, &spec, &caller.subject, key).await?;
+                if !new {
+                    tracing::info!(deployment.id = %record.id, subject = %caller.subject, "create retried with the same idempotency key: the first result");
+                    let view = tenant.get_deployment(record.id).await?;
+                    return Ok(pb::CreateDeploymentResponse { deployment: Some(convert::deployment(&view)) });
+                }
+                record
+            }
+        };
         tracing::info!(deployment.id = %created.id, deployment.name = %spec.name, subject = %caller.subject, "deployment created");
         // Answer with the state just written (pending, no replicas yet), not
         // with whatever the orchestrator may already have done.
@@ -50,6 +62,19 @@ pub async fn create_deployment(
         })
     }))
     .await
+}
+
+/// An idempotency key as sent: empty is none; otherwise 1-128 printable ASCII.
+fn idempotency_key(value: &str) -> Result<Option<String>, ApiError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if value.len() > 128 || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            FieldError::new("idempotency_key", "must be 1-128 printable ASCII characters without spaces").into()
+        );
+    }
+    Ok(Some(value.to_owned()))
 }
 
 pub async fn get_deployment(

@@ -45,6 +45,9 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { entity, id } => Self::NotFound { what: entity, id },
             StoreError::AlreadyExists { what } => Self::AlreadyExists { what },
             StoreError::Conflict { what } => Self::Aborted(what),
+            e @ StoreError::IdempotencyKeyReused { .. } => {
+                Self::InvalidArgument(FieldError::new("idempotency_key", e.to_string()))
+            }
             e if e.is_unavailable() => Self::Unavailable("the control database cannot be reached".to_owned()),
             e => Self::Internal(e.to_string()),
         }

@@ -36,6 +36,9 @@ use tracing::Instrument;
 
 use select::{Candidate, Placer, Request};
 
+/// How long CreateDeployment's idempotency keys are kept.
+pub const IDEMPOTENCY_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// The orchestrator's settings.
 #[derive(Debug, Clone)]
 pub struct OrchestratorConfig {
@@ -305,6 +308,7 @@ impl Orchestrator {
             tracing::info!(deployment.id = %id, "deleted deployment removed");
         }
         report.finalized = finalized.len();
+        self.store.expire_idempotency_keys(IDEMPOTENCY_KEY_TTL).await?;
         // Agents stop retired replicas when woken after their time has come.
         let due = self.store.nodes_with_due_retirements().await?;
         self.wake_nodes(due.iter()).await;

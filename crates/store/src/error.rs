@@ -9,6 +9,10 @@ pub enum StoreError {
     #[error("{what} already exists")]
     AlreadyExists { what: String },
 
+    /// An idempotency key sent again with a different request.
+    #[error("idempotency key {key:?} was used for a different request")]
+    IdempotencyKeyReused { key: String },
+
     /// Optimistic concurrency: the row changed since it was read.
     #[error("{what}")]
     Conflict { what: String },

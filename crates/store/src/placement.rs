@@ -458,6 +458,16 @@ impl Store {
         Ok(PlacementOutcome::Prepared(nodes))
     }
 
+    /// Forgets idempotency keys older than `ttl`; returns how many.
+    pub async fn expire_idempotency_keys(&self, ttl: Duration) -> Result<u64, StoreError> {
+        let expired = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)")
+            .bind(ttl.as_secs_f64())
+            .execute(self.pool())
+            .await
+            .map_err(StoreError::db("expiring idempotency keys"))?;
+        Ok(expired.rows_affected())
+    }
+
     /// Removes deleted deployments whose replicas are all gone (their routes
     /// go with them), and returns their ids. Replica rows of deleted
     /// deployments on nodes silent for `node_gone_after` go first: no agent

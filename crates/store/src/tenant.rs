@@ -63,6 +63,84 @@ impl<'a> Tenant<'a> {
         spec: &DeploymentSpec,
     ) -> Result<DeploymentRecord, StoreError> {
         let project_id = self.resolve_project(project).await?;
+        let mut tx = self.pool.begin().await.map_err(StoreError::db("creating a deployment"))?;
+        let record = self.insert_deployment(&mut tx, project_id, spec).await?;
+        tx.commit().await.map_err(StoreError::db("creating a deployment"))?;
+        Ok(record)
+    }
+
+    /// Creates a deployment once per idempotency key of `subject`: a retry
+    /// with the same key and request returns the first result (`false`: not
+    /// created now); the same key with another request is refused. A retry
+    /// racing the first waits for it on the key's row.
+    pub async fn create_deployment_once(
+        &self,
+        project: Option<ProjectId>,
+        spec: &DeploymentSpec,
+        subject: &str,
+        key: &str,
+    ) -> Result<(DeploymentRecord, bool), StoreError> {
+        let op = "creating a deployment";
+        let project_id = self.resolve_project(project).await?;
+        // The request as validated, with everything that makes it this request.
+        let request = serde_json::to_string(&(project_id, spec)).map_err(|e| StoreError::Corrupt {
+            table: "idempotency_keys",
+            id: key.to_owned(),
+            detail: e.to_string(),
+        })?;
+        let id = DeploymentId::new();
+        let mut tx = self.pool.begin().await.map_err(StoreError::db(op))?;
+        let claimed = sqlx::query(
+            "INSERT INTO idempotency_keys (organization_id, subject, key, request_digest, deployment_id)              VALUES ($1, $2, $3, sha256(convert_to($4, 'UTF8')), $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(self.organization_id.as_uuid())
+        .bind(subject)
+        .bind(key)
+        .bind(&request)
+        .bind(id.as_uuid())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(op))?
+        .rows_affected()
+            == 1;
+        if claimed {
+            let record = self.insert_deployment_with_id(&mut tx, id, project_id, spec).await?;
+            tx.commit().await.map_err(StoreError::db(op))?;
+            return Ok((record, true));
+        }
+        let (same, first): (bool, Uuid) = sqlx::query_as(
+            "SELECT request_digest = sha256(convert_to($4, 'UTF8')), deployment_id FROM idempotency_keys              WHERE organization_id = $1 AND subject = $2 AND key = $3",
+        )
+        .bind(self.organization_id.as_uuid())
+        .bind(subject)
+        .bind(key)
+        .bind(&request)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(StoreError::db(op))?;
+        tx.rollback().await.map_err(StoreError::db(op))?;
+        if !same {
+            return Err(StoreError::IdempotencyKeyReused { key: key.to_owned() });
+        }
+        Ok((self.get_deployment(first.into()).await?.deployment, false))
+    }
+
+    async fn insert_deployment(
+        &self,
+        tx: &mut sqlx::PgTransaction<'_>,
+        project_id: ProjectId,
+        spec: &DeploymentSpec,
+    ) -> Result<DeploymentRecord, StoreError> {
+        self.insert_deployment_with_id(tx, DeploymentId::new(), project_id, spec).await
+    }
+
+    async fn insert_deployment_with_id(
+        &self,
+        tx: &mut sqlx::PgTransaction<'_>,
+        id: DeploymentId,
+        project_id: ProjectId,
+        spec: &DeploymentSpec,
+    ) -> Result<DeploymentRecord, StoreError> {
         let sql = format!(
             "INSERT INTO deployments (id, organization_id, project_id, name, image, container_port, env, domain, \
              memory_limit_bytes, cpu_limit_millis, replicas, restart_policy, health_check, network_mode, \
@@ -71,7 +149,7 @@ impl<'a> Tenant<'a> {
              RETURNING {DEPLOYMENT_COLUMNS}"
         );
         let row: DeploymentRow = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(DeploymentId::new().as_uuid())
+            .bind(id.as_uuid())
             .bind(self.organization_id.as_uuid())
             .bind(project_id.as_uuid())
             .bind(&spec.name)
@@ -88,7 +166,7 @@ impl<'a> Tenant<'a> {
             .bind(spec.placement.strategy.map(|s| s.as_str()))
             .bind(Json(spec.placement.constraints.as_map()))
             .bind(spec.path_prefix.as_str())
-            .fetch_one(self.pool)
+            .fetch_one(&mut **tx)
             .await
             .map_err(|e| claim_error(e, spec, "creating a deployment"))?;
         row.try_into()

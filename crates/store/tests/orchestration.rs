@@ -260,3 +260,39 @@ async fn drain_now_retires_at_once_and_activate_restores_what_has_not_moved() {
     assert!(rows.iter().all(|r| r.replica.retire_due), "{rows:?}");
     assert_eq!(store.deployments_to_place(10).await.unwrap().len(), 2, "both need a new node");
 }
+
+#[tokio::test]
+async fn idempotency_keys_return_the_first_result_and_expire() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let (org, _) = ensure_organization(store.pool(), "idem", "Idem").await.unwrap();
+    let tenant = store.tenant(org);
+    let spec = DeploymentSpec::validate(DeploymentSpecInput {
+        name: "once".into(),
+        image: "flotilla/demo-http:latest".into(),
+        port: 8080,
+        ..Default::default()
+    })
+    .unwrap();
+    let (first, created) = tenant.create_deployment_once(None, &spec, "alice", "k1").await.unwrap();
+    assert!(created);
+    let (again, created) = tenant.create_deployment_once(None, &spec, "alice", "k1").await.unwrap();
+    assert!(!created);
+    assert_eq!(again.id, first.id);
+    // Keys are the caller's own: another subject's "k1" is another request.
+    let other = tenant.create_deployment_once(None, &spec, "bob", "k1").await;
+    assert!(matches!(other, Err(StoreError::AlreadyExists { .. })), "{other:?}");
+    let changed = DeploymentSpec { port: 9090, ..spec.clone() };
+    let reused = tenant.create_deployment_once(None, &changed, "alice", "k1").await;
+    assert!(matches!(reused, Err(StoreError::IdempotencyKeyReused { .. })), "{reused:?}");
+    // Another organization cannot see the key or its deployment.
+    let (other_org, _) = ensure_organization(store.pool(), "other", "Other").await.unwrap();
+    let (theirs, created) = store.tenant(other_org).create_deployment_once(None, &spec, "alice", "k1").await.unwrap();
+    assert!(created && theirs.id != first.id);
+
+    assert_eq!(store.expire_idempotency_keys(Duration::from_secs(3600)).await.unwrap(), 0);
+    assert_eq!(store.expire_idempotency_keys(Duration::ZERO).await.unwrap(), 2);
+    // Forgotten: the same request now tries to create again (and meets the name).
+    let after = tenant.create_deployment_once(None, &spec, "alice", "k1").await;
+    assert!(matches!(after, Err(StoreError::AlreadyExists { .. })), "{after:?}");
+}
