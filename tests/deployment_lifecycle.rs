@@ -333,3 +333,60 @@ async fn a_retried_create_with_an_idempotency_key_creates_nothing_twice() {
     assert_eq!(flotilla.count("SELECT count(*) FROM deployments").await, 2);
     flotilla.stop().await;
 }
+
+#[tokio::test]
+async fn every_mutating_call_is_in_the_audit_log_and_reads_are_not() {
+    let flotilla = TestFlotilla::start().await;
+    let id = flotilla.create(json!({ "name": "audited", "image": flotilla_e2e::DEMO_IMAGE, "port": 8080 })).await;
+    let (status, _) = flotilla
+        .connect_json(
+            "CreateDeployment",
+            json!({ "name": "audited-bad", "image": flotilla_e2e::DEMO_IMAGE, "port": 70000 }),
+        )
+        .await;
+    assert_eq!(status, 400);
+    flotilla.get(&id).await;
+    let (status, body) = flotilla.connect_json("UpdateDeployment", json!({ "id": id, "replicas": 2 })).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = flotilla.connect_node("DrainNode", json!({ "id": "no-such-node" })).await;
+    assert_eq!(status, 404);
+    let node = flotilla.node_id.to_string();
+    let (status, body) = flotilla.connect_node("ActivateNode", json!({ "id": node })).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = flotilla.connect_json("DeleteDeployment", json!({ "id": id })).await;
+    assert_eq!(status, 200, "{body}");
+
+    let rows: Vec<(String, String, String, String, Option<String>)> =
+        sqlx::query_as("SELECT method, target, code, subject, message FROM audit_log ORDER BY id")
+            .fetch_all(flotilla.db.pool())
+            .await
+            .unwrap();
+    let summary: Vec<(&str, &str, &str)> = rows.iter().map(|r| (r.0.as_str(), r.1.as_str(), r.2.as_str())).collect();
+    assert_eq!(
+        summary,
+        [
+            ("CreateDeployment", id.as_str(), "ok"),
+            ("CreateDeployment", "audited-bad", "invalid_argument"),
+            ("UpdateDeployment", id.as_str(), "ok"),
+            ("DrainNode", "no-such-node", "not_found"),
+            ("ActivateNode", node.as_str(), "ok"),
+            ("DeleteDeployment", id.as_str(), "ok"),
+        ],
+        "{rows:?}"
+    );
+    assert!(rows.iter().all(|r| r.3 == "dev"), "who: {rows:?}");
+    assert!(rows[1].4.as_deref().is_some_and(|m| m.contains("port")), "why it failed: {rows:?}");
+    assert!(rows[0].4.is_none());
+
+    // Read back through the store, scoped to the organization.
+    let org: uuid::Uuid = sqlx::query_scalar("SELECT DISTINCT organization_id FROM audit_log")
+        .fetch_one(flotilla.db.pool())
+        .await
+        .unwrap();
+    let log = flotilla.db.store.tenant(org.into()).audit_log(10).await.unwrap();
+    assert_eq!(log.len(), 6);
+    assert_eq!(log[0].method, "DeleteDeployment", "newest first");
+    let other = flotilla.db.store.tenant(flotilla_types::OrganizationId::new()).audit_log(10).await.unwrap();
+    assert!(other.is_empty(), "another organization sees none of it");
+    flotilla.stop().await;
+}

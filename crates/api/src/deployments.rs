@@ -34,7 +34,8 @@ pub async fn create_deployment(
     ConnectRequest(request): ConnectRequest<pb::CreateDeploymentRequest>,
 ) -> Reply<pb::CreateDeploymentResponse> {
     // Boxed: the spec and its validation make a large future.
-    api.observe("CreateDeployment", Box::pin(async {
+    let target = request.name.clone();
+    api.audited("CreateDeployment", &caller, &target, Box::pin(async {
         require_mutation(&caller)?;
         let project: Option<ProjectId> = parse_optional_id("project_id", &request.project_id)?;
         let key = idempotency_key(&request.idempotency_key)?;
@@ -118,7 +119,8 @@ pub async fn update_deployment(
     ConnectRequest(request): ConnectRequest<pb::UpdateDeploymentRequest>,
 ) -> Reply<pb::UpdateDeploymentResponse> {
     // Boxed: the update reads, validates and writes, and its future is large.
-    api.observe("UpdateDeployment", Box::pin(update(&api, &caller, request))).await
+    let target = request.id.clone();
+    api.audited("UpdateDeployment", &caller, &target, Box::pin(update(&api, &caller, request))).await
 }
 
 async fn update(
@@ -227,7 +229,7 @@ pub async fn delete_deployment(
     caller: Caller,
     ConnectRequest(request): ConnectRequest<pb::DeleteDeploymentRequest>,
 ) -> Reply<pb::DeleteDeploymentResponse> {
-    api.observe("DeleteDeployment", async {
+    api.audited("DeleteDeployment", &caller, &request.id, async {
         require_mutation(&caller)?;
         let id: DeploymentId = parse_id("id", &request.id)?;
         let view = api.store.tenant(caller.organization_id).delete_deployment(id).await?;

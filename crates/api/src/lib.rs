@@ -5,6 +5,7 @@
 //! request, and then use the store only through the caller's organization.
 //! Errors are [`ApiError`]s, turned into Connect/gRPC codes at the boundary.
 
+mod audit;
 pub mod auth;
 mod convert;
 mod deployments;
@@ -84,10 +85,51 @@ impl ApiState {
         method: &'static str,
         body: impl Future<Output = Result<T, ApiError>>,
     ) -> Result<ConnectResponse<T>, ConnectError> {
-        let result = match tokio::time::timeout(REQUEST_TIMEOUT, body).await {
+        let result = Self::within_deadline(body).await;
+        self.respond(method, result)
+    }
+
+    /// [`Self::observe`] for a mutating call: its outcome also goes to the
+    /// audit log (`target`: what it acts on, unless the response names it).
+    /// A failed audit write is logged and counted; the answer stands.
+    async fn audited<T: audit::Audited>(
+        &self,
+        method: &'static str,
+        caller: &Caller,
+        target: &str,
+        body: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<ConnectResponse<T>, ConnectError> {
+        // Boxed: the body and the audit write together make a large future.
+        let result = Box::pin(Self::within_deadline(body)).await;
+        let entry = flotilla_store::audit::AuditEntry {
+            organization_id: caller.organization_id,
+            subject: caller.subject.clone(),
+            method: method.to_owned(),
+            target: result.as_ref().ok().and_then(audit::Audited::audit_target).unwrap_or_else(|| target.to_owned()),
+            code: result.as_ref().err().map_or("ok", |e| e.code().as_str()).to_owned(),
+            message: result.as_ref().err().map(ToString::to_string),
+        };
+        if let Err(error) = Box::pin(self.store.record_audit(&entry)).await {
+            self.stats.audit_failed();
+            tracing::warn!(%error, method, subject = %caller.subject, "could not write the audit log");
+        }
+        self.respond(method, result)
+    }
+
+    async fn within_deadline<T>(body: impl Future<Output = Result<T, ApiError>>) -> Result<T, ApiError> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, body).await {
             Ok(result) => result,
             Err(_) => Err(ApiError::DeadlineExceeded(REQUEST_TIMEOUT)),
-        };
+        }
+    }
+
+    /// Counts the result and maps its error to what handlers answer with.
+    #[allow(clippy::result_large_err, reason = "handlers answer with connectrpc's ConnectError as it is")]
+    fn respond<T>(
+        &self,
+        method: &'static str,
+        result: Result<T, ApiError>,
+    ) -> Result<ConnectResponse<T>, ConnectError> {
         let code = match &result {
             Ok(_) => "ok",
             Err(e) => e.code().as_str(),

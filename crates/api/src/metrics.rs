@@ -1,13 +1,14 @@
 //! Metric names of the API.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use flotilla_metrics::LiveView;
 use flotilla_telemetry::{FnCollector, MetricKind, MetricSpec};
 
 pub const REQUESTS_TOTAL: &str = "flotilla_api_requests_total";
+pub const AUDIT_WRITE_FAILURES_TOTAL: &str = "flotilla_api_audit_write_failures_total";
 pub const LIVE_SUBSCRIBERS: &str = "flotilla_api_live_subscribers";
 pub const LIVE_SLOW_SUBSCRIBERS: &str = "flotilla_api_live_slow_subscribers";
 pub const LIVE_DROPPED_TOTAL: &str = "flotilla_api_live_dropped_samples_total";
@@ -18,11 +19,17 @@ pub const LIVE_UNDECODABLE_TOTAL: &str = "flotilla_api_live_undecodable_messages
 #[derive(Debug, Default)]
 pub struct ApiStats {
     requests: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    audit_failures: AtomicU64,
 }
 
 impl ApiStats {
     pub fn count(&self, method: &'static str, code: &'static str) {
         *self.requests.lock().unwrap_or_else(|e| e.into_inner()).entry((method, code)).or_default() += 1;
+    }
+
+    /// A mutating call whose audit entry could not be written.
+    pub fn audit_failed(&self) {
+        self.audit_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn get(&self, method: &'static str, code: &'static str) -> u64 {
@@ -33,6 +40,7 @@ impl ApiStats {
 /// The API's collector; with a live view, its subscribers and cache too
 /// (the live streams this process serves).
 pub fn collector(stats: &Arc<ApiStats>, live: Option<Arc<LiveView>>) -> FnCollector {
+    let stats_for_audit = stats.clone();
     let stats = stats.clone();
     let mut specs = live.map(live_specs).unwrap_or_default();
     specs.push(MetricSpec::labelled(
@@ -53,6 +61,12 @@ pub fn collector(stats: &Arc<ApiStats>, live: Option<Arc<LiveView>>) -> FnCollec
                 })
                 .collect()
         },
+    ));
+    let audit = stats_for_audit;
+    specs.push(MetricSpec::counter(
+        AUDIT_WRITE_FAILURES_TOTAL,
+        "Mutating calls whose audit log entry could not be written.",
+        move || audit.audit_failures.load(Ordering::Relaxed) as f64,
     ));
     FnCollector::new(specs)
 }

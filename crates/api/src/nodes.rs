@@ -101,7 +101,7 @@ pub async fn drain_node(
     caller: Caller,
     ConnectRequest(request): ConnectRequest<pb::DrainNodeRequest>,
 ) -> Reply<pb::DrainNodeResponse> {
-    api.observe("DrainNode", async {
+    api.audited("DrainNode", &caller, &request.id, async {
         require_admin(&caller)?;
         let id = parse_node_id(&request.id)?;
         let node = set_availability(&api, &id, "drain", request.now).await?;
@@ -116,7 +116,7 @@ pub async fn activate_node(
     caller: Caller,
     ConnectRequest(request): ConnectRequest<pb::ActivateNodeRequest>,
 ) -> Reply<pb::ActivateNodeResponse> {
-    api.observe("ActivateNode", async {
+    api.audited("ActivateNode", &caller, &request.id, async {
         require_admin(&caller)?;
         let id = parse_node_id(&request.id)?;
         let node = set_availability(&api, &id, "active", false).await?;

@@ -6,6 +6,7 @@
 //! - [`placement`] holds the orchestrator's queries, [`replicas`] the node
 //!   agent's, [`nodes`] the heartbeat and node listing.
 
+pub mod audit;
 mod copy;
 mod error;
 pub mod metrics;

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use crate::audit::AuditRecord;
 use crate::error::unique_violation;
 use crate::models::{DEPLOYMENT_COLUMNS, DeploymentRow, REPLICA_COLUMNS, ReplicaRow, collect};
 use crate::{DeploymentRecord, DeploymentView, ReplicaRecord, StoreError};
@@ -37,6 +38,19 @@ impl<'a> Tenant<'a> {
 
     pub fn organization_id(&self) -> OrganizationId {
         self.organization_id
+    }
+
+    /// The organization's latest audit entries, newest first.
+    pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+        sqlx::query_as(
+            "SELECT at, subject, method, target, code, message FROM audit_log \
+             WHERE organization_id = $1 ORDER BY at DESC, id DESC LIMIT $2",
+        )
+        .bind(self.organization_id.as_uuid())
+        .bind(limit)
+        .fetch_all(self.pool)
+        .await
+        .map_err(StoreError::db("reading the audit log"))
     }
 
     /// The project a request names, or the organization's default project.
