@@ -7,32 +7,21 @@ pub trait Audited {
     fn audit_target(&self) -> Option<String>;
 }
 
-impl Audited for pb::CreateDeploymentResponse {
-    fn audit_target(&self) -> Option<String> {
-        self.deployment.as_ref().map(|d| d.id.clone())
-    }
+/// Responses carrying the resource in `$field`, named by its `id`.
+macro_rules! audited_by_id {
+    ($($response:ty => $field:ident),* $(,)?) => {
+        $(impl Audited for $response {
+            fn audit_target(&self) -> Option<String> {
+                self.$field.as_ref().map(|resource| resource.id.clone())
+            }
+        })*
+    };
 }
 
-impl Audited for pb::UpdateDeploymentResponse {
-    fn audit_target(&self) -> Option<String> {
-        self.deployment.as_ref().map(|d| d.id.clone())
-    }
-}
-
-impl Audited for pb::DeleteDeploymentResponse {
-    fn audit_target(&self) -> Option<String> {
-        self.deployment.as_ref().map(|d| d.id.clone())
-    }
-}
-
-impl Audited for pb::DrainNodeResponse {
-    fn audit_target(&self) -> Option<String> {
-        self.node.as_ref().map(|n| n.id.clone())
-    }
-}
-
-impl Audited for pb::ActivateNodeResponse {
-    fn audit_target(&self) -> Option<String> {
-        self.node.as_ref().map(|n| n.id.clone())
-    }
+audited_by_id! {
+    pb::CreateDeploymentResponse => deployment,
+    pb::UpdateDeploymentResponse => deployment,
+    pb::DeleteDeploymentResponse => deployment,
+    pb::DrainNodeResponse => node,
+    pb::ActivateNodeResponse => node,
 }
