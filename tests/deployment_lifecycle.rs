@@ -351,6 +351,12 @@ async fn every_mutating_call_is_in_the_audit_log_and_reads_are_not() {
     let (status, _) = flotilla.connect_node("DrainNode", json!({ "id": "no-such-node" })).await;
     assert_eq!(status, 404);
     let node = flotilla.node_id.to_string();
+    // The node exists once its agent's first heartbeat is in.
+    let started = std::time::Instant::now();
+    while flotilla.connect_node("GetNode", json!({ "id": node })).await.0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the node registers");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, body) = flotilla.connect_node("ActivateNode", json!({ "id": node })).await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = flotilla.connect_json("DeleteDeployment", json!({ "id": id })).await;
@@ -388,5 +394,97 @@ async fn every_mutating_call_is_in_the_audit_log_and_reads_are_not() {
     assert_eq!(log[0].method, "DeleteDeployment", "newest first");
     let other = flotilla.db.store.tenant(flotilla_types::OrganizationId::new()).audit_log(10).await.unwrap();
     assert!(other.is_empty(), "another organization sees none of it");
+    flotilla.stop().await;
+}
+
+/// ListDeployments on `base` over Connect JSON: (HTTP status, body, retry-after header).
+async fn list_at(http: &reqwest::Client, base: &str) -> (u16, Value, Option<String>) {
+    let response = http
+        .post(format!("{base}/flotilla.v1.DeploymentService/ListDeployments"))
+        .header("content-type", "application/json")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("the API answers");
+    let status = response.status().as_u16();
+    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    (status, response.json().await.unwrap_or(Value::Null), retry_after)
+}
+
+#[tokio::test]
+async fn rate_limits_are_shared_by_api_replicas_through_redis_and_outlive_it() {
+    let redis_url = std::env::var("FLOTILLA_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:56379".to_owned());
+    let redis_addr: std::net::SocketAddr =
+        redis_url.trim_start_matches("redis://").trim_end_matches('/').parse().expect("host:port");
+    let proxy = flotilla_e2e::proxy::Proxy::tcp(redis_addr).await;
+    let proxied = format!("redis://{}", proxy.tcp_address());
+    let limit = flotilla_redis::ratelimit::Limit { per_second: 0.2, burst: 10 };
+    let flotilla = TestFlotilla::start_with(|s| {
+        s.rate_limits.per_user = Some(limit);
+        if let Some((url, _)) = &mut s.redis {
+            url.clone_from(&proxied);
+        }
+    })
+    .await;
+    // A second API replica on the same database and Redis.
+    let mut settings = flotilla.settings.clone();
+    settings.roles = flotilla_daemon::Roles { api: true, orchestrator: false, agent: false };
+    let second =
+        flotilla_daemon::Daemon::start(settings, tokio_util::sync::CancellationToken::new()).await.expect("second API");
+    let bases = [flotilla.base_url.clone(), format!("http://{}", second.local_addr)];
+    let http = reqwest::Client::new();
+
+    // Twenty requests spread over both replicas: the user's burst of ten
+    // holds for the cluster, not for each replica.
+    let mut allowed = 0;
+    for i in 0..20 {
+        let (status, body, retry_after) = list_at(&http, &bases[i % 2]).await;
+        match status {
+            200 => allowed += 1,
+            429 => {
+                assert_eq!(body["code"], "resource_exhausted", "{body}");
+                assert!(body["message"].as_str().unwrap().contains("retry in"), "{body}");
+                assert!(retry_after.is_some_and(|s| s.parse::<u64>().is_ok_and(|n| n >= 1)), "a retry-after header");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(allowed, 10, "one burst across both replicas");
+    // gRPC clients get the wait as google.rpc.RetryInfo too.
+    let mut grpc = pb::deployment_service_client::DeploymentServiceClient::connect(bases[1].clone()).await.unwrap();
+    let refused = grpc.list_deployments(pb::ListDeploymentsRequest::default()).await.expect_err("over the limit");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+
+    // Redis goes away: every request is still answered (limits now per replica).
+    proxy.cut();
+    let mut answered = Vec::new();
+    for i in 0..8 {
+        answered.push(list_at(&http, &bases[i % 2]).await.0);
+    }
+    assert!(answered.iter().all(|s| *s == 200 || *s == 429), "{answered:?}");
+    assert!(answered.contains(&200), "each replica has its own burst while Redis is away: {answered:?}");
+    let metrics = http.get(format!("{}/metrics", bases[0])).send().await.unwrap().text().await.unwrap();
+    let fallbacks = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flotilla_api_rate_limit_local_fallbacks_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(fallbacks >= 4.0, "fallbacks are counted: {fallbacks}");
+
+    // Redis is back: the shared limit holds again (this user is still over it).
+    // (Pooled connections broken by the cut may each cost one more local
+    // decision; each replica still has local burst left, so a refusal can
+    // only come from Redis.)
+    proxy.restore().await;
+    let mut refused_by_redis = false;
+    for _ in 0..20 {
+        if list_at(&http, &bases[0]).await.0 == 429 {
+            refused_by_redis = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused_by_redis, "the shared state in Redis counts again");
+    assert!(second.shutdown().await);
     flotilla.stop().await;
 }

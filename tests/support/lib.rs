@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_agent::{Agent, AgentConfig};
-use flotilla_daemon::{Daemon, DaemonSettings, MetricsSettings, Roles};
+use flotilla_daemon::{Daemon, DaemonSettings, MetricsSettings, RateLimitSettings, Roles};
 use flotilla_docker::{DockerClient, DockerConfig};
 use flotilla_orchestrator::OrchestratorConfig;
 use flotilla_redis::WakeBus;
@@ -54,6 +54,8 @@ fn test_settings(db: &TestDb, redis: &TestRedis, docker: &TestDocker, state_dir:
         agent: test_agent_config(docker, state_dir, 0),
         orchestrator: OrchestratorConfig::default(),
         metrics: MetricsSettings::default(),
+        // Tests that are about rate limits set them.
+        rate_limits: RateLimitSettings::default(),
         shutdown_grace: Duration::from_secs(5),
     }
 }

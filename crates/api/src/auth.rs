@@ -8,6 +8,7 @@
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
 use connectrpc_axum::ConnectError;
+use flotilla_redis::ratelimit::{Decision, Limit, RateLimiter};
 use flotilla_types::{OrganizationId, ProjectId};
 
 use crate::ApiError;
@@ -70,15 +71,51 @@ impl Authenticator {
     }
 }
 
+/// Requests allowed per user and per organization, shared by every API
+/// replica through Redis (see [`RateLimiter`]).
+#[derive(Debug)]
+pub struct RateLimits {
+    pub limiter: RateLimiter,
+    pub per_user: Option<Limit>,
+    pub per_organization: Option<Limit>,
+}
+
+impl RateLimits {
+    pub fn none() -> Self {
+        Self { limiter: RateLimiter::local_only(), per_user: None, per_organization: None }
+    }
+
+    /// Takes one request of `caller`: its own limit, then its organization's.
+    pub async fn admit(&self, caller: &Caller) -> Result<(), ApiError> {
+        let checks = [
+            (self.per_user, format!("user:{}:{}", caller.organization_id, caller.subject), "requests per user"),
+            (self.per_organization, format!("org:{}", caller.organization_id), "requests per organization"),
+        ];
+        for (limit, subject, what) in checks {
+            let Some(limit) = limit else { continue };
+            if let Decision::Limited { retry_after } = self.limiter.check(&subject, limit).await {
+                return Err(ApiError::ResourceExhausted {
+                    limit: format!("{} {what} a second (bursts of {})", limit.per_second, limit.burst),
+                    retry_after,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 impl<S> FromRequestParts<S> for Caller
 where
     S: Send + Sync,
     std::sync::Arc<Authenticator>: FromRef<S>,
+    std::sync::Arc<RateLimits>: FromRef<S>,
 {
     type Rejection = ConnectError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let auth = std::sync::Arc::<Authenticator>::from_ref(state);
-        auth.authenticate(parts).map_err(ConnectError::from)
+        let caller = auth.authenticate(parts).map_err(ConnectError::from)?;
+        std::sync::Arc::<RateLimits>::from_ref(state).admit(&caller).await.map_err(ConnectError::from)?;
+        Ok(caller)
     }
 }

@@ -27,6 +27,10 @@ pub enum ApiError {
     #[error("{0}")]
     PermissionDenied(String),
 
+    /// Over a rate limit; the client may retry after `retry_after`.
+    #[error("rate limit of {limit} exceeded; retry in {} ms", retry_after.as_millis())]
+    ResourceExhausted { limit: String, retry_after: std::time::Duration },
+
     /// A dependency (the database) is down; clients may retry.
     #[error("service temporarily unavailable: {0}")]
     Unavailable(String),
@@ -63,6 +67,7 @@ impl ApiError {
             Self::Aborted(_) => Code::Aborted,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::ResourceExhausted { .. } => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
@@ -79,8 +84,31 @@ impl From<ApiError> for ConnectError {
             }
             other => other.to_string(),
         };
-        ConnectError::new(error.code(), message)
+        let connect = ConnectError::new(error.code(), message);
+        match &error {
+            ApiError::ResourceExhausted { retry_after, .. } => with_retry_info(connect, *retry_after),
+            _ => connect,
+        }
     }
+}
+
+/// The wait as machine-readable retry information: a `google.rpc.RetryInfo`
+/// error detail and a `retry-after` header (whole seconds, rounded up).
+fn with_retry_info(error: ConnectError, retry_after: std::time::Duration) -> ConnectError {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RetryInfo {
+        #[prost(message, optional, tag = "1")]
+        retry_delay: Option<prost_types::Duration>,
+    }
+    let info = RetryInfo {
+        retry_delay: Some(prost_types::Duration {
+            seconds: retry_after.as_secs() as i64,
+            nanos: retry_after.subsec_nanos() as i32,
+        }),
+    };
+    error
+        .add_detail("type.googleapis.com/google.rpc.RetryInfo", prost::Message::encode_to_vec(&info))
+        .with_meta("retry-after", (retry_after.as_secs_f64().ceil() as u64).to_string())
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use flotilla_store::metrics::MetricsStore;
 use flotilla_telemetry::Telemetry;
 use tokio_util::sync::CancellationToken;
 
-pub use auth::{Authenticator, Caller, Role};
+pub use auth::{Authenticator, Caller, RateLimits, Role};
 pub use error::ApiError;
 
 /// Largest request body accepted (bytes).
@@ -53,10 +53,17 @@ pub struct ApiState {
     pub store: Store,
     pub wake: WakeBus,
     pub auth: Arc<Authenticator>,
+    pub limits: Arc<RateLimits>,
     pub stats: Arc<metrics::ApiStats>,
     pub metrics: MetricsAccess,
     /// Fires at shutdown: live streams end.
     pub shutdown: CancellationToken,
+}
+
+impl FromRef<ApiState> for Arc<RateLimits> {
+    fn from_ref(state: &ApiState) -> Self {
+        state.limits.clone()
+    }
 }
 
 impl FromRef<ApiState> for Arc<Authenticator> {
@@ -76,7 +83,16 @@ impl ApiState {
     ) -> Self {
         let stats = Arc::new(metrics::ApiStats::default());
         telemetry.register(Box::new(metrics::collector(&stats, metrics.live.clone())));
-        Self { store, wake, auth: Arc::new(auth), stats, metrics, shutdown }
+        let limits = Arc::new(RateLimits::none());
+        Self { store, wake, auth: Arc::new(auth), limits, stats, metrics, shutdown }
+    }
+
+    /// Limits requests per user and per organization (none by default).
+    pub fn with_rate_limits(mut self, limits: RateLimits, telemetry: &Telemetry) -> Self {
+        let limits = Arc::new(limits);
+        telemetry.register(Box::new(metrics::rate_limit_collector(&limits)));
+        self.limits = limits;
+        self
     }
 
     /// Runs a handler body, counts its result by code and maps its error.

@@ -9,6 +9,8 @@ use flotilla_telemetry::{FnCollector, MetricKind, MetricSpec};
 
 pub const REQUESTS_TOTAL: &str = "flotilla_api_requests_total";
 pub const AUDIT_WRITE_FAILURES_TOTAL: &str = "flotilla_api_audit_write_failures_total";
+pub const RATE_LIMITED_TOTAL: &str = "flotilla_api_rate_limited_total";
+pub const RATE_LIMIT_LOCAL_FALLBACKS_TOTAL: &str = "flotilla_api_rate_limit_local_fallbacks_total";
 pub const LIVE_SUBSCRIBERS: &str = "flotilla_api_live_subscribers";
 pub const LIVE_SLOW_SUBSCRIBERS: &str = "flotilla_api_live_slow_subscribers";
 pub const LIVE_DROPPED_TOTAL: &str = "flotilla_api_live_dropped_samples_total";
@@ -69,6 +71,21 @@ pub fn collector(stats: &Arc<ApiStats>, live: Option<Arc<LiveView>>) -> FnCollec
         move || audit.audit_failures.load(Ordering::Relaxed) as f64,
     ));
     FnCollector::new(specs)
+}
+
+/// The rate limiter's decisions.
+pub fn rate_limit_collector(limits: &Arc<crate::RateLimits>) -> FnCollector {
+    let (limited, fallbacks) = (limits.clone(), limits.clone());
+    FnCollector::new(vec![
+        MetricSpec::counter(RATE_LIMITED_TOTAL, "Requests refused by a rate limit (resource_exhausted).", move || {
+            limited.limiter.stats().limited as f64
+        }),
+        MetricSpec::counter(
+            RATE_LIMIT_LOCAL_FALLBACKS_TOTAL,
+            "Rate limit decisions taken in this process because Redis could not be reached in time.",
+            move || fallbacks.limiter.stats().local_fallbacks as f64,
+        ),
+    ])
 }
 
 fn live_specs(live: Arc<LiveView>) -> Vec<MetricSpec> {

@@ -87,6 +87,23 @@ pub struct DaemonConfig {
     #[arg(long, env = "FLOTILLA_INSECURE_DEV_AUTH")]
     pub insecure_dev_auth: bool,
 
+    /// Requests a second each user may make on average (0: unlimited);
+    /// shared by every API replica through Redis.
+    #[arg(long, env = "FLOTILLA_RATE_LIMIT_USER", default_value_t = 200.0)]
+    pub rate_limit_user: f64,
+
+    /// Requests a user may make at once, above the average.
+    #[arg(long, env = "FLOTILLA_RATE_LIMIT_USER_BURST", default_value_t = 400)]
+    pub rate_limit_user_burst: u32,
+
+    /// Requests a second all users of one organization may make together (0: unlimited).
+    #[arg(long, env = "FLOTILLA_RATE_LIMIT_ORGANIZATION", default_value_t = 2000.0)]
+    pub rate_limit_organization: f64,
+
+    /// Requests an organization may make at once, above the average.
+    #[arg(long, env = "FLOTILLA_RATE_LIMIT_ORGANIZATION_BURST", default_value_t = 4000)]
+    pub rate_limit_organization_burst: u32,
+
     /// Docker Engine socket (default: $DOCKER_HOST or /var/run/docker.sock).
     #[arg(long, env = "FLOTILLA_DOCKER_SOCKET")]
     pub docker_socket: Option<String>,

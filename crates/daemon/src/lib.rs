@@ -15,6 +15,7 @@ use flotilla_docker::{DockerClient, DockerConfig, DockerError};
 use flotilla_metrics::pipeline::MetricsError;
 use flotilla_metrics::{LiveView, MetricsConfig, MetricsPipeline};
 use flotilla_orchestrator::{Orchestrator, OrchestratorConfig};
+use flotilla_redis::ratelimit::{Limit, RateLimiter};
 use flotilla_redis::{LiveFeed, ORCHESTRATOR_TOPIC, RedisError, WakeBus, agent_topic};
 use flotilla_store::metrics::{MetricsStore, Retention};
 use flotilla_store::{Store, StoreConfig, StoreError};
@@ -68,7 +69,15 @@ pub struct DaemonSettings {
     pub agent: AgentConfig,
     pub orchestrator: OrchestratorConfig,
     pub metrics: MetricsSettings,
+    pub rate_limits: RateLimitSettings,
     pub shutdown_grace: Duration,
+}
+
+/// API rate limits; `None`: unlimited.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RateLimitSettings {
+    pub per_user: Option<Limit>,
+    pub per_organization: Option<Limit>,
 }
 
 /// The metrics side of a daemon.
@@ -102,6 +111,14 @@ impl DaemonSettings {
             redis: config.redis_url.clone().map(|url| (url, config.redis_prefix.clone())),
             listen: config.listen,
             insecure_dev_auth: config.insecure_dev_auth,
+            rate_limits: RateLimitSettings {
+                per_user: (config.rate_limit_user > 0.0)
+                    .then_some(Limit { per_second: config.rate_limit_user, burst: config.rate_limit_user_burst }),
+                per_organization: (config.rate_limit_organization > 0.0).then_some(Limit {
+                    per_second: config.rate_limit_organization,
+                    burst: config.rate_limit_organization_burst,
+                }),
+            },
             docker: DockerConfig { socket: config.docker_socket.clone(), timeout: None },
             agent: config.agent_config(),
             orchestrator: config.orchestrator_config(),
@@ -220,7 +237,19 @@ impl Daemon {
                 (None, None) => None,
             };
             let metrics = flotilla_api::MetricsAccess { store: metrics_store.clone(), live };
-            Some(ApiState::new(store.clone(), wake.clone(), auth, metrics, cancel.clone(), &telemetry))
+            let limiter = match &settings.redis {
+                Some((url, prefix)) => RateLimiter::with_redis(url, prefix)?,
+                None => RateLimiter::local_only(),
+            };
+            let limits = flotilla_api::RateLimits {
+                limiter,
+                per_user: settings.rate_limits.per_user,
+                per_organization: settings.rate_limits.per_organization,
+            };
+            Some(
+                ApiState::new(store.clone(), wake.clone(), auth, metrics, cancel.clone(), &telemetry)
+                    .with_rate_limits(limits, &telemetry),
+            )
         } else {
             None
         };

@@ -153,6 +153,7 @@ async fn the_node_agent_runs_as_a_swarm_global_service() {
         agent: Default::default(),
         orchestrator: Default::default(),
         metrics: MetricsSettings::default(),
+        rate_limits: Default::default(),
         shutdown_grace: Duration::from_secs(5),
     };
     settings.orchestrator.interval = Duration::from_secs(1);

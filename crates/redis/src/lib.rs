@@ -8,6 +8,7 @@
 
 pub mod live;
 pub mod metrics;
+pub mod ratelimit;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
