@@ -488,3 +488,92 @@ async fn rate_limits_are_shared_by_api_replicas_through_redis_and_outlive_it() {
     assert!(second.shutdown().await);
     flotilla.stop().await;
 }
+
+#[tokio::test]
+async fn stop_start_restart_and_scale() {
+    let flotilla = TestFlotilla::start().await;
+    let id = flotilla.deploy_demo("cycled", 1).await;
+    let first = flotilla_e2e::replica_container(&flotilla.get(&id).await, 0).expect("a container");
+    let running = |id: &str| {
+        let id = id.to_owned();
+        move |status: u16, body: &Value| {
+            flotilla_e2e::is_running(status, body)
+                && body["deployment"]["replicas"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().all(|r| r["status"] == "REPLICA_STATUS_RUNNING") && !r.is_empty())
+                && body["deployment"]["id"] == id.as_str()
+        }
+    };
+
+    // Stop over Connect JSON: the container stops, the spec and placement stay.
+    let (status, body) = flotilla.connect_json("StopDeployment", json!({ "id": id })).await;
+    assert_eq!(status, 200, "{body}");
+    flotilla.wait_for(&id, RUN_TIMEOUT, |_, b| b["deployment"]["status"] == "DEPLOYMENT_STATUS_STOPPED").await;
+    let started = std::time::Instant::now();
+    loop {
+        let inspect = flotilla.docker.docker.inspect_container(&first, None::<InspectContainerOptions>).await;
+        let state = inspect.expect("stopped, not removed").state.and_then(|s| s.running);
+        if state == Some(false) {
+            break;
+        }
+        assert!(started.elapsed() < RUN_TIMEOUT, "the container stops");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, error) = flotilla.connect_json("RestartDeployment", json!({ "id": id })).await;
+    assert_eq!((status, error["code"].as_str()), (400, Some("failed_precondition")), "{error}");
+
+    // Start over gRPC: the same container runs again.
+    let mut grpc = pb::deployment_service_client::DeploymentServiceClient::connect(flotilla.base_url.clone())
+        .await
+        .expect("gRPC connects");
+    grpc.start_deployment(pb::StartDeploymentRequest { id: id.clone() }).await.expect("gRPC start");
+    let (_, body) = flotilla.wait_for(&id, RUN_TIMEOUT, running(&id)).await;
+    assert_eq!(flotilla_e2e::replica_container(&body["deployment"], 0).as_deref(), Some(first.as_str()));
+    let generation = body["deployment"]["generation"].as_str().unwrap().parse::<i64>().unwrap();
+
+    // Restart: a new generation, a fresh container, start-first.
+    let (status, body) = flotilla.connect_json("RestartDeployment", json!({ "id": id })).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = flotilla
+        .wait_for(&id, RUN_TIMEOUT, |s, b| {
+            running(&id)(s, b)
+                && flotilla_e2e::replica_container(&b["deployment"], 0).is_some_and(|c| c != first)
+                && b["deployment"]["rollout"]["state"] == "ROLLOUT_STATE_COMPLETE"
+        })
+        .await;
+    assert_eq!(body["deployment"]["generation"], (generation + 1).to_string());
+    // The old container keeps serving for the rollout's drain, then goes.
+    let started = std::time::Instant::now();
+    while containers_of(&flotilla, &id).await.len() != 1 {
+        assert!(started.elapsed() < RUN_TIMEOUT, "the old container is removed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Scale up and down.
+    let (status, body) = flotilla.connect_json("ScaleDeployment", json!({ "id": id, "replicas": 3 })).await;
+    assert_eq!(status, 200, "{body}");
+    flotilla
+        .wait_for(&id, RUN_TIMEOUT, |s, b| {
+            running(&id)(s, b) && b["deployment"]["replicas"].as_array().unwrap().len() == 3
+        })
+        .await;
+    grpc.scale_deployment(pb::ScaleDeploymentRequest { id: id.clone(), replicas: 1 }).await.expect("gRPC scale");
+    flotilla
+        .wait_for(&id, RUN_TIMEOUT, |s, b| {
+            running(&id)(s, b) && b["deployment"]["replicas"].as_array().unwrap().len() == 1
+        })
+        .await;
+    let (status, error) = flotilla.connect_json("ScaleDeployment", json!({ "id": id, "replicas": -1 })).await;
+    assert_eq!((status, error["code"].as_str()), (400, Some("invalid_argument")), "{error}");
+    for method in ["StartDeployment", "StopDeployment", "RestartDeployment", "ScaleDeployment"] {
+        let mut missing = json!({ "id": uuid::Uuid::now_v7().to_string() });
+        if method == "ScaleDeployment" {
+            missing["replicas"] = json!(1);
+        }
+        let (status, error) = flotilla.connect_json(method, missing).await;
+        assert_eq!((status, error["code"].as_str()), (404, Some("not_found")), "{method}: {error}");
+        let (status, error) = flotilla.connect_json(method, json!({ "id": "nope" })).await;
+        assert_eq!((status, error["code"].as_str()), (400, Some("invalid_argument")), "{method}: {error}");
+    }
+    flotilla.stop().await;
+}

@@ -22,6 +22,10 @@ audited_by_id! {
     pb::CreateDeploymentResponse => deployment,
     pb::UpdateDeploymentResponse => deployment,
     pb::DeleteDeploymentResponse => deployment,
+    pb::StartDeploymentResponse => deployment,
+    pb::StopDeploymentResponse => deployment,
+    pb::RestartDeploymentResponse => deployment,
+    pb::ScaleDeploymentResponse => deployment,
     pb::DrainNodeResponse => node,
     pb::ActivateNodeResponse => node,
 }

@@ -239,3 +239,81 @@ pub async fn delete_deployment(
     })
     .await
 }
+
+/// A change of a deployment's desired state: start, stop or restart.
+async fn change_state(api: &ApiState, caller: &Caller, id: &str, to: StateChange) -> Result<DeploymentView, ApiError> {
+    require_mutation(caller)?;
+    let id: DeploymentId = parse_id("id", id)?;
+    let tenant = api.store.tenant(caller.organization_id);
+    let view = match to {
+        StateChange::Start => tenant.set_desired_state(id, DesiredState::Running).await?,
+        StateChange::Stop => tenant.set_desired_state(id, DesiredState::Stopped).await?,
+        StateChange::Restart => tenant.restart_deployment(id).await?,
+    };
+    tracing::info!(deployment.id = %id, change = ?to, subject = %caller.subject, "deployment state changed");
+    wake_deployment(api, &view).await;
+    Ok(view)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StateChange {
+    Start,
+    Stop,
+    Restart,
+}
+
+pub async fn start_deployment(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::StartDeploymentRequest>,
+) -> Reply<pb::StartDeploymentResponse> {
+    api.audited("StartDeployment", &caller, &request.id, async {
+        let view = change_state(&api, &caller, &request.id, StateChange::Start).await?;
+        Ok(pb::StartDeploymentResponse { deployment: Some(convert::deployment(&view)) })
+    })
+    .await
+}
+
+pub async fn stop_deployment(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::StopDeploymentRequest>,
+) -> Reply<pb::StopDeploymentResponse> {
+    api.audited("StopDeployment", &caller, &request.id, async {
+        let view = change_state(&api, &caller, &request.id, StateChange::Stop).await?;
+        Ok(pb::StopDeploymentResponse { deployment: Some(convert::deployment(&view)) })
+    })
+    .await
+}
+
+pub async fn restart_deployment(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::RestartDeploymentRequest>,
+) -> Reply<pb::RestartDeploymentResponse> {
+    api.audited("RestartDeployment", &caller, &request.id, async {
+        let view = change_state(&api, &caller, &request.id, StateChange::Restart).await?;
+        Ok(pb::RestartDeploymentResponse { deployment: Some(convert::deployment(&view)) })
+    })
+    .await
+}
+
+pub async fn scale_deployment(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::ScaleDeploymentRequest>,
+) -> Reply<pb::ScaleDeploymentResponse> {
+    let target = request.id.clone();
+    let update_request =
+        pb::UpdateDeploymentRequest { id: request.id, replicas: Some(request.replicas), ..Default::default() };
+    api.audited(
+        "ScaleDeployment",
+        &caller,
+        &target,
+        Box::pin(async {
+            let updated = update(&api, &caller, update_request).await?;
+            Ok(pb::ScaleDeploymentResponse { deployment: updated.deployment })
+        }),
+    )
+    .await
+}

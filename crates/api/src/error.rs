@@ -17,6 +17,10 @@ pub enum ApiError {
     #[error("{what} already exists")]
     AlreadyExists { what: String },
 
+    /// The resource is not in a state that allows the call.
+    #[error("{0}")]
+    FailedPrecondition(String),
+
     /// A concurrent change won; the client may read again and retry.
     #[error("{0}")]
     Aborted(String),
@@ -49,6 +53,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { entity, id } => Self::NotFound { what: entity, id },
             StoreError::AlreadyExists { what } => Self::AlreadyExists { what },
             StoreError::Conflict { what } => Self::Aborted(what),
+            StoreError::FailedPrecondition { what } => Self::FailedPrecondition(what),
             e @ StoreError::IdempotencyKeyReused { .. } => {
                 Self::InvalidArgument(FieldError::new("idempotency_key", e.to_string()))
             }
@@ -65,6 +70,7 @@ impl ApiError {
             Self::NotFound { .. } => Code::NotFound,
             Self::AlreadyExists { .. } => Code::AlreadyExists,
             Self::Aborted(_) => Code::Aborted,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::ResourceExhausted { .. } => Code::ResourceExhausted,

@@ -49,6 +49,28 @@ pub enum Command {
         /// Name or id.
         deployment: String,
     },
+    /// Stop every replica of a deployment (its spec and placement stay).
+    Stop {
+        /// Name or id.
+        deployment: String,
+    },
+    /// Run a stopped deployment again and wait until it runs.
+    Start {
+        /// Name or id.
+        deployment: String,
+    },
+    /// Replace every replica with a fresh container, start-first (no downtime).
+    Restart {
+        /// Name or id.
+        deployment: String,
+    },
+    /// Set the number of replicas and wait until they run.
+    Scale {
+        /// Name or id.
+        deployment: String,
+        /// 0 to 100.
+        replicas: i32,
+    },
     /// Delete a deployment and wait until it is gone.
     Rm {
         /// Name or id.
@@ -225,6 +247,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             flo.show(&d)
         }
         Command::Rm { deployment, no_wait } => flo.remove(&deployment, no_wait).await,
+        Command::Stop { deployment } => flo.change(&deployment, Change::Stop).await,
+        Command::Start { deployment } => flo.change(&deployment, Change::Start).await,
+        Command::Restart { deployment } => flo.change(&deployment, Change::Restart).await,
+        Command::Scale { deployment, replicas } => flo.change(&deployment, Change::Scale(replicas)).await,
         Command::Top { deployment, backfill, count, duration } => flo.top(&deployment, backfill, count, duration).await,
         Command::Metrics { deployment, since, step } => flo.metrics(&deployment, since, step).await,
         Command::Usage { deployment, since } => flo.usage(deployment.as_deref(), since).await,
@@ -673,6 +699,105 @@ impl Flo {
         Ok(())
     }
 
+    /// Stops, starts, restarts or scales a deployment, then follows it until
+    /// it is where the change leads.
+    async fn change(&self, name_or_id: &str, change: Change) -> Result<(), CliError> {
+        let d = self.find(name_or_id).await?;
+        let id = d.id.clone();
+        let changed = match change {
+            Change::Stop => {
+                self.client.stop_deployment(&pb::StopDeploymentRequest { id }).await.map(|r| r.into_inner().deployment)
+            }
+            Change::Start => self
+                .client
+                .start_deployment(&pb::StartDeploymentRequest { id })
+                .await
+                .map(|r| r.into_inner().deployment),
+            Change::Restart => self
+                .client
+                .restart_deployment(&pb::RestartDeploymentRequest { id })
+                .await
+                .map(|r| r.into_inner().deployment),
+            Change::Scale(replicas) => self
+                .client
+                .scale_deployment(&pb::ScaleDeploymentRequest { id, replicas })
+                .await
+                .map(|r| r.into_inner().deployment),
+        }
+        .map_err(|e| self.err(e))?
+        .ok_or_else(|| CliError::Failed("the server answered without the deployment".to_owned()))?;
+        self.say(&format!("{change} {} ({})", changed.name, changed.id))?;
+        let done = match change {
+            Change::Stop => self.wait_until_stopped(&changed, Duration::from_secs(120)).await?,
+            Change::Restart => self.wait_until_rolled_out(&changed, Duration::from_secs(300)).await?,
+            _ => self.wait_until_running(&changed, Duration::from_secs(300)).await?,
+        };
+        if self.format == OutputFormat::Json {
+            return self.json(&done);
+        }
+        self.say(&format!("{} is {}", done.name, status_name(done.status)))
+    }
+
+    /// Until every replica runs `changed`'s generation (or it was rolled back).
+    async fn wait_until_rolled_out(
+        &self,
+        changed: &pb::Deployment,
+        timeout: Duration,
+    ) -> Result<pb::Deployment, CliError> {
+        let started = Instant::now();
+        let mut last = String::new();
+        loop {
+            let d = self.get(&changed.id).await?;
+            let rollout = d.rollout.clone().unwrap_or_default();
+            let line = format!("{} of {} replicas replaced", rollout.updated_replicas, d.replica_count);
+            if line != last {
+                self.say(&format!("  [{:>5.1}s] {line}", started.elapsed().as_secs_f64()))?;
+                last = line;
+            }
+            let current = rollout.generation >= changed.generation;
+            match pb::RolloutState::try_from(rollout.state) {
+                Ok(pb::RolloutState::Complete) if current => return Ok(d),
+                Ok(pb::RolloutState::RolledBack) if current => {
+                    return Err(CliError::Failed(format!("restart of {} rolled back: {}", d.name, rollout.message)));
+                }
+                _ => {}
+            }
+            if started.elapsed() > timeout {
+                return Err(CliError::Failed(format!(
+                    "{} is still restarting after {}s: `flo status {}`",
+                    d.name,
+                    timeout.as_secs(),
+                    d.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn wait_until_stopped(
+        &self,
+        changed: &pb::Deployment,
+        timeout: Duration,
+    ) -> Result<pb::Deployment, CliError> {
+        let started = Instant::now();
+        loop {
+            let d = self.get(&changed.id).await?;
+            if d.status == pb::DeploymentStatus::Stopped as i32 {
+                return Ok(d);
+            }
+            if started.elapsed() > timeout {
+                return Err(CliError::Failed(format!(
+                    "{} is not stopped after {}s (status: {}): `flo status {}`",
+                    d.name,
+                    timeout.as_secs(),
+                    status_name(d.status),
+                    d.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     async fn remove(&self, name_or_id: &str, no_wait: bool) -> Result<(), CliError> {
         let d = self.find(name_or_id).await?;
         self.client
@@ -695,6 +820,26 @@ impl Flo {
                 }
                 Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
+        }
+    }
+}
+
+/// A change `flo` makes to a deployment's state.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Stop,
+    Start,
+    Restart,
+    Scale(i32),
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stop => f.write_str("Stopping"),
+            Self::Start => f.write_str("Starting"),
+            Self::Restart => f.write_str("Restarting"),
+            Self::Scale(n) => write!(f, "Scaling to {n}:"),
         }
     }
 }

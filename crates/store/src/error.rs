@@ -13,6 +13,10 @@ pub enum StoreError {
     #[error("idempotency key {key:?} was used for a different request")]
     IdempotencyKeyReused { key: String },
 
+    /// The row is not in a state that allows the operation.
+    #[error("{what}")]
+    FailedPrecondition { what: String },
+
     /// Optimistic concurrency: the row changed since it was read.
     #[error("{what}")]
     Conflict { what: String },

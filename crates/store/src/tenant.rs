@@ -245,6 +245,31 @@ impl<'a> Tenant<'a> {
         }
     }
 
+    /// Starts a new generation of a running deployment without changing its
+    /// spec: every replica is replaced start-first. `Conflict` when it is
+    /// not running.
+    pub async fn restart_deployment(&self, id: DeploymentId) -> Result<DeploymentView, StoreError> {
+        let state: Option<String> = sqlx::query_scalar(
+            "WITH found AS (SELECT desired_state FROM deployments \
+             WHERE organization_id = $1 AND id = $2 AND desired_state <> 'deleted'), \
+             bumped AS (UPDATE deployments SET generation = generation + 1, updated_at = now() \
+             WHERE organization_id = $1 AND id = $2 AND desired_state = 'running' RETURNING id) \
+             SELECT desired_state FROM found",
+        )
+        .bind(self.organization_id.as_uuid())
+        .bind(id.as_uuid())
+        .fetch_optional(self.pool)
+        .await
+        .map_err(StoreError::db("restarting a deployment"))?;
+        match state.as_deref() {
+            None => Err(StoreError::NotFound { entity: "deployment", id: id.to_string() }),
+            Some("running") => self.get_deployment(id).await,
+            Some(other) => {
+                Err(StoreError::FailedPrecondition { what: format!("deployment {id} is {other}; start it instead") })
+            }
+        }
+    }
+
     /// Starts or stops a deployment without changing its spec.
     pub async fn set_desired_state(
         &self,
