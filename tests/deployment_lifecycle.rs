@@ -577,3 +577,54 @@ async fn stop_start_restart_and_scale() {
     }
     flotilla.stop().await;
 }
+
+#[tokio::test]
+async fn deployments_are_listed_by_status_and_node_page_by_page() {
+    let flotilla = TestFlotilla::start().await;
+    let mut ids = Vec::new();
+    for name in ["list-a", "list-b", "list-c", "list-d"] {
+        ids.push(flotilla.deploy_demo(name, 1).await);
+    }
+    let (status, body) = flotilla.connect_json("StopDeployment", json!({ "id": ids[1] })).await;
+    assert_eq!(status, 200, "{body}");
+    flotilla.wait_for(&ids[1], RUN_TIMEOUT, |_, b| b["deployment"]["status"] == "DEPLOYMENT_STATUS_STOPPED").await;
+
+    // An empty list is left out of the JSON, as proto3 does.
+    let names = |body: &Value| -> Vec<String> {
+        assert!(body.get("code").is_none(), "an error: {body}");
+        body["deployments"]
+            .as_array()
+            .map(|list| list.iter().map(|d| d["name"].as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    };
+    let (_, stopped) = flotilla.connect_json("ListDeployments", json!({ "status": "DEPLOYMENT_STATUS_STOPPED" })).await;
+    assert_eq!(names(&stopped), ["list-b"]);
+    // Running ones, one per page: every page token leads on, none is lost.
+    let (mut seen, mut token) = (Vec::new(), String::new());
+    loop {
+        let (status, page) = flotilla
+            .connect_json(
+                "ListDeployments",
+                json!({ "status": "DEPLOYMENT_STATUS_RUNNING", "pageSize": 1, "pageToken": token }),
+            )
+            .await;
+        assert_eq!(status, 200, "{page}");
+        seen.extend(names(&page));
+        token = page["nextPageToken"].as_str().unwrap_or("").to_owned();
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(seen, ["list-a", "list-c", "list-d"]);
+
+    let node = flotilla.node_id.to_string();
+    let (_, on_node) = flotilla.connect_json("ListDeployments", json!({ "nodeId": node })).await;
+    assert_eq!(names(&on_node).len(), 4);
+    let (_, elsewhere) = flotilla.connect_json("ListDeployments", json!({ "nodeId": "some-other-node" })).await;
+    assert!(names(&elsewhere).is_empty(), "{elsewhere}");
+    for bad in [json!({ "nodeId": "bad node!" }), json!({ "status": 99 })] {
+        let (status, error) = flotilla.connect_json("ListDeployments", bad.clone()).await;
+        assert_eq!((status, error["code"].as_str()), (400, Some("invalid_argument")), "{bad}: {error}");
+    }
+    flotilla.stop().await;
+}

@@ -10,7 +10,7 @@ use flotilla_proto::v1 as pb;
 use flotilla_redis::{ORCHESTRATOR_TOPIC, agent_topic};
 use flotilla_store::DeploymentView;
 use flotilla_store::tenant::MAX_PAGE_SIZE;
-use flotilla_types::{DeploymentId, DeploymentSpec, DesiredState, EnvVar, FieldError, ProjectId};
+use flotilla_types::{DeploymentId, DeploymentSpec, DesiredState, EnvVar, FieldError, NodeId, ProjectId};
 
 use crate::auth::Caller;
 use crate::convert::{self, parse_id, parse_optional_id};
@@ -91,6 +91,9 @@ pub async fn get_deployment(
     .await
 }
 
+/// Store pages one ListDeployments with a status filter reads at most.
+const STATUS_FILTER_PAGES: usize = 5;
+
 pub async fn list_deployments(
     State(api): State<ApiState>,
     caller: Caller,
@@ -103,11 +106,43 @@ pub async fn list_deployments(
             n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
             n => return Err(FieldError::new("page_size", format!("{n} is out of range 1-{MAX_PAGE_SIZE}")).into()),
         };
-        let after: Option<DeploymentId> = parse_optional_id("page_token", &request.page_token)?;
-        let page = api.store.tenant(caller.organization_id).list_deployments(project, after, page_size).await?;
+        let mut after: Option<DeploymentId> = parse_optional_id("page_token", &request.page_token)?;
+        let node = match request.node_id.as_str() {
+            "" => None,
+            id => Some(NodeId::parse(id).map_err(|e| FieldError::new("node_id", e.to_string()))?),
+        };
+        let status = match pb::DeploymentStatus::try_from(request.status) {
+            Ok(pb::DeploymentStatus::Unspecified) => None,
+            Ok(status) => Some(status as i32),
+            Err(_) => {
+                return Err(FieldError::new("status", format!("{} is not a deployment status", request.status)).into());
+            }
+        };
+        let tenant = api.store.tenant(caller.organization_id);
+        // The status is derived from the replicas, so it is filtered here; a
+        // few store pages at most per request, then the client goes on.
+        let mut deployments = Vec::new();
+        for _ in 0..STATUS_FILTER_PAGES {
+            let page = tenant.list_deployments(project, node.as_ref(), after, page_size).await?;
+            after = page.next_after;
+            deployments.extend(
+                page.deployments
+                    .iter()
+                    .map(|view| (view.deployment.id, convert::deployment(view)))
+                    .filter(|(_, d)| status.is_none_or(|s| d.status == s)),
+            );
+            if status.is_none() || deployments.len() as i64 >= page_size || after.is_none() {
+                break;
+            }
+        }
+        if deployments.len() as i64 > page_size {
+            // The next page starts after the last one returned, not after the last one read.
+            deployments.truncate(page_size as usize);
+            after = deployments.last().map(|(id, _)| *id);
+        }
         Ok(pb::ListDeploymentsResponse {
-            deployments: page.deployments.iter().map(convert::deployment).collect(),
-            next_page_token: page.next_after.map(|id| id.to_string()).unwrap_or_default(),
+            deployments: deployments.into_iter().map(|(_, d)| d).collect(),
+            next_page_token: after.map(|id| id.to_string()).unwrap_or_default(),
         })
     })
     .await

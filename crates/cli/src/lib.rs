@@ -43,7 +43,15 @@ pub enum Command {
     /// Deploy an image and wait until it runs.
     Deploy(DeployArgs),
     /// List deployments.
-    Ls,
+    Ls {
+        /// Only those with this status: pending, deploying, running,
+        /// degraded, failed, stopped or deleting.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<i32>,
+        /// Only those with a replica on this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// Show a deployment and where its replicas run.
     Status {
         /// Name or id.
@@ -241,7 +249,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     let flo = Flo { client, nodes, api: cli.api, format: cli.output };
     match cli.command {
         Command::Deploy(args) => flo.deploy(args).await,
-        Command::Ls => flo.list().await,
+        Command::Ls { status, node } => flo.list(status.unwrap_or(0), node.unwrap_or_default()).await,
         Command::Status { deployment } => {
             let d = flo.find(&deployment).await?;
             flo.show(&d)
@@ -297,6 +305,23 @@ struct Flo {
     format: OutputFormat,
 }
 
+/// A status as `flo ls --status` takes it.
+fn parse_status(name: &str) -> Result<i32, String> {
+    let all = [
+        pb::DeploymentStatus::Pending,
+        pb::DeploymentStatus::Deploying,
+        pb::DeploymentStatus::Running,
+        pb::DeploymentStatus::Degraded,
+        pb::DeploymentStatus::Failed,
+        pb::DeploymentStatus::Stopped,
+        pb::DeploymentStatus::Deleting,
+    ];
+    all.into_iter().map(|s| s as i32).find(|s| status_name(*s) == name.to_ascii_lowercase()).ok_or_else(|| {
+        let names: Vec<&str> = all.into_iter().map(|s| status_name(s as i32)).collect();
+        format!("{name:?} is not a status; one of {}", names.join(", "))
+    })
+}
+
 fn status_name(status: i32) -> &'static str {
     match pb::DeploymentStatus::try_from(status).unwrap_or(pb::DeploymentStatus::Unspecified) {
         pb::DeploymentStatus::Unspecified => "unknown",
@@ -350,6 +375,11 @@ impl Flo {
     }
 
     async fn all(&self) -> Result<Vec<pb::Deployment>, CliError> {
+        self.all_matching(0, String::new()).await
+    }
+
+    /// Every deployment with `status` (0: any) on `node` (empty: any), page by page.
+    async fn all_matching(&self, status: i32, node: String) -> Result<Vec<pb::Deployment>, CliError> {
         let mut all = Vec::new();
         let mut page_token = String::new();
         loop {
@@ -358,6 +388,8 @@ impl Flo {
                 .list_deployments(&pb::ListDeploymentsRequest {
                     page_size: 500,
                     page_token: page_token.clone(),
+                    status,
+                    node_id: node.clone(),
                     ..Default::default()
                 })
                 .await
@@ -471,8 +503,8 @@ impl Flo {
         }
     }
 
-    async fn list(&self) -> Result<(), CliError> {
-        let all = self.all().await?;
+    async fn list(&self, status: i32, node: String) -> Result<(), CliError> {
+        let all = self.all_matching(status, node).await?;
         if self.format == OutputFormat::Json {
             return self.json(&all);
         }
@@ -841,5 +873,18 @@ impl std::fmt::Display for Change {
             Self::Restart => f.write_str("Restarting"),
             Self::Scale(n) => write!(f, "Scaling to {n}:"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_named_as_flo_ls_shows_them() {
+        assert_eq!(parse_status("stopped"), Ok(pb::DeploymentStatus::Stopped as i32));
+        assert_eq!(parse_status("Running"), Ok(pb::DeploymentStatus::Running as i32));
+        let error = parse_status("sleeping").unwrap_err();
+        assert!(error.contains("pending, deploying, running, degraded, failed, stopped, deleting"), "{error}");
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use flotilla_types::{DeploymentId, DeploymentSpec, DesiredState, OrganizationId, ProjectId};
+use flotilla_types::{DeploymentId, DeploymentSpec, DesiredState, NodeId, OrganizationId, ProjectId};
 use sqlx::PgPool;
 use sqlx::types::Json;
 use uuid::Uuid;
@@ -314,13 +314,16 @@ impl<'a> Tenant<'a> {
     pub async fn list_deployments(
         &self,
         project: Option<ProjectId>,
+        node: Option<&NodeId>,
         after: Option<DeploymentId>,
         limit: i64,
     ) -> Result<DeploymentPage, StoreError> {
         let limit = limit.clamp(1, MAX_PAGE_SIZE);
         let sql = format!(
-            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE organization_id = $1 \
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments d WHERE organization_id = $1 \
              AND ($2::uuid IS NULL OR project_id = $2) AND ($3::uuid IS NULL OR id > $3) \
+             AND ($5::text IS NULL OR EXISTS (SELECT 1 FROM deployment_locations l \
+             WHERE l.deployment_id = d.id AND l.node_id = $5)) \
              ORDER BY id LIMIT $4"
         );
         let rows: Vec<DeploymentRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -328,6 +331,7 @@ impl<'a> Tenant<'a> {
             .bind(project.map(|p| p.as_uuid()))
             .bind(after.map(|a| a.as_uuid()))
             .bind(limit + 1)
+            .bind(node.map(NodeId::as_str))
             .fetch_all(self.pool)
             .await
             .map_err(StoreError::db("listing deployments"))?;

@@ -67,7 +67,7 @@ async fn a_tenant_sees_only_its_own_deployments() {
     assert_eq!(a.get_deployment(created.id).await.unwrap().deployment, created);
 
     assert!(matches!(b.get_deployment(created.id).await, Err(StoreError::NotFound { .. })));
-    assert!(b.list_deployments(None, None, 50).await.unwrap().deployments.is_empty());
+    assert!(b.list_deployments(None, None, None, 50).await.unwrap().deployments.is_empty());
     assert!(matches!(b.delete_deployment(created.id).await, Err(StoreError::NotFound { .. })));
     // Organization A cannot deploy into B's project either.
     assert!(matches!(
@@ -103,7 +103,7 @@ async fn listing_pages_through_everything_once() {
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let page = t.list_deployments(None, after, 3).await.unwrap();
+        let page = t.list_deployments(None, None, after, 3).await.unwrap();
         assert!(page.deployments.len() <= 3);
         seen.extend(page.deployments.iter().map(|d| d.deployment.id));
         match page.next_after {
