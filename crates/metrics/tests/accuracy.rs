@@ -17,6 +17,9 @@ use flotilla_metrics::{Filter, SourceChoice};
 use flotilla_types::DeploymentId;
 use flotilla_types::metrics::Sample;
 
+/// Bytes of background traffic two readings of one interface may differ by.
+const STRAY_BYTES: f64 = 1024.0;
+
 const INTERVAL: Duration = Duration::from_secs(3);
 
 fn only(samples: &[Arc<Sample>], container: &str) -> Sample {
@@ -125,8 +128,12 @@ async fn the_docker_api_path_agrees_with_the_cgroup_path() {
         );
         assert!(close(c.cpu_cores, d.cpu_cores, 0.10, 0.01), "cpu {} vs {}", c.cpu_cores, d.cpu_cores);
         assert!(close(c.memory_bytes as f64, d.memory_bytes as f64, 0.10, 64.0 * 1024.0), "memory");
-        assert!(close(c.net_tx_bytes as f64, d.net_tx_bytes as f64, 0.01, 200.0), "tx");
-        assert!(close(c.net_rx_bytes as f64, d.net_rx_bytes as f64, 0.01, 200.0), "rx");
+        // The two paths read at slightly different moments: a stray packet
+        // on the bridge (ARP, neighbour discovery when other containers come
+        // and go, a few hundred bytes) may fall in one interval and not the
+        // other. The 10 MiB served by `web` is held to 1 %.
+        assert!(close(c.net_tx_bytes as f64, d.net_tx_bytes as f64, 0.01, STRAY_BYTES), "tx");
+        assert!(close(c.net_rx_bytes as f64, d.net_rx_bytes as f64, 0.01, STRAY_BYTES), "rx");
         assert_eq!(c.pids, d.pids);
         assert_eq!((c.memory_limit_bytes, c.key.clone()), (d.memory_limit_bytes, d.key.clone()));
         assert!(close(c.cpu_percent_of_limit, d.cpu_percent_of_limit, 0.10, 1.0));

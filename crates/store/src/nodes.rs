@@ -10,19 +10,24 @@ impl Store {
     /// Registers or refreshes a node. Availability (an operator's decision)
     /// and status (the orchestrator's) are left as they are; the deployment
     /// count is recounted from the placement rows.
+    ///
+    /// The recount is its own statement after the upsert has locked the
+    /// node's row, so it sees every placement committed before; a count
+    /// taken inside the upsert would use the statement's older snapshot and
+    /// overwrite a placement's increment committed meanwhile.
     pub async fn upsert_heartbeat(&self, beat: &NodeHeartbeat) -> Result<(), StoreError> {
+        let op = "recording a heartbeat";
+        let mut tx = self.pool().begin().await.map_err(StoreError::db(op))?;
         sqlx::query(
             "INSERT INTO node_metadata (node_id, hostname, address, role, labels, total_cpu_millis, \
              total_memory_bytes, used_cpu_millis, used_memory_bytes, max_deployments, agent_version, \
              deployment_count, last_heartbeat) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-             (SELECT count(*) FROM deployment_locations WHERE node_id = $1), now()) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, now()) \
              ON CONFLICT (node_id) DO UPDATE SET hostname = EXCLUDED.hostname, address = EXCLUDED.address, \
              role = EXCLUDED.role, labels = EXCLUDED.labels, total_cpu_millis = EXCLUDED.total_cpu_millis, \
              total_memory_bytes = EXCLUDED.total_memory_bytes, used_cpu_millis = EXCLUDED.used_cpu_millis, \
              used_memory_bytes = EXCLUDED.used_memory_bytes, max_deployments = EXCLUDED.max_deployments, \
-             agent_version = EXCLUDED.agent_version, deployment_count = EXCLUDED.deployment_count, \
-             last_heartbeat = now(), updated_at = now()",
+             agent_version = EXCLUDED.agent_version, last_heartbeat = now(), updated_at = now()",
         )
         .bind(beat.node_id.as_str())
         .bind(&beat.hostname)
@@ -35,9 +40,18 @@ impl Store {
         .bind(beat.used_memory_bytes)
         .bind(beat.max_deployments)
         .bind(&beat.agent_version)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await
-        .map_err(StoreError::db("recording a heartbeat"))?;
+        .map_err(StoreError::db(op))?;
+        sqlx::query(
+            "UPDATE node_metadata SET deployment_count = \
+             (SELECT count(*) FROM deployment_locations WHERE node_id = $1) WHERE node_id = $1",
+        )
+        .bind(beat.node_id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(op))?;
+        tx.commit().await.map_err(StoreError::db(op))?;
         Ok(())
     }
 

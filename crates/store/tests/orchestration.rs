@@ -296,3 +296,45 @@ async fn idempotency_keys_return_the_first_result_and_expire() {
     let after = tenant.create_deployment_once(None, &spec, "alice", "k1").await;
     assert!(matches!(after, Err(StoreError::AlreadyExists { .. })), "{after:?}");
 }
+
+/// A heartbeat's recount never overwrites a change of the node's rows
+/// committed while it waited for the node's row.
+#[tokio::test]
+async fn a_heartbeat_waiting_on_the_node_row_recounts_after_it() {
+    let db = TestDb::new().await;
+    let store = db.store.clone();
+    let (org, _) = ensure_organization(store.pool(), "race", "Race").await.unwrap();
+    store.upsert_heartbeat(&heartbeat("n1")).await.unwrap();
+    let lease = store.acquire_lease("a", TTL).await.unwrap().unwrap();
+    let (d, generation) = deployment(&store, org, "race", "").await;
+    store.commit_placements(&lease, &[plan(d, generation, vec![replica("n1", 0)], "")], None).await.unwrap();
+    let count = || async {
+        let (count, rows): (i32, i64) = sqlx::query_as(
+            "SELECT deployment_count, (SELECT count(*) FROM deployment_locations) FROM node_metadata \
+             WHERE node_id = 'n1'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        (i64::from(count), rows)
+    };
+    assert_eq!(count().await, (1, 1));
+
+    // A replica leaves, as the agent records it: row and count in one transaction.
+    let mut leaving = store.pool().begin().await.unwrap();
+    sqlx::query("DELETE FROM deployment_locations WHERE node_id = 'n1'").execute(&mut *leaving).await.unwrap();
+    sqlx::query("UPDATE node_metadata SET deployment_count = deployment_count - 1 WHERE node_id = 'n1'")
+        .execute(&mut *leaving)
+        .await
+        .unwrap();
+    // Meanwhile a heartbeat arrives and waits for the node's row.
+    let beat = {
+        let store = store.clone();
+        tokio::spawn(async move { store.upsert_heartbeat(&heartbeat("n1")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!beat.is_finished(), "the heartbeat waits for the row lock");
+    leaving.commit().await.unwrap();
+    beat.await.unwrap().unwrap();
+    assert_eq!(count().await, (0, 0), "the recount saw the committed removal");
+}
