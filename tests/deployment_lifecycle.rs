@@ -565,6 +565,33 @@ async fn stop_start_restart_and_scale() {
         .await;
     let (status, error) = flotilla.connect_json("ScaleDeployment", json!({ "id": id, "replicas": -1 })).await;
     assert_eq!((status, error["code"].as_str()), (400, Some("invalid_argument")), "{error}");
+
+    // The same calls in Connect's binary protobuf encoding.
+    let binary = pb::deployment_service_connect_client::DeploymentServiceClient::builder(flotilla.base_url.clone())
+        .use_proto()
+        .build()
+        .expect("Connect client");
+    let stopped = binary.stop_deployment(&pb::StopDeploymentRequest { id: id.clone() }).await.expect("binary stop");
+    assert_eq!(stopped.into_inner().deployment.map(|d| d.id), Some(id.clone()));
+    flotilla.wait_for(&id, RUN_TIMEOUT, |_, b| b["deployment"]["status"] == "DEPLOYMENT_STATUS_STOPPED").await;
+    binary.start_deployment(&pb::StartDeploymentRequest { id: id.clone() }).await.expect("binary start");
+    flotilla.wait_for(&id, RUN_TIMEOUT, running(&id)).await;
+    let restarted =
+        binary.restart_deployment(&pb::RestartDeploymentRequest { id: id.clone() }).await.expect("binary restart");
+    assert!(restarted.into_inner().deployment.is_some_and(|d| d.generation > generation + 1));
+    let scaled = binary
+        .scale_deployment(&pb::ScaleDeploymentRequest { id: id.clone(), replicas: 2 })
+        .await
+        .expect("binary scale")
+        .into_inner();
+    assert_eq!(scaled.deployment.map(|d| d.replica_count), Some(2));
+    flotilla
+        .wait_for(&id, RUN_TIMEOUT, |s, b| {
+            running(&id)(s, b)
+                && b["deployment"]["replicas"].as_array().unwrap().len() == 2
+                && b["deployment"]["rollout"]["state"] == "ROLLOUT_STATE_COMPLETE"
+        })
+        .await;
     for method in ["StartDeployment", "StopDeployment", "RestartDeployment", "ScaleDeployment"] {
         let mut missing = json!({ "id": uuid::Uuid::now_v7().to_string() });
         if method == "ScaleDeployment" {
