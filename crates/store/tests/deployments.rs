@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla_store::Store;
+use flotilla_store::StoreError;
 use flotilla_store::placement::{CommitReport, Lease, NewReplica, PlacementPlan};
 use flotilla_store::replicas::ReplicaObservation;
 use flotilla_store::tenant::ensure_organization;
-use flotilla_store::{NodeHeartbeat, StoreError};
-use flotilla_test_utils::TestDb;
+use flotilla_test_utils::{TestDb, node_heartbeat};
 use flotilla_types::status::Health;
 use flotilla_types::{
     DeploymentId, DeploymentSpec, DeploymentSpecInput, DeploymentStatus, NodeId, ReplicaId, ReplicaState,
@@ -37,22 +37,6 @@ async fn place(store: &Store, deployment: DeploymentId, generation: i64, replica
         unplaced: None,
     };
     store.commit_placements(&lease, &[plan], None).await.unwrap()
-}
-
-fn heartbeat(node: &NodeId) -> NodeHeartbeat {
-    NodeHeartbeat {
-        node_id: node.clone(),
-        hostname: "host".into(),
-        address: "127.0.0.1".into(),
-        role: "standalone".into(),
-        labels: BTreeMap::new(),
-        total_cpu_millis: 2000,
-        total_memory_bytes: 1 << 30,
-        used_cpu_millis: 0,
-        used_memory_bytes: 0,
-        max_deployments: 10,
-        agent_version: "test".into(),
-    }
 }
 
 #[tokio::test]
@@ -120,7 +104,7 @@ async fn placement_then_observation_then_deletion() {
     let store = &db.store;
     let (org, _) = ensure_organization(db.pool(), "a", "A").await.unwrap();
     let node = NodeId::parse("node-1").unwrap();
-    store.upsert_heartbeat(&heartbeat(&node)).await.unwrap();
+    store.upsert_heartbeat(&node_heartbeat(node.as_str())).await.unwrap();
     let (nodes, _) = store.placement_snapshot(Duration::from_secs(15)).await.unwrap();
     assert_eq!(nodes.iter().filter(|n| n.heartbeat_fresh && n.node.status == "ready").count(), 1);
 
@@ -189,7 +173,7 @@ async fn a_deleted_deployment_on_a_silent_node_is_finalized_without_its_agent() 
     let store = &db.store;
     let (org, _) = ensure_organization(db.pool(), "a", "A").await.unwrap();
     let node = NodeId::parse("gone-node").unwrap();
-    store.upsert_heartbeat(&heartbeat(&node)).await.unwrap();
+    store.upsert_heartbeat(&node_heartbeat(node.as_str())).await.unwrap();
     let deployment = store.tenant(org).create_deployment(None, &spec("web", "")).await.unwrap();
     let replica = NewReplica {
         id: ReplicaId::new(),

@@ -8,8 +8,8 @@ use std::time::Duration;
 use flotilla_store::placement::{Lease, NewReplica, PlacementPlan, RouteRecord};
 use flotilla_store::replicas::ReplicaObservation;
 use flotilla_store::tenant::ensure_organization;
-use flotilla_store::{NodeHeartbeat, Store, StoreError};
-use flotilla_test_utils::TestDb;
+use flotilla_store::{Store, StoreError};
+use flotilla_test_utils::{TestDb, node_heartbeat};
 use flotilla_types::routing::{PathPrefix, Route};
 use flotilla_types::status::Health;
 use flotilla_types::{
@@ -17,22 +17,6 @@ use flotilla_types::{
 };
 
 const TTL: Duration = Duration::from_secs(30);
-
-fn heartbeat(node: &str) -> NodeHeartbeat {
-    NodeHeartbeat {
-        node_id: NodeId::parse(node).unwrap(),
-        hostname: node.into(),
-        address: format!("10.0.0.{}", node.len()),
-        role: "worker".into(),
-        labels: BTreeMap::new(),
-        total_cpu_millis: 2000,
-        total_memory_bytes: 1 << 30,
-        used_cpu_millis: 0,
-        used_memory_bytes: 0,
-        max_deployments: 10,
-        agent_version: "test".into(),
-    }
-}
 
 async fn deployment(store: &Store, org: OrganizationId, name: &str, domain: &str) -> (DeploymentId, i64) {
     let spec = DeploymentSpec::validate(DeploymentSpecInput {
@@ -116,7 +100,7 @@ async fn one_leader_at_a_time_and_a_deposed_leader_writes_nothing() {
     assert_eq!(b.term, a.term + 1);
 
     // a wakes up and tries to place with its old lease: refused, nothing written.
-    store.upsert_heartbeat(&heartbeat("n1")).await.unwrap();
+    store.upsert_heartbeat(&node_heartbeat("n1")).await.unwrap();
     let (org, _) = ensure_organization(db.pool(), "o", "O").await.unwrap();
     let (d, generation) = deployment(store, org, "web", "").await;
     let err = store.commit_placements(&a, &[plan(d, generation, vec![replica("n1", 0)], "")], None).await.unwrap_err();
@@ -142,7 +126,7 @@ async fn a_silent_node_goes_down_its_replicas_are_freed_and_it_comes_back() {
     let lease: Lease = store.acquire_lease("leader", TTL).await.unwrap().unwrap();
     let (org, _) = ensure_organization(db.pool(), "o", "O").await.unwrap();
     for node in ["n1", "n22"] {
-        store.upsert_heartbeat(&heartbeat(node)).await.unwrap();
+        store.upsert_heartbeat(&node_heartbeat(node)).await.unwrap();
     }
     let (d, generation) = deployment(store, org, "web", "web.example.com").await;
     let first = replica("n1", 0);
@@ -176,7 +160,7 @@ async fn a_silent_node_goes_down_its_replicas_are_freed_and_it_comes_back() {
     assert_eq!(store.watch_node_health(&lease, Duration::from_secs(15)).await.unwrap(), Default::default());
 
     // Heard from again: ready, and placeable.
-    store.upsert_heartbeat(&heartbeat("n1")).await.unwrap();
+    store.upsert_heartbeat(&node_heartbeat("n1")).await.unwrap();
     let changes = store.watch_node_health(&lease, Duration::from_secs(15)).await.unwrap();
     assert_eq!(changes.back, [NodeId::parse("n1").unwrap()]);
     let (snapshot, _) = store.placement_snapshot(Duration::from_secs(15)).await.unwrap();
@@ -190,7 +174,7 @@ async fn a_drained_replica_keeps_serving_until_its_replacement_does() {
     let lease = store.acquire_lease("leader", TTL).await.unwrap().unwrap();
     let (org, _) = ensure_organization(db.pool(), "o", "O").await.unwrap();
     for node in ["n1", "n22"] {
-        store.upsert_heartbeat(&heartbeat(node)).await.unwrap();
+        store.upsert_heartbeat(&node_heartbeat(node)).await.unwrap();
     }
     let (d, generation) = deployment(store, org, "web", "web.example.com").await;
     let old = replica("n1", 0);
@@ -234,7 +218,7 @@ async fn drain_now_retires_at_once_and_activate_restores_what_has_not_moved() {
     let store = &db.store;
     let lease = store.acquire_lease("leader", TTL).await.unwrap().unwrap();
     let (org, _) = ensure_organization(db.pool(), "o", "O").await.unwrap();
-    store.upsert_heartbeat(&heartbeat("n1")).await.unwrap();
+    store.upsert_heartbeat(&node_heartbeat("n1")).await.unwrap();
     let (a, ga) = deployment(store, org, "a", "a.example.com").await;
     let (b, gb) = deployment(store, org, "b", "").await;
     let ra = replica("n1", 0);
@@ -304,7 +288,7 @@ async fn a_heartbeat_waiting_on_the_node_row_recounts_after_it() {
     let db = TestDb::new().await;
     let store = db.store.clone();
     let (org, _) = ensure_organization(store.pool(), "race", "Race").await.unwrap();
-    store.upsert_heartbeat(&heartbeat("n1")).await.unwrap();
+    store.upsert_heartbeat(&node_heartbeat("n1")).await.unwrap();
     let lease = store.acquire_lease("a", TTL).await.unwrap().unwrap();
     let (d, generation) = deployment(&store, org, "race", "").await;
     store.commit_placements(&lease, &[plan(d, generation, vec![replica("n1", 0)], "")], None).await.unwrap();
@@ -330,7 +314,7 @@ async fn a_heartbeat_waiting_on_the_node_row_recounts_after_it() {
     // Meanwhile a heartbeat arrives and waits for the node's row.
     let beat = {
         let store = store.clone();
-        tokio::spawn(async move { store.upsert_heartbeat(&heartbeat("n1")).await })
+        tokio::spawn(async move { store.upsert_heartbeat(&node_heartbeat("n1")).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!beat.is_finished(), "the heartbeat waits for the row lock");

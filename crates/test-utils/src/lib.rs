@@ -19,6 +19,24 @@ use std::sync::Once;
 pub const DEFAULT_DATABASE_URL: &str = "postgres://flotilla:flotilla@127.0.0.1:55432/flotilla";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:56379";
 
+/// A heartbeat of a small worker node (2 cores, 1 GiB, 10 deployment slots)
+/// called `node`, as its agent would send it.
+pub fn node_heartbeat(node: &str) -> flotilla_store::NodeHeartbeat {
+    flotilla_store::NodeHeartbeat {
+        node_id: flotilla_types::NodeId::parse(node).expect("a node id"),
+        hostname: node.to_owned(),
+        address: "10.0.0.1".to_owned(),
+        role: "worker".to_owned(),
+        labels: std::collections::BTreeMap::new(),
+        total_cpu_millis: 2000,
+        total_memory_bytes: 1 << 30,
+        used_cpu_millis: 0,
+        used_memory_bytes: 0,
+        max_deployments: 10,
+        agent_version: "test".to_owned(),
+    }
+}
+
 /// A short unique suffix for names.
 pub fn unique_suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
