@@ -110,23 +110,83 @@ impl Churn {
     }
 }
 
-fn apply(node: &mut Candidate, cpu: i64, memory: i64, sign: i32) {
-    node.deployment_count += sign;
-    node.reserved_cpu_millis += i64::from(sign) * cpu;
-    node.reserved_memory_bytes += i64::from(sign) * memory;
+/// What the decision loop runs against: the indexes (ours), or a plain
+/// node list with a baseline's way of deciding.
+trait Cluster {
+    /// Chooses a node for `request` and records the replica on it.
+    fn place(&mut self, request: &Request<'_>) -> anyhow::Result<usize>;
+    /// Records that a replica with these needs left node `i`.
+    fn depart(&mut self, i: usize, cpu: i64, memory: i64);
+    fn node_id(&self, i: usize) -> &NodeId;
+    fn len(&self) -> usize;
 }
 
-/// Runs `asks` through `decide` on a plain node list (the baselines),
-/// updating the list as each decision and departure requires.
-fn baseline_run(
-    mut nodes: Vec<Candidate>,
+impl Cluster for Placer {
+    fn place(&mut self, request: &Request<'_>) -> anyhow::Result<usize> {
+        let choice = self.choose(request).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.commit(choice.index, request);
+        black_box(&choice.reason);
+        Ok(choice.index)
+    }
+
+    fn depart(&mut self, i: usize, cpu: i64, memory: i64) {
+        self.release(i, cpu, memory);
+    }
+
+    fn node_id(&self, i: usize) -> &NodeId {
+        &self.node(i).node_id
+    }
+
+    fn len(&self) -> usize {
+        self.nodes().len()
+    }
+}
+
+/// A baseline: every node in a list, and a function that looks at them all.
+struct Listed {
+    nodes: Vec<Candidate>,
+    decide: fn(&[Candidate], &Request<'_>) -> Option<usize>,
+}
+
+impl Listed {
+    fn apply(&mut self, i: usize, cpu: i64, memory: i64, sign: i32) {
+        let node = &mut self.nodes[i];
+        node.deployment_count += sign;
+        node.reserved_cpu_millis += i64::from(sign) * cpu;
+        node.reserved_memory_bytes += i64::from(sign) * memory;
+    }
+}
+
+impl Cluster for Listed {
+    fn place(&mut self, request: &Request<'_>) -> anyhow::Result<usize> {
+        let i = (self.decide)(&self.nodes, request).context("the baseline found no node")?;
+        self.apply(i, request.cpu_millis, request.memory_bytes, 1);
+        Ok(i)
+    }
+
+    fn depart(&mut self, i: usize, cpu: i64, memory: i64) {
+        self.apply(i, cpu, memory, -1);
+    }
+
+    fn node_id(&self, i: usize) -> &NodeId {
+        &self.nodes[i].node_id
+    }
+
+    fn len(&self) -> usize {
+        self.nodes.len()
+    }
+}
+
+/// Runs `asks` on `cluster`, timing each decision with its updates for the
+/// replica placed and for the one that departs.
+fn run(
+    cluster: &mut impl Cluster,
     asks: &[Ask],
     strategy: PlacementStrategy,
     eu: &Constraints,
-    none: &Constraints,
-    decide: fn(&[Candidate], &Request<'_>) -> Option<usize>,
 ) -> anyhow::Result<Samples> {
-    let mut churn = Churn::new(nodes.len());
+    let none = Constraints::default();
+    let mut churn = Churn::new(cluster.len());
     let mut avoid: Vec<NodeId> = Vec::new();
     let mut times = Vec::with_capacity(asks.len());
     for ask in asks {
@@ -138,16 +198,15 @@ fn baseline_run(
             strategy,
             cpu_millis: ask.cpu_millis,
             memory_bytes: ask.memory_bytes,
-            constraints: if ask.constrained { eu } else { none },
+            constraints: if ask.constrained { eu } else { &none },
             avoid: &avoid,
         };
-        let i = decide(&nodes, &request).context("the baseline found no node")?;
-        apply(&mut nodes[i], ask.cpu_millis, ask.memory_bytes, 1);
+        let i = cluster.place(&request)?;
         if let Some((j, cpu, memory)) = churn.departure(i, ask.cpu_millis, ask.memory_bytes) {
-            apply(&mut nodes[j], cpu, memory, -1);
+            cluster.depart(j, cpu, memory);
         }
         times.push(started.elapsed());
-        avoid.push(nodes[i].node_id.clone());
+        avoid.push(cluster.node_id(i).clone());
     }
     Ok(Samples::new(times))
 }
@@ -170,7 +229,6 @@ fn line(name: &str, samples: &Samples) -> String {
 
 pub fn decisions(node_counts: &[usize], count: usize, baseline_budget: Duration) -> anyhow::Result<()> {
     let eu = Constraints::parse("constraints", &BTreeMap::from([("region".to_owned(), "eu".to_owned())]))?;
-    let none = Constraints::default();
     println!("placement decisions: {count} per strategy and cluster size; each = choose + index update + a departure");
     for &n in node_counts {
         let mut rng = StdRng::seed_from_u64(n as u64);
@@ -182,41 +240,18 @@ pub fn decisions(node_counts: &[usize], count: usize, baseline_budget: Duration)
         black_box(built);
         for strategy in STRATEGIES {
             let mut placer = Placer::new(nodes.clone(), None);
-            let mut churn = Churn::new(n);
-            let mut avoid: Vec<NodeId> = Vec::new();
-            let mut times = Vec::with_capacity(asks.len());
             let run_started = Instant::now();
-            for ask in &asks {
-                if ask.replica == 0 {
-                    avoid.clear();
-                }
-                let started = Instant::now();
-                let request = Request {
-                    strategy,
-                    cpu_millis: ask.cpu_millis,
-                    memory_bytes: ask.memory_bytes,
-                    constraints: if ask.constrained { &eu } else { &none },
-                    avoid: &avoid,
-                };
-                let choice = placer.choose(&request).map_err(|e| anyhow::anyhow!("{e}"))?;
-                placer.commit(choice.index, &request);
-                if let Some((j, cpu, memory)) = churn.departure(choice.index, ask.cpu_millis, ask.memory_bytes) {
-                    placer.release(j, cpu, memory);
-                }
-                times.push(started.elapsed());
-                black_box(&choice.reason);
-                avoid.push(placer.node(choice.index).node_id.clone());
-            }
+            let indexed = run(&mut placer, &asks, strategy, &eu)?;
             let wall = run_started.elapsed();
-            let indexed = Samples::new(times);
             println!("  {strategy}: {:.0} decisions/s over the run", asks.len() as f64 / wall.as_secs_f64());
             println!("{}", line("indexed (ours)", &indexed));
             // The baselines get as many decisions as fit their time budget.
-            let probe = baseline_run(nodes.clone(), &asks[..3], strategy, &eu, &none, choose_by_sorting)?;
+            let baseline = |decide| Listed { nodes: nodes.clone(), decide };
+            let probe = run(&mut baseline(choose_by_sorting), &asks[..3], strategy, &eu)?;
             let per = probe.max().max(Duration::from_micros(1));
             let budget = ((baseline_budget.as_secs_f64() / per.as_secs_f64()) as usize).clamp(30, asks.len());
-            let sorted = baseline_run(nodes.clone(), &asks[..budget], strategy, &eu, &none, choose_by_sorting)?;
-            let scanned = baseline_run(nodes.clone(), &asks[..budget], strategy, &eu, &none, choose_by_scanning)?;
+            let sorted = run(&mut baseline(choose_by_sorting), &asks[..budget], strategy, &eu)?;
+            let scanned = run(&mut baseline(choose_by_scanning), &asks[..budget], strategy, &eu)?;
             println!("{}", line("sort-all baseline", &sorted));
             println!("{}", line("single-scan baseline", &scanned));
             let ratio = |a: &Samples, b: &Samples, p: f64| micros(a.percentile(p)) / micros(b.percentile(p)).max(1e-3);
