@@ -9,7 +9,7 @@ use connectrpc_axum::{ConnectError, ConnectRequest, ConnectResponse};
 use flotilla_proto::v1 as pb;
 use flotilla_redis::{ORCHESTRATOR_TOPIC, agent_topic};
 use flotilla_store::DeploymentView;
-use flotilla_store::tenant::MAX_PAGE_SIZE;
+use flotilla_store::tenant::{CreatedOnce, MAX_PAGE_SIZE};
 use flotilla_types::{DeploymentId, DeploymentSpec, DesiredState, EnvVar, FieldError, NodeId, ProjectId};
 
 use crate::auth::Caller;
@@ -43,15 +43,13 @@ pub async fn create_deployment(
         let tenant = api.store.tenant(caller.organization_id);
         let created = match &key {
             None => tenant.create_deployment(project, &spec).await?,
-            Some(key) => {
-                let (record, new) = tenant.create_deployment_once(project, &spec, &caller.subject, key).await?;
-                if !new {
-                    tracing::info!(deployment.id = %record.id, subject = %caller.subject, "create retried with the same idempotency key: the first result");
-                    let view = tenant.get_deployment(record.id).await?;
+            Some(key) => match tenant.create_deployment_once(project, &spec, &caller.subject, key).await? {
+                CreatedOnce::Created(record) => record,
+                CreatedOnce::Replayed(view) => {
+                    tracing::info!(deployment.id = %view.deployment.id, subject = %caller.subject, "create retried with the same idempotency key: the first result");
                     return Ok(pb::CreateDeploymentResponse { deployment: Some(convert::deployment(&view)) });
                 }
-                record
-            }
+            },
         };
         tracing::info!(deployment.id = %created.id, deployment.name = %spec.name, subject = %caller.subject, "deployment created");
         // Answer with the state just written (pending, no replicas yet), not

@@ -224,7 +224,8 @@ impl Store {
         // (placed elsewhere while this node was down)?
         let superseded = inserted.rows_affected() == 0
             && sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM deployment_locations WHERE deployment_id = $1                  AND replica_index = $2 AND drain_state IS NULL AND id <> $3)",
+                "SELECT EXISTS (SELECT 1 FROM deployment_locations WHERE deployment_id = $1 \
+                 AND replica_index = $2 AND drain_state IS NULL AND id <> $3)",
             )
             .bind(adoption.deployment_id.as_uuid())
             .bind(adoption.replica_index)

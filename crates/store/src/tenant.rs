@@ -24,6 +24,15 @@ pub struct Tenant<'a> {
     organization_id: OrganizationId,
 }
 
+/// What [`Tenant::create_deployment_once`] did.
+#[derive(Debug)]
+pub enum CreatedOnce {
+    /// The key was new: the deployment was created now.
+    Created(DeploymentRecord),
+    /// The key was known: the deployment the first request created, as it is now.
+    Replayed(DeploymentView),
+}
+
 /// A page of deployments and where the next one starts.
 #[derive(Debug, Clone)]
 pub struct DeploymentPage {
@@ -77,23 +86,20 @@ impl<'a> Tenant<'a> {
         spec: &DeploymentSpec,
     ) -> Result<DeploymentRecord, StoreError> {
         let project_id = self.resolve_project(project).await?;
-        let mut tx = self.pool.begin().await.map_err(StoreError::db("creating a deployment"))?;
-        let record = self.insert_deployment(&mut tx, project_id, spec).await?;
-        tx.commit().await.map_err(StoreError::db("creating a deployment"))?;
-        Ok(record)
+        self.insert_deployment(self.pool, DeploymentId::new(), project_id, spec).await
     }
 
     /// Creates a deployment once per idempotency key of `subject`: a retry
-    /// with the same key and request returns the first result (`false`: not
-    /// created now); the same key with another request is refused. A retry
-    /// racing the first waits for it on the key's row.
+    /// with the same key and request gets the deployment the first one
+    /// created, as it is now; the same key with another request is refused.
+    /// A retry racing the first waits for it on the key's row.
     pub async fn create_deployment_once(
         &self,
         project: Option<ProjectId>,
         spec: &DeploymentSpec,
         subject: &str,
         key: &str,
-    ) -> Result<(DeploymentRecord, bool), StoreError> {
+    ) -> Result<CreatedOnce, StoreError> {
         let op = "creating a deployment";
         let project_id = self.resolve_project(project).await?;
         // The request as validated, with everything that makes it this request.
@@ -105,7 +111,8 @@ impl<'a> Tenant<'a> {
         let id = DeploymentId::new();
         let mut tx = self.pool.begin().await.map_err(StoreError::db(op))?;
         let claimed = sqlx::query(
-            "INSERT INTO idempotency_keys (organization_id, subject, key, request_digest, deployment_id)              VALUES ($1, $2, $3, sha256(convert_to($4, 'UTF8')), $5) ON CONFLICT DO NOTHING",
+            "INSERT INTO idempotency_keys (organization_id, subject, key, request_digest, deployment_id) \
+             VALUES ($1, $2, $3, sha256(convert_to($4, 'UTF8')), $5) ON CONFLICT DO NOTHING",
         )
         .bind(self.organization_id.as_uuid())
         .bind(subject)
@@ -118,12 +125,13 @@ impl<'a> Tenant<'a> {
         .rows_affected()
             == 1;
         if claimed {
-            let record = self.insert_deployment_with_id(&mut tx, id, project_id, spec).await?;
+            let record = self.insert_deployment(&mut *tx, id, project_id, spec).await?;
             tx.commit().await.map_err(StoreError::db(op))?;
-            return Ok((record, true));
+            return Ok(CreatedOnce::Created(record));
         }
         let (same, first): (bool, Uuid) = sqlx::query_as(
-            "SELECT request_digest = sha256(convert_to($4, 'UTF8')), deployment_id FROM idempotency_keys              WHERE organization_id = $1 AND subject = $2 AND key = $3",
+            "SELECT request_digest = sha256(convert_to($4, 'UTF8')), deployment_id FROM idempotency_keys \
+             WHERE organization_id = $1 AND subject = $2 AND key = $3",
         )
         .bind(self.organization_id.as_uuid())
         .bind(subject)
@@ -136,21 +144,12 @@ impl<'a> Tenant<'a> {
         if !same {
             return Err(StoreError::IdempotencyKeyReused { key: key.to_owned() });
         }
-        Ok((self.get_deployment(first.into()).await?.deployment, false))
+        Ok(CreatedOnce::Replayed(self.get_deployment(first.into()).await?))
     }
 
     async fn insert_deployment(
         &self,
-        tx: &mut sqlx::PgTransaction<'_>,
-        project_id: ProjectId,
-        spec: &DeploymentSpec,
-    ) -> Result<DeploymentRecord, StoreError> {
-        self.insert_deployment_with_id(tx, DeploymentId::new(), project_id, spec).await
-    }
-
-    async fn insert_deployment_with_id(
-        &self,
-        tx: &mut sqlx::PgTransaction<'_>,
+        executor: impl sqlx::PgExecutor<'_>,
         id: DeploymentId,
         project_id: ProjectId,
         spec: &DeploymentSpec,
@@ -180,7 +179,7 @@ impl<'a> Tenant<'a> {
             .bind(spec.placement.strategy.map(|s| s.as_str()))
             .bind(Json(spec.placement.constraints.as_map()))
             .bind(spec.path_prefix.as_str())
-            .fetch_one(&mut **tx)
+            .fetch_one(executor)
             .await
             .map_err(|e| claim_error(e, spec, "creating a deployment"))?;
         row.try_into()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use flotilla_store::placement::{Lease, NewReplica, PlacementPlan, RouteRecord};
 use flotilla_store::replicas::ReplicaObservation;
-use flotilla_store::tenant::ensure_organization;
+use flotilla_store::tenant::{CreatedOnce, ensure_organization};
 use flotilla_store::{Store, StoreError};
 use flotilla_test_utils::{TestDb, node_heartbeat};
 use flotilla_types::routing::{PathPrefix, Route};
@@ -258,11 +258,13 @@ async fn idempotency_keys_return_the_first_result_and_expire() {
         ..Default::default()
     })
     .unwrap();
-    let (first, created) = tenant.create_deployment_once(None, &spec, "alice", "k1").await.unwrap();
-    assert!(created);
-    let (again, created) = tenant.create_deployment_once(None, &spec, "alice", "k1").await.unwrap();
-    assert!(!created);
-    assert_eq!(again.id, first.id);
+    let CreatedOnce::Created(first) = tenant.create_deployment_once(None, &spec, "alice", "k1").await.unwrap() else {
+        panic!("a new key creates")
+    };
+    let CreatedOnce::Replayed(again) = tenant.create_deployment_once(None, &spec, "alice", "k1").await.unwrap() else {
+        panic!("a known key replays")
+    };
+    assert_eq!(again.deployment.id, first.id);
     // Keys are the caller's own: another subject's "k1" is another request.
     let other = tenant.create_deployment_once(None, &spec, "bob", "k1").await;
     assert!(matches!(other, Err(StoreError::AlreadyExists { .. })), "{other:?}");
@@ -271,8 +273,8 @@ async fn idempotency_keys_return_the_first_result_and_expire() {
     assert!(matches!(reused, Err(StoreError::IdempotencyKeyReused { .. })), "{reused:?}");
     // Another organization cannot see the key or its deployment.
     let (other_org, _) = ensure_organization(store.pool(), "other", "Other").await.unwrap();
-    let (theirs, created) = store.tenant(other_org).create_deployment_once(None, &spec, "alice", "k1").await.unwrap();
-    assert!(created && theirs.id != first.id);
+    let theirs = store.tenant(other_org).create_deployment_once(None, &spec, "alice", "k1").await.unwrap();
+    assert!(matches!(theirs, CreatedOnce::Created(d) if d.id != first.id), "another organization's key is its own");
 
     assert_eq!(store.expire_idempotency_keys(Duration::from_secs(3600)).await.unwrap(), 0);
     assert_eq!(store.expire_idempotency_keys(Duration::ZERO).await.unwrap(), 2);
