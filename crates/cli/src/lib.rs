@@ -470,34 +470,63 @@ impl Flo {
         created: &pb::Deployment,
         timeout: Duration,
     ) -> Result<pb::Deployment, CliError> {
+        self.follow(
+            &created.id,
+            timeout,
+            |d| {
+                let status = status_name(d.status);
+                Some(if d.status_message.is_empty() {
+                    status.to_owned()
+                } else {
+                    format!("{status}: {}", d.status_message)
+                })
+            },
+            |d| match pb::DeploymentStatus::try_from(d.status) {
+                Ok(pb::DeploymentStatus::Running) => Poll::Done,
+                Ok(pb::DeploymentStatus::Failed) => Poll::Failed(format!(
+                    "deployment {} failed: {}\n  See `flo status {}`.",
+                    d.name, d.status_message, d.name
+                )),
+                _ => Poll::Waiting,
+            },
+            |d, seconds| {
+                format!(
+                    "deployment {} is not running after {seconds}s (status: {}); it may still start: `flo status {}`",
+                    d.name,
+                    status_name(d.status),
+                    d.name
+                )
+            },
+        )
+        .await
+    }
+
+    /// Polls deployment `id` every 250 ms until `check` says it is done or
+    /// failed, or `timeout` passes (`late` says so then), printing `line` of
+    /// each answer whenever it changes.
+    async fn follow(
+        &self,
+        id: &str,
+        timeout: Duration,
+        line: impl Fn(&pb::Deployment) -> Option<String>,
+        check: impl Fn(&pb::Deployment) -> Poll,
+        late: impl Fn(&pb::Deployment, u64) -> String,
+    ) -> Result<pb::Deployment, CliError> {
         let started = Instant::now();
         let mut last = String::new();
         loop {
-            let d = self.get(&created.id).await?;
-            let status = status_name(d.status);
-            let line =
-                if d.status_message.is_empty() { status.to_owned() } else { format!("{status}: {}", d.status_message) };
-            if line != last {
+            let d = self.get(id).await?;
+            if let Some(line) = line(&d).filter(|l| *l != last) {
                 self.say(&format!("  [{:>5.1}s] {line}", started.elapsed().as_secs_f64()))?;
                 last = line;
             }
-            match pb::DeploymentStatus::try_from(d.status) {
-                Ok(pb::DeploymentStatus::Running) => return Ok(d),
-                Ok(pb::DeploymentStatus::Failed) => {
-                    return Err(CliError::Failed(format!(
-                        "deployment {} failed: {}\n  See `flo status {}`.",
-                        d.name, d.status_message, d.name
-                    )));
-                }
-                _ => {}
+            match check(&d) {
+                Poll::Done => return Ok(d),
+                Poll::Failed(why) => return Err(CliError::Failed(why)),
+                Poll::Waiting => {}
             }
             if started.elapsed() > timeout {
-                return Err(CliError::Failed(format!(
-                    "deployment {} is not running after {}s (status: {status}); it may still start: `flo status {}`",
-                    d.name,
-                    timeout.as_secs(),
-                    d.name
-                )));
+                return Err(CliError::Failed(late(&d, timeout.as_secs())));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -776,34 +805,27 @@ impl Flo {
         changed: &pb::Deployment,
         timeout: Duration,
     ) -> Result<pb::Deployment, CliError> {
-        let started = Instant::now();
-        let mut last = String::new();
-        loop {
-            let d = self.get(&changed.id).await?;
-            let rollout = d.rollout.clone().unwrap_or_default();
-            let line = format!("{} of {} replicas replaced", rollout.updated_replicas, d.replica_count);
-            if line != last {
-                self.say(&format!("  [{:>5.1}s] {line}", started.elapsed().as_secs_f64()))?;
-                last = line;
-            }
-            let current = rollout.generation >= changed.generation;
-            match pb::RolloutState::try_from(rollout.state) {
-                Ok(pb::RolloutState::Complete) if current => return Ok(d),
-                Ok(pb::RolloutState::RolledBack) if current => {
-                    return Err(CliError::Failed(format!("restart of {} rolled back: {}", d.name, rollout.message)));
+        self.follow(
+            &changed.id,
+            timeout,
+            |d| {
+                let updated = d.rollout.as_ref().map_or(0, |r| r.updated_replicas);
+                Some(format!("{updated} of {} replicas replaced", d.replica_count))
+            },
+            |d| {
+                let rollout = d.rollout.clone().unwrap_or_default();
+                let current = rollout.generation >= changed.generation;
+                match pb::RolloutState::try_from(rollout.state) {
+                    Ok(pb::RolloutState::Complete) if current => Poll::Done,
+                    Ok(pb::RolloutState::RolledBack) if current => {
+                        Poll::Failed(format!("restart of {} rolled back: {}", d.name, rollout.message))
+                    }
+                    _ => Poll::Waiting,
                 }
-                _ => {}
-            }
-            if started.elapsed() > timeout {
-                return Err(CliError::Failed(format!(
-                    "{} is still restarting after {}s: `flo status {}`",
-                    d.name,
-                    timeout.as_secs(),
-                    d.name
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+            },
+            |d, seconds| format!("{} is still restarting after {seconds}s: `flo status {}`", d.name, d.name),
+        )
+        .await
     }
 
     async fn wait_until_stopped(
@@ -811,23 +833,21 @@ impl Flo {
         changed: &pb::Deployment,
         timeout: Duration,
     ) -> Result<pb::Deployment, CliError> {
-        let started = Instant::now();
-        loop {
-            let d = self.get(&changed.id).await?;
-            if d.status == pb::DeploymentStatus::Stopped as i32 {
-                return Ok(d);
-            }
-            if started.elapsed() > timeout {
-                return Err(CliError::Failed(format!(
-                    "{} is not stopped after {}s (status: {}): `flo status {}`",
+        self.follow(
+            &changed.id,
+            timeout,
+            |_| None,
+            |d| if d.status == pb::DeploymentStatus::Stopped as i32 { Poll::Done } else { Poll::Waiting },
+            |d, seconds| {
+                format!(
+                    "{} is not stopped after {seconds}s (status: {}): `flo status {}`",
                     d.name,
-                    timeout.as_secs(),
                     status_name(d.status),
                     d.name
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+                )
+            },
+        )
+        .await
     }
 
     async fn remove(&self, name_or_id: &str, no_wait: bool) -> Result<(), CliError> {
@@ -854,6 +874,13 @@ impl Flo {
             }
         }
     }
+}
+
+/// What one look at a deployment that `flo` follows found.
+enum Poll {
+    Done,
+    Failed(String),
+    Waiting,
 }
 
 /// A change `flo` makes to a deployment's state.
