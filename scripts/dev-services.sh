@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs (once, from Debian's packages) and starts the services Flotilla
 # needs for development and tests: PostgreSQL and Redis, on loopback only,
-# with their data under $FLOTILLA_DEV_STATE (default /var/tmp/flotilla-dev).
+# with their data under $FLOTILLA_DEV_STATE (default /var/tmp/flotilla-dev),
+# and the Python tools the tests use (a real OIDC provider, from PyPI).
 #
 #   scripts/dev-services.sh start     install what is missing, start, print URLs
 #   scripts/dev-services.sh stop      stop both
@@ -19,6 +20,11 @@ PG_LOG_DIR="$STATE/pg-log"
 REDIS_DIR="$STATE/redis"
 DB_USER=flotilla
 DB_PASSWORD=flotilla
+
+# Python tools from PyPI (a real OIDC provider for tests), in a virtualenv
+# outside the repository so a fresh clone reuses it.
+VENV=${FLOTILLA_PYTHON_VENV:-$HOME/.cache/flotilla/venv}
+PYTHON_PACKAGES=("oidc-provider-mock>=0.3,<0.4")
 
 DATABASE_URL="postgres://$DB_USER:$DB_PASSWORD@127.0.0.1:$PG_PORT/flotilla"
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
@@ -60,6 +66,16 @@ install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   # shellcheck disable=SC2086
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  say "installed"
+}
+
+install_python_tools() {
+  if "$VENV/bin/python" -c "import oidc_provider_mock" 2>/dev/null; then
+    return 0
+  fi
+  say "installing from PyPI into $VENV: ${PYTHON_PACKAGES[*]}"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PYTHON_PACKAGES[@]}"
   say "installed"
 }
 
@@ -154,12 +170,17 @@ print_env() {
   echo "export FLOTILLA_REDIS_URL=$REDIS_URL"
   echo "export FLOTILLA_TEST_DATABASE_URL=$DATABASE_URL"
   echo "export FLOTILLA_TEST_REDIS_URL=$REDIS_URL"
+  echo "export FLOTILLA_TEST_PYTHON=$VENV/bin/python"
 }
 
 case "${1:-start}" in
-  install) install ;;
+  install)
+    install
+    install_python_tools
+    ;;
   start)
     install
+    install_python_tools
     start_postgres
     start_redis
     say "database: $DATABASE_URL"

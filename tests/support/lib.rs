@@ -49,7 +49,7 @@ fn test_settings(db: &TestDb, redis: &TestRedis, docker: &TestDocker, state_dir:
         database_url: db.url.clone(),
         redis: Some((redis.url.clone(), redis.prefix.clone())),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        insecure_dev_auth: true,
+        auth: flotilla_daemon::AuthSettings::InsecureDevelopment,
         docker: DockerConfig::default(),
         agent: test_agent_config(docker, state_dir, 0),
         orchestrator: OrchestratorConfig::default(),
@@ -111,6 +111,23 @@ impl TestFlotilla {
         }
     }
 
+    /// An API-only Flotilla that accepts the tokens of `provider` (with
+    /// `configure` applied to its OIDC settings); subject `root` is a
+    /// platform administrator.
+    pub async fn start_trusting(
+        provider: &flotilla_test_utils::TestOidcProvider,
+        configure: impl FnOnce(&mut flotilla_oidc::OidcSettings),
+    ) -> Self {
+        let mut oidc = flotilla_oidc::OidcSettings::new(&provider.issuer, flotilla_test_utils::oidc::TEST_AUDIENCE);
+        configure(&mut oidc);
+        Self::start_with(|settings| {
+            settings.roles = Roles { api: true, orchestrator: false, agent: false };
+            settings.auth =
+                flotilla_daemon::AuthSettings::Oidc { settings: oidc, platform_admins: vec!["root".to_owned()] };
+        })
+        .await
+    }
+
     /// The daemon's node agent.
     pub fn agent(&self) -> Arc<Agent> {
         self.daemon.as_ref().and_then(|d| d.agent.clone()).expect("the daemon runs an agent")
@@ -148,17 +165,7 @@ impl TestFlotilla {
 
     /// Calls a NodeService method with Connect's JSON encoding.
     pub async fn connect_node(&self, method: &str, body: Value) -> (u16, Value) {
-        let url = format!("{}/flotilla.v1.NodeService/{method}", self.base_url);
-        let response = self
-            .http
-            .post(url)
-            .header("content-type", "application/json")
-            .json(&body)
-            .send()
-            .await
-            .expect("the API answers");
-        let status = response.status().as_u16();
-        (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        self.connect_with(&format!("flotilla.v1.NodeService/{method}"), &[], body).await
     }
 
     /// The route table Traefik polls, as JSON.
@@ -172,16 +179,22 @@ impl TestFlotilla {
     /// Calls a DeploymentService method with Connect's JSON encoding over
     /// plain HTTP, as a browser or curl would. Returns the HTTP status and body.
     pub async fn connect_json(&self, method: &str, body: Value) -> (u16, Value) {
-        let url = format!("{}/flotilla.v1.DeploymentService/{method}", self.base_url);
-        let response = self
+        self.connect_with(&format!("flotilla.v1.DeploymentService/{method}"), &[], body).await
+    }
+
+    /// Calls `service/method` with Connect's JSON encoding and these extra
+    /// headers (credentials, organization). Returns the HTTP status and body.
+    pub async fn connect_with(&self, path: &str, headers: &[(&str, &str)], body: Value) -> (u16, Value) {
+        let mut request = self
             .http
-            .post(url)
+            .post(format!("{}/{path}", self.base_url))
             .header("content-type", "application/json")
             .header("connect-protocol-version", "1")
-            .json(&body)
-            .send()
-            .await
-            .expect("the API answers");
+            .json(&body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("the API answers");
         let status = response.status().as_u16();
         let value = response.json::<Value>().await.unwrap_or(Value::Null);
         (status, value)

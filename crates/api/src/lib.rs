@@ -29,7 +29,7 @@ use flotilla_store::metrics::MetricsStore;
 use flotilla_telemetry::Telemetry;
 use tokio_util::sync::CancellationToken;
 
-pub use auth::{Authenticator, Caller, RateLimits, Role};
+pub use auth::{Authenticator, Caller, OidcAuthenticator, RateLimits, Role};
 pub use error::ApiError;
 
 /// Largest request body accepted (bytes).

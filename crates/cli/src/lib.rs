@@ -6,6 +6,7 @@
 //! unavailable; 5 the server refused the request (invalid, already exists,
 //! not allowed).
 
+mod credentials;
 pub mod units;
 
 use std::io::Write;
@@ -24,6 +25,15 @@ pub struct Cli {
     #[arg(long, global = true, env = "FLOTILLA_API", default_value = "http://127.0.0.1:7800")]
     pub api: String,
 
+    /// A bearer token from the identity provider; otherwise the one `flo
+    /// login` saved for this API.
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Act in this organization (slug or id) instead of your first one.
+    #[arg(long, global = true, env = "FLOTILLA_ORGANIZATION")]
+    pub organization: Option<String>,
+
     /// Output for people (default) or for scripts.
     #[arg(long, short, global = true, value_enum, default_value = "human")]
     pub output: OutputFormat,
@@ -40,6 +50,15 @@ pub enum OutputFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Save a token for this API: read from standard input (`--with-token`)
+    /// or given with --token. It is checked before it is saved.
+    Login {
+        /// Read the token from standard input.
+        #[arg(long)]
+        with_token: bool,
+    },
+    /// Forget the token saved for this API.
+    Logout,
     /// Deploy an image and wait until it runs.
     Deploy(DeployArgs),
     /// List deployments.
@@ -238,16 +257,45 @@ impl CliError {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let client = DeploymentServiceClient::builder(cli.api.clone())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| CliError::Unreachable { api: cli.api.clone(), message: e.to_string() })?;
-    let nodes = NodeServiceClient::builder(cli.api.clone())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| CliError::Unreachable { api: cli.api.clone(), message: e.to_string() })?;
-    let flo = Flo { client, nodes, api: cli.api, format: cli.output };
+    let mut token = cli.token.clone();
     match cli.command {
+        Command::Login { with_token } => {
+            if with_token {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                token = Some(line.trim().to_owned());
+            }
+            let Some(token) = token.filter(|t| !t.is_empty()) else {
+                return Err(CliError::Failed(
+                    "no token: get one from your identity provider, then `flo login --with-token < token.txt` \
+                     (or --token / FLOTILLA_TOKEN)"
+                        .to_owned(),
+                ));
+            };
+            // Checked with a harmless read before it is kept.
+            let flo = Flo::connect(&cli, Some(&token))?;
+            let request = pb::ListDeploymentsRequest { page_size: 1, ..Default::default() };
+            flo.client.list_deployments(&request).await.map_err(|e| flo.err(e))?;
+            let path = credentials::save(&cli.api, &token)?;
+            eprintln!("Logged in to {} (token saved in {})", cli.api, path.display());
+            return Ok(());
+        }
+        Command::Logout => {
+            let had = credentials::remove(&cli.api)?;
+            eprintln!(
+                "{}",
+                if had { format!("Logged out of {}", cli.api) } else { format!("No token was saved for {}", cli.api) }
+            );
+            return Ok(());
+        }
+        _ => {}
+    }
+    if token.is_none() {
+        token = credentials::load(&cli.api);
+    }
+    let flo = Flo::connect(&cli, token.as_deref())?;
+    match cli.command {
+        Command::Login { .. } | Command::Logout => unreachable!("handled above"),
         Command::Deploy(args) => flo.deploy(args).await,
         Command::Ls { status, node } => flo.list(status.unwrap_or(0), node.unwrap_or_default()).await,
         Command::Status { deployment } => {
@@ -303,6 +351,39 @@ struct Flo {
     nodes: NodeServiceClient,
     api: String,
     format: OutputFormat,
+}
+
+impl Flo {
+    /// Clients of the API that send `token` and the chosen organization.
+    fn connect(cli: &Cli, token: Option<&str>) -> Result<Self, CliError> {
+        let unreachable = |e: connectrpc_axum_client::ClientBuildError| CliError::Unreachable {
+            api: cli.api.clone(),
+            message: e.to_string(),
+        };
+        let mut headers = connectrpc_axum_client::HeaderMap::new();
+        let values = [
+            ("authorization", token.map(|t| format!("Bearer {t}"))),
+            ("flotilla-organization", cli.organization.clone()),
+        ];
+        for (name, value) in values {
+            let Some(value) = value else { continue };
+            let value = value.parse().map_err(|_| {
+                CliError::Refused(format!("the {name} cannot be sent in a header (only visible ASCII is allowed)"))
+            })?;
+            headers.insert(name, value);
+        }
+        let client = DeploymentServiceClient::builder(cli.api.clone())
+            .timeout(Duration::from_secs(30))
+            .default_headers(headers.clone())
+            .build()
+            .map_err(unreachable)?;
+        let nodes = NodeServiceClient::builder(cli.api.clone())
+            .timeout(Duration::from_secs(30))
+            .default_headers(headers)
+            .build()
+            .map_err(unreachable)?;
+        Ok(Self { client, nodes, api: cli.api.clone(), format: cli.output })
+    }
 }
 
 /// A status as `flo ls --status` takes it.

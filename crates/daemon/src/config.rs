@@ -84,8 +84,37 @@ pub struct DaemonConfig {
 
     /// Development only: no authentication, every request acts as the owner
     /// of the default organization. Logs a loud warning.
-    #[arg(long, env = "FLOTILLA_INSECURE_DEV_AUTH")]
+    #[arg(long, env = "FLOTILLA_INSECURE_DEV_AUTH", conflicts_with = "oidc_issuer")]
     pub insecure_dev_auth: bool,
+
+    /// The OIDC provider's issuer URL: callers send its tokens as
+    /// `Authorization: Bearer`. Discovery reads
+    /// `<issuer>/.well-known/openid-configuration`.
+    #[arg(long, env = "FLOTILLA_OIDC_ISSUER", requires = "oidc_audience")]
+    pub oidc_issuer: Option<String>,
+
+    /// The audience tokens must be issued for (Flotilla's client id at the provider).
+    #[arg(long, env = "FLOTILLA_OIDC_AUDIENCE")]
+    pub oidc_audience: Option<String>,
+
+    /// Clock difference tolerated on a token's expiry, not-before and issue time.
+    #[arg(long, env = "FLOTILLA_OIDC_LEEWAY", default_value = "30s", value_parser = parse_duration)]
+    pub oidc_leeway: Duration,
+
+    /// An unknown signing key makes the provider's keys be fetched again at
+    /// most this often.
+    #[arg(long, env = "FLOTILLA_OIDC_JWKS_MIN_REFRESH", default_value = "10s", value_parser = parse_duration)]
+    pub oidc_jwks_min_refresh: Duration,
+
+    /// How long the provider's answer for an opaque token is trusted: a
+    /// revoked token stops working within this time.
+    #[arg(long, env = "FLOTILLA_OIDC_USERINFO_CACHE", default_value = "15s", value_parser = parse_duration)]
+    pub oidc_userinfo_cache: Duration,
+
+    /// Subjects (the provider's `sub`) that administer the platform (nodes);
+    /// repeat the flag or separate with commas.
+    #[arg(long = "platform-admin", env = "FLOTILLA_PLATFORM_ADMINS", value_delimiter = ',')]
+    pub platform_admins: Vec<String>,
 
     /// Requests a second each user may make on average (0: unlimited);
     /// shared by every API replica through Redis.
@@ -330,6 +359,20 @@ pub struct OrchestratorArgs {
 }
 
 impl DaemonConfig {
+    pub fn auth_settings(&self) -> crate::AuthSettings {
+        match (&self.oidc_issuer, &self.oidc_audience) {
+            (Some(issuer), Some(audience)) => {
+                let mut settings = flotilla_oidc::OidcSettings::new(issuer, audience);
+                settings.leeway = self.oidc_leeway;
+                settings.jwks_min_refresh = self.oidc_jwks_min_refresh;
+                settings.userinfo_cache = self.oidc_userinfo_cache;
+                crate::AuthSettings::Oidc { settings, platform_admins: self.platform_admins.clone() }
+            }
+            _ if self.insecure_dev_auth => crate::AuthSettings::InsecureDevelopment,
+            _ => crate::AuthSettings::None,
+        }
+    }
+
     pub fn agent_config(&self) -> AgentConfig {
         let a = &self.agent;
         AgentConfig {

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_agent::{Agent, AgentConfig, AgentError};
-use flotilla_api::{ApiState, Authenticator};
+use flotilla_api::{ApiState, Authenticator, OidcAuthenticator};
 use flotilla_docker::{DockerClient, DockerConfig, DockerError};
 use flotilla_metrics::pipeline::MetricsError;
 use flotilla_metrics::{LiveView, MetricsConfig, MetricsPipeline};
+use flotilla_oidc::{Oidc, OidcSettings};
 use flotilla_orchestrator::{Orchestrator, OrchestratorConfig};
 use flotilla_redis::ratelimit::{Limit, RateLimiter};
 use flotilla_redis::{LiveFeed, ORCHESTRATOR_TOPIC, RedisError, WakeBus, agent_topic};
@@ -49,10 +50,12 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     #[error(
-        "no authentication is configured: OIDC is not available yet, so the API only runs with \
-         --insecure-dev-auth (development only)"
+        "no authentication is configured: give the API an OIDC provider with --oidc-issuer and \
+         --oidc-audience (or, on a development machine only, --insecure-dev-auth)"
     )]
     NoAuthentication,
+    #[error("the OIDC settings: {0}")]
+    Oidc(#[from] flotilla_oidc::TokenError),
     #[error("start-up cancelled")]
     Cancelled,
 }
@@ -64,13 +67,25 @@ pub struct DaemonSettings {
     pub database_url: String,
     pub redis: Option<(String, String)>,
     pub listen: SocketAddr,
-    pub insecure_dev_auth: bool,
+    pub auth: AuthSettings,
     pub docker: DockerConfig,
     pub agent: AgentConfig,
     pub orchestrator: OrchestratorConfig,
     pub metrics: MetricsSettings,
     pub rate_limits: RateLimitSettings,
     pub shutdown_grace: Duration,
+}
+
+/// How the API authenticates its callers.
+#[derive(Debug, Clone, Default)]
+pub enum AuthSettings {
+    /// Not configured: a daemon with the API role refuses to start.
+    #[default]
+    None,
+    /// Development only: every request is the default organization's owner.
+    InsecureDevelopment,
+    /// Bearer tokens of an OIDC provider; `platform_admins` are subjects.
+    Oidc { settings: OidcSettings, platform_admins: Vec<String> },
 }
 
 /// API rate limits; `None`: unlimited.
@@ -110,7 +125,7 @@ impl DaemonSettings {
             database_url: config.database_url.clone(),
             redis: config.redis_url.clone().map(|url| (url, config.redis_prefix.clone())),
             listen: config.listen,
-            insecure_dev_auth: config.insecure_dev_auth,
+            auth: config.auth_settings(),
             rate_limits: RateLimitSettings {
                 per_user: (config.rate_limit_user > 0.0)
                     .then_some(Limit { per_second: config.rate_limit_user, burst: config.rate_limit_user_burst }),
@@ -215,12 +230,24 @@ impl Daemon {
         };
 
         let api_state = if roles.api {
-            if !settings.insecure_dev_auth {
-                return Err(DaemonError::NoAuthentication);
-            }
-            let (org, project) =
-                flotilla_store::tenant::ensure_organization(store.pool(), "default", "Default").await?;
-            let auth = Authenticator::insecure_development(org, project);
+            let auth = match &settings.auth {
+                AuthSettings::None => return Err(DaemonError::NoAuthentication),
+                AuthSettings::InsecureDevelopment => {
+                    let (org, project) =
+                        flotilla_store::tenant::ensure_organization(store.pool(), "default", "Default").await?;
+                    Authenticator::insecure_development(org, project)
+                }
+                AuthSettings::Oidc { settings, platform_admins } => {
+                    let oidc = Arc::new(Oidc::new(settings.clone())?);
+                    telemetry.register(Box::new(flotilla_oidc::metrics::collector(&oidc)));
+                    // The provider may be away at start: requests answer
+                    // `unavailable` until it is reachable, and discovery retries.
+                    if let Err(error) = oidc.warm_up().await {
+                        tracing::warn!(%error, "the OIDC provider cannot be reached yet; will retry on each request");
+                    }
+                    Authenticator::Oidc(OidcAuthenticator::new(oidc, store.clone(), platform_admins.clone()))
+                }
+            };
             // Live samples: from every node through Redis, else from this
             // process's own pipeline.
             let live = match (&feed, &pipeline) {

@@ -148,7 +148,7 @@ async fn the_node_agent_runs_as_a_swarm_global_service() {
         database_url: db.url.clone(),
         redis: Some((redis.url.clone(), redis.prefix.clone())),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        insecure_dev_auth: true,
+        auth: flotilla_daemon::AuthSettings::InsecureDevelopment,
         docker: Default::default(),
         agent: Default::default(),
         orchestrator: Default::default(),

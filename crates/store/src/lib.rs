@@ -16,6 +16,7 @@ pub mod placement;
 pub mod replicas;
 pub mod routes;
 pub mod tenant;
+pub mod users;
 
 use std::time::Duration;
 

@@ -7,11 +7,13 @@
 
 mod database;
 mod docker;
+pub mod oidc;
 pub mod proxy;
 mod redis_prefix;
 
 pub use database::TestDb;
 pub use docker::{DEMO_IMAGE, TEST_LABEL, TestDocker};
+pub use oidc::TestOidcProvider;
 pub use redis_prefix::TestRedis;
 
 use std::sync::Once;

@@ -1,0 +1,64 @@
+//! `flo login` against a real API and a real OIDC provider: a good token is
+//! checked and saved (owner-only file), later commands use it, a bad token is
+//! refused and not saved, `flo logout` forgets it.
+
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::{Command, Output, Stdio};
+
+use flotilla_e2e::{TempDir, TestFlotilla};
+use flotilla_test_utils::TestOidcProvider;
+
+fn flo(api: &str, config: &TempDir, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flo"))
+        .arg("--api")
+        .arg(api)
+        .args(args)
+        .env("FLOTILLA_CONFIG_DIR", &config.0)
+        .env_remove("FLOTILLA_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flo runs");
+    child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+    child.wait_with_output().expect("flo ends")
+}
+
+fn said(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_saves_a_checked_token_that_later_commands_use() {
+    let provider = TestOidcProvider::start(3600);
+    let flotilla = TestFlotilla::start_trusting(&provider, |_| {}).await;
+    let token = provider.sign_in("dana", "dana@example.com").await.id_token;
+    let config = TempDir::new();
+    let api = flotilla.base_url.clone();
+    let (api, token_line) = (api.as_str(), format!("{token}\n"));
+
+    let refused = tokio::task::block_in_place(|| flo(api, &config, &["ls"], ""));
+    assert_eq!(refused.status.code(), Some(5), "{}", said(&refused));
+    assert!(said(&refused).contains("not logged in"), "{}", said(&refused));
+
+    let bad = tokio::task::block_in_place(|| flo(api, &config, &["login", "--with-token"], "not-a-token\n"));
+    assert_eq!(bad.status.code(), Some(5), "{}", said(&bad));
+    assert!(!config.0.join("credentials.json").exists(), "a refused token is not saved");
+
+    let login = tokio::task::block_in_place(|| flo(api, &config, &["login", "--with-token"], &token_line));
+    assert_eq!(login.status.code(), Some(0), "{}", said(&login));
+    let file = config.0.join("credentials.json");
+    let mode = std::fs::metadata(&file).expect("credentials saved").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only its owner may read the token");
+    assert!(!said(&login).contains(&token), "the token is never printed");
+
+    let listed = tokio::task::block_in_place(|| flo(api, &config, &["ls", "--output", "json"], ""));
+    assert_eq!(listed.status.code(), Some(0), "{}", said(&listed));
+
+    let logout = tokio::task::block_in_place(|| flo(api, &config, &["logout"], ""));
+    assert_eq!(logout.status.code(), Some(0), "{}", said(&logout));
+    let after = tokio::task::block_in_place(|| flo(api, &config, &["ls"], ""));
+    assert_eq!(after.status.code(), Some(5), "{}", said(&after));
+    flotilla.stop().await;
+}
