@@ -28,4 +28,27 @@ audited_by_id! {
     pb::ScaleDeploymentResponse => deployment,
     pb::DrainNodeResponse => node,
     pb::ActivateNodeResponse => node,
+    pb::CreateOrganizationResponse => organization,
+    pb::AcceptInvitationResponse => organization,
+    pb::InviteMemberResponse => invitation,
+    pb::CreateProjectResponse => project,
 }
+
+impl Audited for pb::SetMemberRoleResponse {
+    fn audit_target(&self) -> Option<String> {
+        self.member.as_ref().map(|member| member.subject.clone())
+    }
+}
+
+/// Responses that name nothing: the request's target stands.
+macro_rules! audited_by_request {
+    ($($response:ty),* $(,)?) => {
+        $(impl Audited for $response {
+            fn audit_target(&self) -> Option<String> {
+                None
+            }
+        })*
+    };
+}
+
+audited_by_request!(pb::RevokeInvitationResponse, pb::RemoveMemberResponse, pb::DeleteProjectResponse);

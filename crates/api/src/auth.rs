@@ -38,6 +38,20 @@ impl Role {
         !matches!(self, Self::Viewer)
     }
 
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Owner => "owner",
+            Self::Admin => "admin",
+            Self::Member => "member",
+            Self::Viewer => "viewer",
+        }
+    }
+
+    /// May manage members and invitations.
+    pub fn can_manage_members(self) -> bool {
+        matches!(self, Self::Owner | Self::Admin)
+    }
+
     pub fn parse(role: &str) -> Option<Self> {
         match role {
             "owner" => Some(Self::Owner),
@@ -53,6 +67,10 @@ impl Role {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub subject: String,
+    /// The user's row (`users.id`).
+    pub user_id: uuid::Uuid,
+    /// As the token says; invitations are bound to it.
+    pub email: Option<String>,
     pub organization_id: OrganizationId,
     pub default_project: ProjectId,
     pub role: Role,
@@ -71,7 +89,11 @@ pub enum Authenticator {
 }
 
 impl Authenticator {
-    pub fn insecure_development(organization_id: OrganizationId, default_project: ProjectId) -> Self {
+    pub fn insecure_development(
+        organization_id: OrganizationId,
+        default_project: ProjectId,
+        user_id: uuid::Uuid,
+    ) -> Self {
         tracing::warn!(
             "AUTHENTICATION IS OFF (--insecure-dev-auth): every request acts as the owner of the \
              default organization and as a platform administrator. Never expose this server beyond \
@@ -80,6 +102,8 @@ impl Authenticator {
         Self::InsecureDevelopment {
             caller: Caller {
                 subject: "dev".to_owned(),
+                user_id,
+                email: None,
                 organization_id,
                 default_project,
                 role: Role::Owner,
@@ -167,6 +191,8 @@ impl OidcAuthenticator {
         };
         let caller = Caller {
             subject: identity.subject.clone(),
+            user_id: signed_in.user_id,
+            email: identity.email.clone(),
             organization_id: membership.organization_id,
             default_project: membership.default_project,
             role: Role::parse(&membership.role)

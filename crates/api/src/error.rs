@@ -54,6 +54,7 @@ impl From<StoreError> for ApiError {
             StoreError::AlreadyExists { what } => Self::AlreadyExists { what },
             StoreError::Conflict { what } => Self::Aborted(what),
             StoreError::FailedPrecondition { what } => Self::FailedPrecondition(what),
+            StoreError::Forbidden { what } => Self::PermissionDenied(what),
             e @ StoreError::IdempotencyKeyReused { .. } => {
                 Self::InvalidArgument(FieldError::new("idempotency_key", e.to_string()))
             }

@@ -12,6 +12,7 @@ mod deployments;
 mod error;
 pub mod metrics;
 mod nodes;
+mod organizations;
 mod usage;
 
 use std::future::Future;
@@ -23,6 +24,8 @@ use connectrpc_axum::{ConnectError, ConnectResponse, MakeServiceBuilder};
 use flotilla_metrics::LiveView;
 use flotilla_proto::v1::deployment_service_connect::DeploymentServiceTonicCompatibleBuilder;
 use flotilla_proto::v1::node_service_connect::NodeServiceTonicCompatibleBuilder;
+use flotilla_proto::v1::organization_service_connect::OrganizationServiceTonicCompatibleBuilder;
+use flotilla_proto::v1::project_service_connect::ProjectServiceTonicCompatibleBuilder;
 use flotilla_redis::WakeBus;
 use flotilla_store::Store;
 use flotilla_store::metrics::MetricsStore;
@@ -196,14 +199,36 @@ pub fn service(
         .get_node(nodes::get_node)
         .drain_node(nodes::drain_node)
         .activate_node(nodes::activate_node)
+        .with_state(state.clone())
+        .build();
+    let (organization_connect, organization_grpc) = OrganizationServiceTonicCompatibleBuilder::new()
+        .list_organizations(organizations::list_organizations)
+        .create_organization(organizations::create_organization)
+        .list_members(organizations::list_members)
+        .invite_member(organizations::invite_member)
+        .list_invitations(organizations::list_invitations)
+        .revoke_invitation(organizations::revoke_invitation)
+        .accept_invitation(organizations::accept_invitation)
+        .set_member_role(organizations::set_member_role)
+        .remove_member(organizations::remove_member)
+        .with_state(state.clone())
+        .build();
+    let (project_connect, project_grpc) = ProjectServiceTonicCompatibleBuilder::new()
+        .list_projects(organizations::list_projects)
+        .create_project(organizations::create_project)
+        .delete_project(organizations::delete_project)
         .with_state(state)
         .build();
     MakeServiceBuilder::new()
         .add_router(connect)
         .add_router(node_connect)
+        .add_router(organization_connect)
+        .add_router(project_connect)
         .add_axum_router(telemetry.router().merge(extra))
         .receive_max_bytes(MAX_REQUEST_BYTES)
         .add_grpc_service_with(grpc, |svc| svc.max_decoding_message_size(MAX_REQUEST_BYTES))
         .add_grpc_service_with(node_grpc, |svc| svc.max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_grpc_service_with(organization_grpc, |svc| svc.max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_grpc_service_with(project_grpc, |svc| svc.max_decoding_message_size(MAX_REQUEST_BYTES))
         .build()
 }

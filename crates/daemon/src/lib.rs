@@ -235,7 +235,8 @@ impl Daemon {
                 AuthSettings::InsecureDevelopment => {
                     let (org, project) =
                         flotilla_store::tenant::ensure_organization(store.pool(), "default", "Default").await?;
-                    Authenticator::insecure_development(org, project)
+                    let user = store.ensure_member(org, "dev", "owner").await?;
+                    Authenticator::insecure_development(org, project, user)
                 }
                 AuthSettings::Oidc { settings, platform_admins } => {
                     let oidc = Arc::new(Oidc::new(settings.clone())?);

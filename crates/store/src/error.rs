@@ -17,6 +17,10 @@ pub enum StoreError {
     #[error("{what}")]
     FailedPrecondition { what: String },
 
+    /// The caller's role does not allow this change.
+    #[error("{what}")]
+    Forbidden { what: String },
+
     /// Optimistic concurrency: the row changed since it was read.
     #[error("{what}")]
     Conflict { what: String },

@@ -12,6 +12,7 @@ mod error;
 pub mod metrics;
 pub mod models;
 pub mod nodes;
+pub mod organizations;
 pub mod placement;
 pub mod replicas;
 pub mod routes;

@@ -20,8 +20,8 @@ pub const MAX_PAGE_SIZE: i64 = 500;
 /// One organization's view of the control database.
 #[derive(Debug, Clone, Copy)]
 pub struct Tenant<'a> {
-    pool: &'a PgPool,
-    organization_id: OrganizationId,
+    pub(crate) pool: &'a PgPool,
+    pub(crate) organization_id: OrganizationId,
 }
 
 /// What [`Tenant::create_deployment_once`] did.

@@ -5,6 +5,7 @@
 use flotilla_types::{OrganizationId, ProjectId};
 use uuid::Uuid;
 
+use crate::organizations::{MEMBERSHIP_QUERY, insert_organization};
 use crate::{Store, StoreError};
 
 /// A user's place in one organization.
@@ -13,6 +14,7 @@ pub struct Membership {
     #[sqlx(try_from = "Uuid")]
     pub organization_id: OrganizationId,
     pub organization_slug: String,
+    pub organization_name: String,
     #[sqlx(try_from = "Uuid")]
     pub default_project: ProjectId,
     /// owner, admin, member or viewer.
@@ -52,21 +54,7 @@ impl Store {
         if created {
             let slug = personal_slug(email.unwrap_or(subject), Uuid::new_v4());
             let organization = OrganizationId::new();
-            sqlx::query("INSERT INTO organizations (id, slug, name) VALUES ($1, $2, $3)")
-                .bind(organization.as_uuid())
-                .bind(&slug)
-                .bind(email.unwrap_or(subject))
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::db("creating a personal organization"))?;
-            sqlx::query(
-                "INSERT INTO projects (id, organization_id, name, is_default) VALUES ($1, $2, 'default', true)",
-            )
-            .bind(ProjectId::new().as_uuid())
-            .bind(organization.as_uuid())
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::db("creating a default project"))?;
+            insert_organization(&mut tx, organization, &slug, email.unwrap_or(subject)).await?;
             sqlx::query("INSERT INTO organization_members (organization_id, user_id, role) VALUES ($1, $2, 'owner')")
                 .bind(organization.as_uuid())
                 .bind(user_id)
@@ -74,19 +62,47 @@ impl Store {
                 .await
                 .map_err(StoreError::db("making a user the owner of their organization"))?;
         }
-        let memberships = sqlx::query_as(
-            "SELECT m.organization_id, o.slug AS organization_slug, p.id AS default_project, m.role \
-             FROM organization_members m \
-             JOIN organizations o ON o.id = m.organization_id \
-             JOIN projects p ON p.organization_id = m.organization_id AND p.is_default \
-             WHERE m.user_id = $1 ORDER BY m.created_at, o.slug",
-        )
-        .bind(user_id)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(StoreError::db("reading a user's memberships"))?;
+        let memberships =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("{MEMBERSHIP_QUERY} ORDER BY m.created_at, o.slug")))
+                .bind(user_id)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StoreError::db("reading a user's memberships"))?;
         tx.commit().await.map_err(StoreError::db("signing a user in"))?;
         Ok(SignedIn { user_id, created, memberships })
+    }
+}
+
+impl Store {
+    /// Makes `subject` (created if new, without a personal organization) a
+    /// member of `organization` with `role`; returns the user's id. For the
+    /// development mode's single user.
+    pub async fn ensure_member(
+        &self,
+        organization: OrganizationId,
+        subject: &str,
+        role: &str,
+    ) -> Result<Uuid, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::db("adding a member"))?;
+        let user: Uuid = sqlx::query_scalar(
+            "INSERT INTO users (id, subject) VALUES ($1, $2)              ON CONFLICT (subject) DO UPDATE SET last_seen_at = now() RETURNING id",
+        )
+        .bind(Uuid::now_v7())
+        .bind(subject)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(StoreError::db("adding a member"))?;
+        sqlx::query(
+            "INSERT INTO organization_members (organization_id, user_id, role) VALUES ($1, $2, $3)              ON CONFLICT (organization_id, user_id) DO UPDATE SET role = EXCLUDED.role",
+        )
+        .bind(organization.as_uuid())
+        .bind(user)
+        .bind(role)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db("adding a member"))?;
+        tx.commit().await.map_err(StoreError::db("adding a member"))?;
+        Ok(user)
     }
 }
 

@@ -318,6 +318,35 @@ pub fn env_var_name(field: &str, name: &str) -> Result<(), FieldError> {
     }
 }
 
+/// Checks an email address well enough to bind an invitation to it: one
+/// `@`, a local part of visible ASCII without quotes, and a hostname.
+/// Returns it lowercased (addresses are compared without case).
+pub fn email(field: &str, value: &str) -> Result<String, FieldError> {
+    if value.is_empty() {
+        return Err(FieldError::required(field));
+    }
+    let invalid = |why: &str| FieldError::new(field, format!("{value:?} is not an email address: {why}"));
+    if value.len() > 254 {
+        return Err(invalid("longer than 254 characters"));
+    }
+    let Some((local, domain)) = value.split_once('@') else { return Err(invalid("no @")) };
+    if local.is_empty() || local.len() > 64 {
+        return Err(invalid("the part before @ must be 1-64 characters"));
+    }
+    if !local.bytes().all(|b| {
+        b.is_ascii_graphic()
+            && !matches!(b, b'"' | b'@' | b'(' | b')' | b',' | b';' | b'<' | b'>' | b'\\' | b'[' | b']')
+    }) {
+        return Err(invalid("the part before @ has a character addresses cannot have"));
+    }
+    let domain = domain.to_ascii_lowercase();
+    let labels: Vec<&str> = domain.split('.').collect();
+    if labels.len() < 2 || labels.iter().any(|label| label_problem(label).is_some()) {
+        return Err(invalid("the part after @ is not a hostname"));
+    }
+    Ok(format!("{}@{domain}", local.to_ascii_lowercase()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,5 +456,28 @@ mod tests {
         for bad in ["", "1A", "A-B", "A B", "A=B"] {
             assert_eq!(env_var_name("env[0].name", bad).unwrap_err().field, "env[0].name");
         }
+    }
+
+    #[test]
+    fn email_addresses() {
+        assert_eq!(email("email", "Alice.Smith+x@Example.COM").as_deref(), Ok("alice.smith+x@example.com"));
+        for bad in [
+            "",
+            "alice",
+            "@example.com",
+            "alice@",
+            "alice@localhost",
+            "a b@example.com",
+            "alice@exa mple.com",
+            "alice@@example.com",
+            "\"alice\"@example.com",
+            "alice@-example.com",
+            "alice@example..com",
+            "al\nice@example.com",
+        ] {
+            let error = email("email", bad).expect_err(bad);
+            assert_eq!(error.field, "email", "{bad}");
+        }
+        assert!(email("email", &format!("{}@example.com", "a".repeat(65))).is_err());
     }
 }
