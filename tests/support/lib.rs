@@ -211,21 +211,39 @@ impl TestFlotilla {
         want: usize,
         timeout: Duration,
     ) -> (Vec<Value>, Option<Value>) {
-        let url = format!("{}/flotilla.v1.DeploymentService/{method}", self.base_url);
+        self.connect_stream_with(&format!("flotilla.v1.DeploymentService/{method}"), &[], body, want, timeout).await
+    }
+
+    /// [`Self::connect_stream`] of `service/method` with extra headers. A
+    /// call refused before the stream starts (not HTTP 200) ends at once,
+    /// with `{"error": <the error>}` as its end message.
+    pub async fn connect_stream_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Value,
+        want: usize,
+        timeout: Duration,
+    ) -> (Vec<Value>, Option<Value>) {
+        let url = format!("{}/{path}", self.base_url);
         let payload = serde_json::to_vec(&body).expect("JSON");
         let mut envelope = vec![0u8];
         envelope.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         envelope.extend_from_slice(&payload);
-        let mut response = self
+        let mut request = self
             .http
             .post(url)
             .header("content-type", "application/connect+json")
             .header("connect-protocol-version", "1")
-            .body(envelope)
-            .send()
-            .await
-            .expect("the API answers");
-        assert_eq!(response.status().as_u16(), 200, "a stream starts with 200");
+            .body(envelope);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let mut response = request.send().await.expect("the API answers");
+        if response.status().as_u16() != 200 {
+            let error = response.json::<Value>().await.unwrap_or(Value::Null);
+            return (Vec::new(), Some(serde_json::json!({ "error": error })));
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         let (mut buffer, mut messages, mut end) = (Vec::<u8>::new(), Vec::new(), None);
         while messages.len() < want && end.is_none() {

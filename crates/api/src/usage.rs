@@ -121,6 +121,11 @@ pub async fn get_usage(
         let deployment: Option<DeploymentId> = parse_optional_id("deployment_id", &request.deployment_id)?;
         let (start, end) = range(request.start.as_ref(), request.end.as_ref(), Duration::from_secs(86_400))?;
         let tenant = metrics_store(&api)?.tenant(caller.organization_id);
+        if let Some(id) = deployment {
+            // NotFound for another organization's deployment, as everywhere
+            // (not an empty answer that looks like no usage).
+            api.store.tenant(caller.organization_id).get_deployment(id).await?;
+        }
         let rows = match deployment {
             Some(id) => tenant.usage(Some(id), start, end).await,
             None => tenant.organization_usage(start, end).await,
