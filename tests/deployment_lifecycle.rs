@@ -655,3 +655,93 @@ async fn deployments_are_listed_by_status_and_node_page_by_page() {
     }
     flotilla.stop().await;
 }
+
+#[tokio::test]
+async fn env_vars_and_routings_are_read_masked_and_changed_through_their_rpcs() {
+    let flotilla = TestFlotilla::start().await;
+    let (status, created) = flotilla
+        .connect_json(
+            "CreateDeployment",
+            json!({"name": "configured", "image": flotilla_e2e::DEMO_IMAGE, "port": 8080, "domain": "configured.example.com",
+                   "env": [{"name": "MODE", "value": "a"}, {"name": "TOKEN", "value": "s3cret", "secret": true}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let id = created["deployment"]["id"].as_str().expect("id").to_owned();
+    let (_, running) = flotilla.wait_for(&id, RUN_TIMEOUT, flotilla_e2e::is_running).await;
+    let first = flotilla_e2e::replica_container(&running["deployment"], 0).expect("a container");
+
+    // Read: the secret is masked.
+    let (status, env) = flotilla.connect_json("GetEnvVars", json!({"id": id})).await;
+    assert_eq!(status, 200, "{env}");
+    assert_eq!(
+        env["vars"],
+        json!([{"name": "MODE", "value": "a"}, {"name": "TOKEN", "value": "********", "secret": true}])
+    );
+
+    // Change: MODE changes, the masked secret keeps its value, NEW appears;
+    // new containers carry it.
+    let generation = env["generation"].clone();
+    let (status, updated) = flotilla
+        .connect_json(
+            "UpdateEnvVars",
+            json!({"id": id, "expected_generation": generation, "vars": [
+                {"name": "MODE", "value": "b"}, {"name": "TOKEN", "value": "********", "secret": true}, {"name": "NEW", "value": "1"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert!(!updated.to_string().contains("s3cret"), "{updated}");
+    let (_, rolled) = flotilla
+        .wait_for(&id, RUN_TIMEOUT, |s, b| {
+            flotilla_e2e::is_running(s, b)
+                && flotilla_e2e::replica_container(&b["deployment"], 0).is_some_and(|c| c != first)
+        })
+        .await;
+    let container = flotilla_e2e::replica_container(&rolled["deployment"], 0).expect("the new container");
+    let inspect =
+        flotilla.docker.docker.inspect_container(&container, None::<InspectContainerOptions>).await.expect("inspect");
+    let env_in_container = inspect.config.and_then(|c| c.env).unwrap_or_default();
+    for expected in ["MODE=b", "TOKEN=s3cret", "NEW=1"] {
+        assert!(env_in_container.iter().any(|e| e == expected), "{expected} not in {env_in_container:?}");
+    }
+    // A stale generation is refused and changes nothing.
+    let (status, stale) =
+        flotilla.connect_json("UpdateEnvVars", json!({"id": id, "expected_generation": generation, "vars": []})).await;
+    assert_eq!((status, stale["code"].as_str()), (409, Some("aborted")), "{stale}");
+    let (status, bad) =
+        flotilla.connect_json("UpdateEnvVars", json!({"id": id, "vars": [{"name": "1BAD", "value": "x"}]})).await;
+    assert_eq!((status, bad["code"].as_str()), (400, Some("invalid_argument")), "{bad}");
+    let (_, env) = flotilla.connect_json("GetEnvVars", json!({"id": id})).await;
+    assert_eq!(env["vars"].as_array().map(Vec::len), Some(3), "{env}");
+
+    // Routings: the row the edge serves, then a domain and prefix change
+    // that the routing row follows.
+    let (status, routings) = flotilla.connect_json("GetRoutings", json!({"id": id})).await;
+    assert_eq!(status, 200, "{routings}");
+    assert_eq!(routings["domain"], "configured.example.com");
+    assert_eq!(routings["routings"][0]["domain"], "configured.example.com", "{routings}");
+    let (status, bad) =
+        flotilla.connect_json("UpdateRoutings", json!({"id": id, "domain": "evil.com`) || Host(`x"})).await;
+    assert_eq!((status, bad["code"].as_str()), (400, Some("invalid_argument")), "{bad}");
+    let mut grpc = pb::deployment_service_client::DeploymentServiceClient::connect(flotilla.base_url.clone())
+        .await
+        .expect("gRPC connects");
+    let request = pb::UpdateRoutingsRequest {
+        id: id.clone(),
+        domain: Some("moved.example.com".to_owned()),
+        path_prefix: Some("/api".to_owned()),
+        ..Default::default()
+    };
+    grpc.update_routings(request).await.expect("gRPC update routings");
+    let started = std::time::Instant::now();
+    loop {
+        let reply = grpc.get_routings(pb::GetRoutingsRequest { id: id.clone() }).await.expect("gRPC get").into_inner();
+        if reply.routings.iter().any(|r| r.domain == "moved.example.com" && r.path_prefix == "/api") {
+            assert_eq!(reply.routings.len(), 1, "the old route is gone: {reply:?}");
+            break;
+        }
+        assert!(started.elapsed() < RUN_TIMEOUT, "the routing row never followed: {reply:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    flotilla.connect_json("DeleteDeployment", json!({"id": id})).await;
+}

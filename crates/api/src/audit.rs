@@ -32,6 +32,7 @@ audited_by_id! {
     pb::AcceptInvitationResponse => organization,
     pb::InviteMemberResponse => invitation,
     pb::CreateProjectResponse => project,
+    pb::UpdateRoutingsResponse => deployment,
 }
 
 impl Audited for pb::SetMemberRoleResponse {
@@ -51,4 +52,9 @@ macro_rules! audited_by_request {
     };
 }
 
-audited_by_request!(pb::RevokeInvitationResponse, pb::RemoveMemberResponse, pb::DeleteProjectResponse);
+audited_by_request!(
+    pb::RevokeInvitationResponse,
+    pb::RemoveMemberResponse,
+    pb::DeleteProjectResponse,
+    pb::UpdateEnvVarsResponse,
+);

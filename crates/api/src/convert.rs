@@ -222,6 +222,13 @@ fn rollout(view: &DeploymentView) -> pb::Rollout {
 }
 
 /// The deployment as clients see it: secret values masked.
+/// Environment variables as the API shows them: secrets masked.
+pub fn env_out(vars: &[EnvVar]) -> Vec<pb::EnvVar> {
+    vars.iter()
+        .map(|v| pb::EnvVar { name: v.name.clone(), value: v.display_value().to_owned(), secret: v.secret })
+        .collect()
+}
+
 pub fn deployment(view: &DeploymentView) -> pb::Deployment {
     let d = &view.deployment;
     let (status, message) = view.status();
@@ -232,12 +239,7 @@ pub fn deployment(view: &DeploymentView) -> pb::Deployment {
         name: d.spec.name.clone(),
         image: d.spec.image.to_string(),
         port: u32::from(d.spec.port),
-        env: d
-            .spec
-            .env
-            .iter()
-            .map(|v| pb::EnvVar { name: v.name.clone(), value: v.display_value().to_owned(), secret: v.secret })
-            .collect(),
+        env: env_out(&d.spec.env),
         domain: d.spec.domain.as_ref().map(ToString::to_string).unwrap_or_default(),
         path_prefix: d.spec.path_prefix.to_string(),
         limits: Some(pb::ResourceLimits {

@@ -192,6 +192,105 @@ async fn update(
     Ok(pb::UpdateDeploymentResponse { deployment: Some(convert::deployment(&view)) })
 }
 
+/// A deployment of the caller's organization that is not being deleted.
+async fn live_deployment(api: &ApiState, caller: &Caller, id: &str) -> Result<DeploymentView, ApiError> {
+    let id: DeploymentId = parse_id("id", id)?;
+    let view = api.store.tenant(caller.organization_id).get_deployment(id).await?;
+    if view.deployment.desired_state == DesiredState::Deleted {
+        return Err(ApiError::NotFound { what: "deployment", id: id.to_string() });
+    }
+    Ok(view)
+}
+
+pub async fn get_env_vars(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::GetEnvVarsRequest>,
+) -> Reply<pb::GetEnvVarsResponse> {
+    api.observe("GetEnvVars", async {
+        let d = live_deployment(&api, &caller, &request.id).await?.deployment;
+        Ok(pb::GetEnvVarsResponse { vars: convert::env_out(&d.spec.env), generation: d.generation })
+    })
+    .await
+}
+
+pub async fn update_env_vars(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::UpdateEnvVarsRequest>,
+) -> Reply<pb::UpdateEnvVarsResponse> {
+    let target = request.id.clone();
+    let change = pb::UpdateDeploymentRequest {
+        id: request.id,
+        expected_generation: request.expected_generation,
+        env: Some(pb::EnvList { vars: request.vars }),
+        ..Default::default()
+    };
+    api.audited(
+        "UpdateEnvVars",
+        &caller,
+        &target,
+        Box::pin(async {
+            let updated = update(&api, &caller, change).await?.deployment.unwrap_or_default();
+            Ok(pb::UpdateEnvVarsResponse { vars: updated.env, generation: updated.generation })
+        }),
+    )
+    .await
+}
+
+pub async fn get_routings(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::GetRoutingsRequest>,
+) -> Reply<pb::GetRoutingsResponse> {
+    api.observe("GetRoutings", async {
+        let d = live_deployment(&api, &caller, &request.id).await?.deployment;
+        let rows = api.store.tenant(caller.organization_id).routings(d.id).await?;
+        Ok(pb::GetRoutingsResponse {
+            domain: d.spec.domain.as_ref().map(ToString::to_string).unwrap_or_default(),
+            path_prefix: d.spec.path_prefix.to_string(),
+            routings: rows
+                .into_iter()
+                .map(|r| pb::Routing {
+                    domain: r.domain,
+                    path_prefix: r.path_prefix,
+                    target_port: u32::try_from(r.target_port).unwrap_or_default(),
+                    protocol: r.protocol,
+                    tls_enabled: r.tls_enabled,
+                    router_name: r.router_name,
+                })
+                .collect(),
+            generation: d.generation,
+        })
+    })
+    .await
+}
+
+pub async fn update_routings(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::UpdateRoutingsRequest>,
+) -> Reply<pb::UpdateRoutingsResponse> {
+    let target = request.id.clone();
+    let change = pb::UpdateDeploymentRequest {
+        id: request.id,
+        expected_generation: request.expected_generation,
+        domain: request.domain,
+        path_prefix: request.path_prefix,
+        ..Default::default()
+    };
+    api.audited(
+        "UpdateRoutings",
+        &caller,
+        &target,
+        Box::pin(async {
+            let updated = update(&api, &caller, change).await?;
+            Ok(pb::UpdateRoutingsResponse { deployment: updated.deployment })
+        }),
+    )
+    .await
+}
+
 /// The current spec with the request's changes, validated as a whole.
 fn apply_update(current: &DeploymentSpec, request: pb::UpdateDeploymentRequest) -> Result<DeploymentSpec, ApiError> {
     let mut input = current.to_input();

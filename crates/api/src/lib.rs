@@ -192,6 +192,10 @@ pub fn service(
         .get_deployment_metrics(usage::get_deployment_metrics)
         .stream_deployment_metrics(usage::stream_deployment_metrics)
         .get_usage(usage::get_usage)
+        .get_env_vars(deployments::get_env_vars)
+        .update_env_vars(deployments::update_env_vars)
+        .get_routings(deployments::get_routings)
+        .update_routings(deployments::update_routings)
         .with_state(state.clone())
         .build();
     let (node_connect, node_grpc) = NodeServiceTonicCompatibleBuilder::new()

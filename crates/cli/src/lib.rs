@@ -133,6 +133,35 @@ pub enum Command {
         #[arg(long, value_parser = parse_seconds)]
         step: Option<Duration>,
     },
+    /// Show a deployment's environment, or change it (new containers roll
+    /// out). Secrets are shown masked.
+    Env {
+        /// Name or id.
+        deployment: String,
+        /// Set NAME=VALUE (repeatable).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        /// Set NAME=VALUE as a secret: never shown again, never logged.
+        #[arg(long = "secret", value_name = "NAME=VALUE")]
+        secret: Vec<String>,
+        /// Remove NAME (repeatable).
+        #[arg(long = "unset", value_name = "NAME")]
+        unset: Vec<String>,
+    },
+    /// Show where a deployment is reachable, or change its domain.
+    Domains {
+        /// Name or id.
+        deployment: String,
+        /// Route this domain to it.
+        #[arg(long, conflicts_with = "remove")]
+        set: Option<String>,
+        /// Only paths under this prefix (with --set, or alone).
+        #[arg(long)]
+        path_prefix: Option<String>,
+        /// Stop routing a domain to it.
+        #[arg(long)]
+        remove: bool,
+    },
     /// The cluster's nodes: list, drain, activate (platform administrators).
     #[command(subcommand)]
     Nodes(NodesCommand),
@@ -310,6 +339,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Top { deployment, backfill, count, duration } => flo.top(&deployment, backfill, count, duration).await,
         Command::Metrics { deployment, since, step } => flo.metrics(&deployment, since, step).await,
         Command::Usage { deployment, since } => flo.usage(deployment.as_deref(), since).await,
+        Command::Env { deployment, set, secret, unset } => flo.env(&deployment, &set, &secret, &unset).await,
+        Command::Domains { deployment, set, path_prefix, remove } => {
+            let domain = if remove { Some(String::new()) } else { set };
+            flo.domains(&deployment, domain, path_prefix).await
+        }
         Command::Nodes(NodesCommand::Ls) => flo.list_nodes().await,
         Command::Nodes(NodesCommand::Drain { node, now }) => {
             let request = pb::DrainNodeRequest { id: node, now };
@@ -632,6 +666,75 @@ impl Flo {
                 d.image,
                 d.domain
             ))?;
+        }
+        Ok(())
+    }
+
+    async fn env(&self, deployment: &str, set: &[String], secret: &[String], unset: &[String]) -> Result<(), CliError> {
+        let id = self.find(deployment).await?.id;
+        let current = self
+            .client
+            .get_env_vars(&pb::GetEnvVarsRequest { id: id.clone() })
+            .await
+            .map_err(|e| self.err(e))?
+            .into_inner();
+        let mut vars = current.vars.clone();
+        let changes = set.iter().map(|s| (s, false)).chain(secret.iter().map(|s| (s, true)));
+        for (assignment, is_secret) in changes {
+            let Some((name, value)) = assignment.split_once('=') else {
+                return Err(CliError::Refused(format!("{assignment:?}: expected NAME=VALUE")));
+            };
+            vars.retain(|v| v.name != name);
+            vars.push(pb::EnvVar { name: name.to_owned(), value: value.to_owned(), secret: is_secret });
+        }
+        vars.retain(|v| !unset.contains(&v.name));
+        let vars = if set.is_empty() && secret.is_empty() && unset.is_empty() {
+            current.vars
+        } else {
+            let request = pb::UpdateEnvVarsRequest { id, expected_generation: current.generation, vars };
+            let reply = self.client.update_env_vars(&request).await.map_err(|e| self.err(e))?.into_inner();
+            eprintln!("environment updated (generation {}): new containers roll out", reply.generation);
+            reply.vars
+        };
+        if self.format == OutputFormat::Json {
+            return self.json(&pb::GetEnvVarsResponse { vars, generation: 0 });
+        }
+        for var in &vars {
+            self.say(&format!("{}={}", var.name, var.value))?;
+        }
+        Ok(())
+    }
+
+    async fn domains(
+        &self,
+        deployment: &str,
+        domain: Option<String>,
+        path_prefix: Option<String>,
+    ) -> Result<(), CliError> {
+        let id = self.find(deployment).await?.id;
+        if domain.is_some() || path_prefix.is_some() {
+            let request = pb::UpdateRoutingsRequest { id: id.clone(), expected_generation: 0, domain, path_prefix };
+            self.client.update_routings(&request).await.map_err(|e| self.err(e))?;
+            eprintln!("routing updated: the edge follows once the orchestrator commits it");
+        }
+        let reply =
+            self.client.get_routings(&pb::GetRoutingsRequest { id }).await.map_err(|e| self.err(e))?.into_inner();
+        if self.format == OutputFormat::Json {
+            return self.json(&reply);
+        }
+        if reply.domain.is_empty() {
+            return self.say("no domain");
+        }
+        self.say(&format!("{}{} (asked for)", reply.domain, reply.path_prefix))?;
+        for r in &reply.routings {
+            let tls = if r.tls_enabled { "https" } else { "http" };
+            self.say(&format!(
+                "  {tls}://{}{} -> port {} ({}, router {})",
+                r.domain, r.path_prefix, r.target_port, r.protocol, r.router_name
+            ))?;
+        }
+        if reply.routings.is_empty() {
+            self.say("  not served yet (no replica placed, or stopped)")?;
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! `flo login` against a real API and a real OIDC provider: a good token is
-//! checked and saved (owner-only file), later commands use it, a bad token is
-//! refused and not saved, `flo logout` forgets it.
+//! checked and saved (owner-only file), later commands use it (`env`,
+//! `domains`), a bad token is refused and not saved, `flo logout` forgets it.
 
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
@@ -55,6 +55,32 @@ async fn login_saves_a_checked_token_that_later_commands_use() {
 
     let listed = tokio::task::block_in_place(|| flo(api, &config, &["ls", "--output", "json"], ""));
     assert_eq!(listed.status.code(), Some(0), "{}", said(&listed));
+
+    // env and domains, with the saved token.
+    let bearer = format!("Bearer {token}");
+    let (status, created) = flotilla
+        .connect_with(
+            "flotilla.v1.DeploymentService/CreateDeployment",
+            &[("authorization", &bearer)],
+            serde_json::json!({"name": "web", "image": "flotilla/demo-http:latest", "port": 8080}),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let env = tokio::task::block_in_place(|| {
+        flo(api, &config, &["env", "web", "--set", "MODE=b", "--secret", "TOKEN=s3cret"], "")
+    });
+    assert_eq!(env.status.code(), Some(0), "{}", said(&env));
+    let shown = String::from_utf8_lossy(&env.stdout);
+    assert!(shown.contains("MODE=b") && shown.contains("TOKEN=********") && !shown.contains("s3cret"), "{shown}");
+    let unset = tokio::task::block_in_place(|| flo(api, &config, &["env", "web", "--unset", "MODE"], ""));
+    assert!(!String::from_utf8_lossy(&unset.stdout).contains("MODE"), "{}", said(&unset));
+    let bad = tokio::task::block_in_place(|| flo(api, &config, &["env", "web", "--set", "1X=y"], ""));
+    assert_eq!(bad.status.code(), Some(5), "{}", said(&bad));
+    let domains = tokio::task::block_in_place(|| {
+        flo(api, &config, &["domains", "web", "--set", "web.example.com", "--path-prefix", "/app"], "")
+    });
+    assert_eq!(domains.status.code(), Some(0), "{}", said(&domains));
+    assert!(String::from_utf8_lossy(&domains.stdout).contains("web.example.com/app (asked for)"), "{}", said(&domains));
 
     let logout = tokio::task::block_in_place(|| flo(api, &config, &["logout"], ""));
     assert_eq!(logout.status.code(), Some(0), "{}", said(&logout));

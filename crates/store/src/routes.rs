@@ -49,3 +49,30 @@ impl Store {
         .map_err(StoreError::db("reading the route table"))
     }
 }
+
+/// A deployment's routing row, as the edge serves it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RoutingRecord {
+    pub domain: String,
+    pub path_prefix: String,
+    pub target_port: i32,
+    pub protocol: String,
+    pub tls_enabled: bool,
+    pub router_name: String,
+}
+
+impl crate::Tenant<'_> {
+    /// The routing rows of one of the organization's deployments.
+    pub async fn routings(&self, deployment: flotilla_types::DeploymentId) -> Result<Vec<RoutingRecord>, StoreError> {
+        sqlx::query_as(
+            "SELECT r.domain, r.path_prefix, r.target_port, r.protocol, r.tls_enabled, r.router_name \
+             FROM deployment_routing r JOIN deployments d ON d.id = r.deployment_id \
+             WHERE d.organization_id = $1 AND d.id = $2 ORDER BY r.domain, r.path_prefix",
+        )
+        .bind(self.organization_id.as_uuid())
+        .bind(deployment.as_uuid())
+        .fetch_all(self.pool)
+        .await
+        .map_err(StoreError::db("reading routings"))
+    }
+}
