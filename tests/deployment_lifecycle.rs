@@ -745,3 +745,56 @@ async fn env_vars_and_routings_are_read_masked_and_changed_through_their_rpcs() 
     }
     flotilla.connect_json("DeleteDeployment", json!({"id": id})).await;
 }
+
+#[tokio::test]
+async fn status_changes_stream_until_the_deployment_is_gone() {
+    let flotilla = TestFlotilla::start().await;
+    let id = flotilla.create(json!({"name": "watched", "image": flotilla_e2e::DEMO_IMAGE, "port": 8080})).await;
+    let watch = flotilla.connect_stream(
+        "StreamDeploymentStatus",
+        json!({"id": id, "max_duration_seconds": 120}),
+        1000,
+        Duration::from_secs(100),
+    );
+    let drive = async {
+        flotilla.wait_for(&id, RUN_TIMEOUT, flotilla_e2e::is_running).await;
+        let (status, body) = flotilla.connect_json("StopDeployment", json!({"id": id})).await;
+        assert_eq!(status, 200, "{body}");
+        flotilla.wait_for(&id, RUN_TIMEOUT, |_, b| b["deployment"]["status"] == "DEPLOYMENT_STATUS_STOPPED").await;
+        flotilla.connect_json("DeleteDeployment", json!({"id": id})).await;
+    };
+    let ((messages, end), ()) = tokio::join!(watch, drive);
+    let mut statuses: Vec<&str> = messages.iter().filter_map(|m| m["deployment"]["status"].as_str()).collect();
+    statuses.dedup();
+    eprintln!("statuses seen: {statuses:?}");
+    let position = |wanted: &str| statuses.iter().position(|s| *s == wanted);
+    let (running, stopped) = (position("DEPLOYMENT_STATUS_RUNNING"), position("DEPLOYMENT_STATUS_STOPPED"));
+    assert!(running.is_some() && stopped.is_some() && running < stopped, "{statuses:?}");
+    assert!(messages.iter().all(|m| m["deployment"]["id"] == id.as_str()), "only this deployment");
+    // Gone: the stream ended by itself, without an error.
+    let end = end.expect("the stream ended when the deployment was gone");
+    assert!(end.get("error").is_none(), "{end}");
+
+    // A client that goes away ends its stream; the server keeps serving.
+    let other = flotilla.create(json!({"name": "left", "image": flotilla_e2e::DEMO_IMAGE, "port": 8080})).await;
+    let mut grpc = pb::deployment_service_client::DeploymentServiceClient::connect(flotilla.base_url.clone())
+        .await
+        .expect("gRPC connects");
+    let mut stream = grpc
+        .stream_deployment_status(pb::StreamDeploymentStatusRequest { id: other.clone(), max_duration_seconds: 0 })
+        .await
+        .expect("gRPC stream")
+        .into_inner();
+    let first = stream.message().await.expect("a message").expect("the current state");
+    assert_eq!(first.deployment.map(|d| d.id), Some(other.clone()));
+    drop(stream);
+    let missing = grpc
+        .stream_deployment_status(pb::StreamDeploymentStatusRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+            max_duration_seconds: 0,
+        })
+        .await
+        .expect_err("an unknown deployment");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    flotilla.connect_json("DeleteDeployment", json!({"id": other})).await;
+}

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use axum::extract::State;
-use connectrpc_axum::{ConnectError, ConnectRequest, ConnectResponse};
+use connectrpc_axum::{BoxedStream, ConnectError, ConnectRequest, ConnectResponse, StreamBody};
 use flotilla_proto::v1 as pb;
 use flotilla_redis::{ORCHESTRATOR_TOPIC, agent_topic};
 use flotilla_store::DeploymentView;
@@ -289,6 +289,80 @@ pub async fn update_routings(
         }),
     )
     .await
+}
+
+/// A status stream re-reads at least this often: changes are pushed
+/// (PostgreSQL NOTIFY), this covers one missed while the listener reconnected.
+const STATUS_FALLBACK: std::time::Duration = std::time::Duration::from_secs(2);
+
+pub async fn stream_deployment_status(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::StreamDeploymentStatusRequest>,
+) -> Reply<StreamBody<BoxedStream<pb::DeploymentStatusEvent>>> {
+    let shutdown = api.shutdown.clone();
+    let store = api.store.clone();
+    // Subscribed before the first read: no change falls in between.
+    let changes = api.changes.subscribe();
+    api.observe("StreamDeploymentStatus", async {
+        let duration = crate::usage::stream_duration(request.max_duration_seconds)?;
+        let id: DeploymentId = parse_id("id", &request.id)?;
+        let organization = caller.organization_id;
+        let first = convert::deployment(&store.tenant(organization).get_deployment(id).await?);
+        let deadline = tokio::time::Instant::now() + duration;
+        let event = |deployment: pb::Deployment| pb::DeploymentStatusEvent {
+            deployment: Some(deployment),
+            observed_at: Some(convert::timestamp(chrono::Utc::now())),
+        };
+        let initial = futures::stream::once(std::future::ready(Ok::<_, ConnectError>(event(first.clone()))));
+        let later = futures::stream::unfold((first, changes), move |(mut sent, mut changes)| {
+            let (store, shutdown) = (store.clone(), shutdown.clone());
+            async move {
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return None,
+                        () = tokio::time::sleep_until(deadline) => return None,
+                        change = changes.recv() => match change {
+                            Ok(changed) if changed != id => continue,
+                            // Ours, or some lost: read.
+                            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                tokio::time::sleep(STATUS_FALLBACK).await;
+                            }
+                        },
+                        () = tokio::time::sleep(STATUS_FALLBACK) => {}
+                    }
+                    match store.tenant(organization).get_deployment(id).await {
+                        Ok(view) => {
+                            let now = convert::deployment(&view);
+                            if status_changed(&sent, &now) {
+                                sent = now.clone();
+                                return Some((Ok(event(now)), (sent, changes)));
+                            }
+                        }
+                        // Gone: the stream ends normally.
+                        Err(flotilla_store::StoreError::NotFound { .. }) => return None,
+                        Err(error) => {
+                            tracing::warn!(%error, deployment.id = %id, "status stream: reading the deployment failed; retrying");
+                        }
+                    }
+                }
+            }
+        });
+        let boxed: BoxedStream<pb::DeploymentStatusEvent> = Box::pin(futures::StreamExt::chain(initial, later));
+        Ok(StreamBody::new(boxed))
+    })
+    .await
+}
+
+/// Whether a client watching status would want to hear of this change.
+fn status_changed(before: &pb::Deployment, now: &pb::Deployment) -> bool {
+    before.status != now.status
+        || before.status_message != now.status_message
+        || before.generation != now.generation
+        || before.replicas != now.replicas
+        || before.rollout != now.rollout
+        || before.placement_message != now.placement_message
 }
 
 /// The current spec with the request's changes, validated as a whole.

@@ -61,6 +61,9 @@ pub struct ApiState {
     pub metrics: MetricsAccess,
     /// Fires at shutdown: live streams end.
     pub shutdown: CancellationToken,
+    /// Ids of deployments that changed, fed by
+    /// [`Store::announce_deployment_changes`] (status streams wait on it).
+    pub changes: tokio::sync::broadcast::Sender<flotilla_types::DeploymentId>,
 }
 
 impl FromRef<ApiState> for Arc<RateLimits> {
@@ -87,7 +90,8 @@ impl ApiState {
         let stats = Arc::new(metrics::ApiStats::default());
         telemetry.register(Box::new(metrics::collector(&stats, metrics.live.clone())));
         let limits = Arc::new(RateLimits::none());
-        Self { store, wake, auth: Arc::new(auth), limits, stats, metrics, shutdown }
+        let (changes, _) = tokio::sync::broadcast::channel(4096);
+        Self { store, wake, auth: Arc::new(auth), limits, stats, metrics, shutdown, changes }
     }
 
     /// Limits requests per user and per organization (none by default).
@@ -196,6 +200,7 @@ pub fn service(
         .update_env_vars(deployments::update_env_vars)
         .get_routings(deployments::get_routings)
         .update_routings(deployments::update_routings)
+        .stream_deployment_status(deployments::stream_deployment_status)
         .with_state(state.clone())
         .build();
     let (node_connect, node_grpc) = NodeServiceTonicCompatibleBuilder::new()

@@ -150,6 +150,15 @@ pub async fn get_usage(
     .await
 }
 
+/// How long a stream runs: `max_duration_seconds`, 0 for the default.
+pub(crate) fn stream_duration(seconds: u32) -> Result<Duration, ApiError> {
+    match seconds {
+        0 => Ok(DEFAULT_STREAM),
+        s if u64::from(s) <= MAX_STREAM.as_secs() => Ok(Duration::from_secs(u64::from(s))),
+        s => Err(FieldError::new("max_duration_seconds", format!("{s} is more than {}", MAX_STREAM.as_secs())).into()),
+    }
+}
+
 pub async fn stream_deployment_metrics(
     State(api): State<ApiState>,
     caller: Caller,
@@ -158,17 +167,7 @@ pub async fn stream_deployment_metrics(
     let shutdown = api.shutdown.clone();
     api.observe("StreamDeploymentMetrics", async {
         let id: DeploymentId = parse_id("deployment_id", &request.deployment_id)?;
-        let duration = match request.max_duration_seconds {
-            0 => DEFAULT_STREAM,
-            s if u64::from(s) <= MAX_STREAM.as_secs() => Duration::from_secs(u64::from(s)),
-            s => {
-                return Err(FieldError::new(
-                    "max_duration_seconds",
-                    format!("{s} is more than {}", MAX_STREAM.as_secs()),
-                )
-                .into());
-            }
-        };
+        let duration = stream_duration(request.max_duration_seconds)?;
         let live = api.metrics.live.clone().ok_or_else(|| {
             ApiError::Unavailable("live metrics need Redis or a node agent in this process".to_owned())
         })?;

@@ -7,6 +7,7 @@
 //!   agent's, [`nodes`] the heartbeat and node listing.
 
 pub mod audit;
+pub mod changes;
 mod copy;
 mod error;
 pub mod metrics;

@@ -1,0 +1,65 @@
+//! Deployment changes as PostgreSQL announces them (NOTIFY from triggers on
+//! `deployments` and `deployment_locations`): one listening connection per
+//! process, fanned out to whoever watches.
+
+use std::time::Duration;
+
+use flotilla_types::DeploymentId;
+use sqlx::postgres::PgListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::Store;
+
+/// The NOTIFY channel of the triggers (migration 20261121000009).
+pub const CHANNEL: &str = "flotilla_deployment_changed";
+
+impl Store {
+    /// Listens until `cancel`, sending each changed deployment's id to
+    /// `changes`. A lost connection is re-established (with a pause); what
+    /// changed meanwhile is not announced, so watchers also re-read now and
+    /// then.
+    pub async fn announce_deployment_changes(
+        &self,
+        changes: broadcast::Sender<DeploymentId>,
+        cancel: CancellationToken,
+    ) {
+        while !cancel.is_cancelled() {
+            let mut listener = match PgListener::connect_with(&self.pool).await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for deployment changes; retrying in 2 s");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                    }
+                }
+            };
+            if let Err(error) = listener.listen(CHANNEL).await {
+                tracing::warn!(%error, "LISTEN failed; retrying in 2 s");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+            loop {
+                let notification = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    notification = listener.try_recv() => notification,
+                };
+                match notification {
+                    Ok(Some(notification)) => {
+                        if let Ok(id) = notification.payload().parse::<DeploymentId>() {
+                            // No receivers is fine: nobody watches now.
+                            let _ = changes.send(id);
+                        }
+                    }
+                    // The connection was lost: listen again on a new one.
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, "listening for deployment changes failed; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
