@@ -798,3 +798,71 @@ async fn status_changes_stream_until_the_deployment_is_gone() {
     assert_eq!(missing.code(), tonic::Code::NotFound);
     flotilla.connect_json("DeleteDeployment", json!({"id": other})).await;
 }
+
+#[tokio::test]
+async fn cached_reads_follow_changes_on_every_api_replica() {
+    let flotilla = TestFlotilla::start().await;
+    // A second API replica on the same database: its cache hears of changes
+    // only through PostgreSQL's notices.
+    let mut settings = flotilla.settings.clone();
+    settings.roles = flotilla_daemon::Roles { api: true, orchestrator: false, agent: false };
+    let second =
+        flotilla_daemon::Daemon::start(settings, tokio_util::sync::CancellationToken::new()).await.expect("second API");
+    let second_url = format!("http://{}", second.local_addr);
+    let http = reqwest::Client::new();
+    let get = |base: &str, id: &str| {
+        let request = http
+            .post(format!("{base}/flotilla.v1.DeploymentService/GetDeployment"))
+            .header("content-type", "application/json")
+            .json(&json!({"id": id}));
+        async move { request.send().await.expect("GetDeployment").json::<Value>().await.expect("JSON") }
+    };
+
+    let id = flotilla.deploy_demo("cached", 1).await;
+    // Reaching "running" through the second replica needs the agent's writes
+    // to invalidate its cache.
+    let started = std::time::Instant::now();
+    while !flotilla_e2e::is_running(200, &get(&second_url, &id).await) {
+        assert!(started.elapsed() < RUN_TIMEOUT, "the second replica never saw the deployment run");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..20 {
+        get(&second_url, &id).await;
+    }
+    let metrics = http.get(format!("{second_url}/metrics")).send().await.expect("metrics").text().await.expect("text");
+    let hits: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flotilla_api_view_cache_hits_total ").and_then(|v| v.trim().parse().ok()))
+        .expect("the hits counter");
+    assert!(hits >= 19.0, "repeated reads are served from the cache ({hits} hits)");
+
+    // Ten changes through the first replica: the writer reads its own write
+    // at once; the second replica follows within a second.
+    let mut lags = Vec::new();
+    for round in 0..10 {
+        let (status, updated) = flotilla
+            .connect_json(
+                "UpdateDeployment",
+                json!({"id": id, "env": {"vars": [{"name": "ROUND", "value": round.to_string()}]}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{updated}");
+        let generation = updated["deployment"]["generation"].clone();
+        let own = get(&flotilla.base_url, &id).await;
+        assert_eq!(own["deployment"]["generation"], generation, "read your own write: {own}");
+        let changed = std::time::Instant::now();
+        loop {
+            let seen = get(&second_url, &id).await;
+            if seen["deployment"]["generation"] == generation {
+                break;
+            }
+            assert!(changed.elapsed() < Duration::from_secs(1), "the second replica kept a stale answer: {seen}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        lags.push(changed.elapsed());
+    }
+    lags.sort();
+    eprintln!("second replica caught up after {:?} (median) / {:?} (max)", lags[lags.len() / 2], lags[lags.len() - 1]);
+    second.shutdown().await;
+    flotilla.connect_json("DeleteDeployment", json!({"id": id})).await;
+}

@@ -9,6 +9,7 @@ use connectrpc_axum::{BoxedStream, ConnectError, ConnectRequest, ConnectResponse
 use flotilla_proto::v1 as pb;
 use flotilla_redis::{ORCHESTRATOR_TOPIC, agent_topic};
 use flotilla_store::DeploymentView;
+use flotilla_store::changes::Change;
 use flotilla_store::tenant::{CreatedOnce, MAX_PAGE_SIZE};
 use flotilla_types::{DeploymentId, DeploymentSpec, DesiredState, EnvVar, FieldError, NodeId, ProjectId};
 
@@ -83,8 +84,14 @@ pub async fn get_deployment(
 ) -> Reply<pb::GetDeploymentResponse> {
     api.observe("GetDeployment", async {
         let id: DeploymentId = parse_id("id", &request.id)?;
+        if let Some(cached) = api.views.get(caller.organization_id, id) {
+            return Ok(pb::GetDeploymentResponse { deployment: Some(cached.as_ref().clone()) });
+        }
+        let stamp = api.views.stamp(id);
         let view = api.store.tenant(caller.organization_id).get_deployment(id).await?;
-        Ok(pb::GetDeploymentResponse { deployment: Some(convert::deployment(&view)) })
+        let deployment = convert::deployment(&view);
+        api.views.put(caller.organization_id, id, &deployment, stamp);
+        Ok(pb::GetDeploymentResponse { deployment: Some(deployment) })
     })
     .await
 }
@@ -188,7 +195,7 @@ async fn update(
         "deployment updated"
     );
     let view = tenant.get_deployment(id).await?;
-    wake_deployment(api, &view).await;
+    changed_deployment(api, &view).await;
     Ok(pb::UpdateDeploymentResponse { deployment: Some(convert::deployment(&view)) })
 }
 
@@ -323,7 +330,7 @@ pub async fn stream_deployment_status(
                         () = shutdown.cancelled() => return None,
                         () = tokio::time::sleep_until(deadline) => return None,
                         change = changes.recv() => match change {
-                            Ok(changed) if changed != id => continue,
+                            Ok(Change::Deployment(changed)) if changed != id => continue,
                             // Ours, or some lost: read.
                             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => {
@@ -421,8 +428,11 @@ fn apply_update(current: &DeploymentSpec, request: pb::UpdateDeploymentRequest) 
     Ok(DeploymentSpec::validate(input)?)
 }
 
-/// Wakes the orchestrator and the agents of the deployment's nodes.
-async fn wake_deployment(api: &ApiState, view: &DeploymentView) {
+/// After a change of `view`'s deployment: drops its cached answer (so this
+/// caller reads its own write without waiting for PostgreSQL's notice) and
+/// wakes whoever acts next.
+async fn changed_deployment(api: &ApiState, view: &DeploymentView) {
+    api.views.invalidate(view.deployment.id);
     let nodes: BTreeSet<String> = view.replicas.iter().map(|r| r.node_id.to_string()).collect();
     for node in nodes {
         api.wake.wake(&agent_topic(&node)).await;
@@ -440,7 +450,7 @@ pub async fn delete_deployment(
         let id: DeploymentId = parse_id("id", &request.id)?;
         let view = api.store.tenant(caller.organization_id).delete_deployment(id).await?;
         tracing::info!(deployment.id = %id, subject = %caller.subject, "deployment marked for deletion");
-        wake_deployment(&api, &view).await;
+        changed_deployment(&api, &view).await;
         Ok(pb::DeleteDeploymentResponse { deployment: Some(convert::deployment(&view)) })
     })
     .await
@@ -457,7 +467,7 @@ async fn change_state(api: &ApiState, caller: &Caller, id: &str, to: StateChange
         StateChange::Restart => tenant.restart_deployment(id).await?,
     };
     tracing::info!(deployment.id = %id, change = ?to, subject = %caller.subject, "deployment state changed");
-    wake_deployment(api, &view).await;
+    changed_deployment(api, &view).await;
     Ok(view)
 }
 

@@ -7,6 +7,7 @@
 
 mod audit;
 pub mod auth;
+pub mod cache;
 mod convert;
 mod deployments;
 mod error;
@@ -63,7 +64,9 @@ pub struct ApiState {
     pub shutdown: CancellationToken,
     /// Ids of deployments that changed, fed by
     /// [`Store::announce_deployment_changes`] (status streams wait on it).
-    pub changes: tokio::sync::broadcast::Sender<flotilla_types::DeploymentId>,
+    pub changes: tokio::sync::broadcast::Sender<flotilla_store::changes::Change>,
+    /// GetDeployment's answers, dropped on change.
+    pub views: Arc<cache::ViewCache>,
 }
 
 impl FromRef<ApiState> for Arc<RateLimits> {
@@ -91,7 +94,9 @@ impl ApiState {
         telemetry.register(Box::new(metrics::collector(&stats, metrics.live.clone())));
         let limits = Arc::new(RateLimits::none());
         let (changes, _) = tokio::sync::broadcast::channel(4096);
-        Self { store, wake, auth: Arc::new(auth), limits, stats, metrics, shutdown, changes }
+        let views = Arc::new(cache::ViewCache::new(cache::VIEW_TTL));
+        telemetry.register(Box::new(metrics::view_cache_collector(&views)));
+        Self { store, wake, auth: Arc::new(auth), limits, stats, metrics, shutdown, changes, views }
     }
 
     /// Limits requests per user and per organization (none by default).

@@ -11,6 +11,10 @@ pub const REQUESTS_TOTAL: &str = "flotilla_api_requests_total";
 pub const AUDIT_WRITE_FAILURES_TOTAL: &str = "flotilla_api_audit_write_failures_total";
 pub const RATE_LIMITED_TOTAL: &str = "flotilla_api_rate_limited_total";
 pub const RATE_LIMIT_LOCAL_FALLBACKS_TOTAL: &str = "flotilla_api_rate_limit_local_fallbacks_total";
+pub const VIEW_CACHE_HITS_TOTAL: &str = "flotilla_api_view_cache_hits_total";
+pub const VIEW_CACHE_MISSES_TOTAL: &str = "flotilla_api_view_cache_misses_total";
+pub const VIEW_CACHE_INVALIDATIONS_TOTAL: &str = "flotilla_api_view_cache_invalidations_total";
+pub const VIEW_CACHE_ENTRIES: &str = "flotilla_api_view_cache_entries";
 pub const LIVE_SUBSCRIBERS: &str = "flotilla_api_live_subscribers";
 pub const LIVE_SLOW_SUBSCRIBERS: &str = "flotilla_api_live_slow_subscribers";
 pub const LIVE_DROPPED_TOTAL: &str = "flotilla_api_live_dropped_samples_total";
@@ -85,6 +89,24 @@ pub fn rate_limit_collector(limits: &Arc<crate::RateLimits>) -> FnCollector {
             "Rate limit decisions taken in this process because Redis could not be reached in time.",
             move || fallbacks.limiter.stats().local_fallbacks as f64,
         ),
+    ])
+}
+
+/// The GetDeployment cache's counters.
+pub fn view_cache_collector(views: &Arc<crate::cache::ViewCache>) -> FnCollector {
+    let read = |f: fn(crate::cache::ViewCacheStats) -> u64| {
+        let views = views.clone();
+        move || f(views.stats()) as f64
+    };
+    FnCollector::new(vec![
+        MetricSpec::counter(VIEW_CACHE_HITS_TOTAL, "GetDeployment answers served from the cache.", read(|s| s.hits)),
+        MetricSpec::counter(VIEW_CACHE_MISSES_TOTAL, "GetDeployment answers read from PostgreSQL.", read(|s| s.misses)),
+        MetricSpec::counter(
+            VIEW_CACHE_INVALIDATIONS_TOTAL,
+            "Cached answers dropped because PostgreSQL announced a change (or listening restarted).",
+            read(|s| s.invalidations),
+        ),
+        MetricSpec::gauge(VIEW_CACHE_ENTRIES, "GetDeployment answers cached now.", read(|s| s.entries)),
     ])
 }
 

@@ -323,6 +323,8 @@ impl Daemon {
         };
         match api_state {
             Some(state) => {
+                let (views, changes_for_cache) = (state.views.clone(), state.changes.subscribe());
+                tracker.spawn(views.follow(changes_for_cache, cancel.clone()));
                 let (store, changes, stop) = (store.clone(), state.changes.clone(), cancel.clone());
                 tracker.spawn(async move { store.announce_deployment_changes(changes, stop).await });
                 let service = flotilla_api::service(state, &telemetry, extra);

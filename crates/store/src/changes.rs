@@ -14,16 +14,22 @@ use crate::Store;
 /// The NOTIFY channel of the triggers (migration 20261121000009).
 pub const CHANNEL: &str = "flotilla_deployment_changed";
 
+/// What a watcher hears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// This deployment (or one of its replicas) changed.
+    Deployment(DeploymentId),
+    /// Listening (re)started: changes since the last notice may have been
+    /// missed, so anything may have changed.
+    Resync,
+}
+
 impl Store {
     /// Listens until `cancel`, sending each changed deployment's id to
     /// `changes`. A lost connection is re-established (with a pause); what
-    /// changed meanwhile is not announced, so watchers also re-read now and
-    /// then.
-    pub async fn announce_deployment_changes(
-        &self,
-        changes: broadcast::Sender<DeploymentId>,
-        cancel: CancellationToken,
-    ) {
+    /// changed meanwhile is not announced, so each (re)start of listening
+    /// sends [`Change::Resync`].
+    pub async fn announce_deployment_changes(&self, changes: broadcast::Sender<Change>, cancel: CancellationToken) {
         while !cancel.is_cancelled() {
             let mut listener = match PgListener::connect_with(&self.pool).await {
                 Ok(listener) => listener,
@@ -40,6 +46,7 @@ impl Store {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 continue;
             }
+            let _ = changes.send(Change::Resync);
             loop {
                 let notification = tokio::select! {
                     () = cancel.cancelled() => return,
@@ -49,7 +56,7 @@ impl Store {
                     Ok(Some(notification)) => {
                         if let Ok(id) = notification.payload().parse::<DeploymentId>() {
                             // No receivers is fine: nobody watches now.
-                            let _ = changes.send(id);
+                            let _ = changes.send(Change::Deployment(id));
                         }
                     }
                     // The connection was lost: listen again on a new one.
