@@ -10,7 +10,7 @@
 //! only kept if no change of that shard came in between.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -67,9 +67,7 @@ impl ViewCache {
     }
 
     fn shard(&self, id: DeploymentId) -> &AtomicU64 {
-        let mut hasher = self.hasher.build_hasher();
-        id.hash(&mut hasher);
-        &self.stamps[(hasher.finish() as usize) % SHARDS]
+        &self.stamps[(self.hasher.hash_one(id) as usize) % SHARDS]
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentId, Entry>> {
