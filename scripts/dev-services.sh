@@ -2,7 +2,8 @@
 # Installs (once, from Debian's packages) and starts the services Flotilla
 # needs for development and tests: PostgreSQL and Redis, on loopback only,
 # with their data under $FLOTILLA_DEV_STATE (default /var/tmp/flotilla-dev),
-# and the Python tools the tests use (a real OIDC provider, from PyPI).
+# and the Python tools the tests use (a real OIDC provider and a Connect
+# client with its code generators, from PyPI).
 #
 #   scripts/dev-services.sh start     install what is missing, start, print URLs
 #   scripts/dev-services.sh stop      stop both
@@ -24,7 +25,7 @@ DB_PASSWORD=flotilla
 # Python tools from PyPI (a real OIDC provider for tests), in a virtualenv
 # outside the repository so a fresh clone reuses it.
 VENV=${FLOTILLA_PYTHON_VENV:-$HOME/.cache/flotilla/venv}
-PYTHON_PACKAGES=("oidc-provider-mock>=0.3,<0.4")
+PYTHON_PACKAGES=("oidc-provider-mock>=0.3,<0.4" "connectrpc>=0.13,<0.14" "protoc-gen-py>=0.7,<0.8" "protoc-gen-connectrpc>=0.13,<0.14")
 
 DATABASE_URL="postgres://$DB_USER:$DB_PASSWORD@127.0.0.1:$PG_PORT/flotilla"
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
@@ -70,7 +71,7 @@ install() {
 }
 
 install_python_tools() {
-  if "$VENV/bin/python" -c "import oidc_provider_mock" 2>/dev/null; then
+  if "$VENV/bin/python" -c "import oidc_provider_mock, connectrpc" 2>/dev/null && [ -x "$VENV/bin/protoc-gen-connectrpc" ]; then
     return 0
   fi
   say "installing from PyPI into $VENV: ${PYTHON_PACKAGES[*]}"

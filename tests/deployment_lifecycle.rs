@@ -866,3 +866,68 @@ async fn cached_reads_follow_changes_on_every_api_replica() {
     second.shutdown().await;
     flotilla.connect_json("DeleteDeployment", json!({"id": id})).await;
 }
+
+#[tokio::test]
+async fn gzip_is_accepted_and_oversized_requests_are_refused_without_a_trace() {
+    use std::io::Write as _;
+    let flotilla =
+        TestFlotilla::start_with(|s| s.roles = flotilla_daemon::Roles { api: true, orchestrator: false, agent: false })
+            .await;
+    let url = format!("{}/flotilla.v1.DeploymentService/CreateDeployment", flotilla.base_url);
+
+    // Connect JSON, gzip-compressed request, gzip accepted for the answer.
+    let body = json!({"name": "zipped", "image": flotilla_e2e::DEMO_IMAGE, "port": 8080}).to_string();
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(body.as_bytes()).expect("gzip");
+    let response = flotilla
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(encoder.finish().expect("gzip"))
+        .send()
+        .await
+        .expect("answers");
+    let status = response.status().as_u16();
+    let answer: Value = response.json().await.expect("JSON");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["deployment"]["name"], "zipped");
+
+    // gRPC with gzip both ways.
+    let channel =
+        tonic::transport::Endpoint::from_shared(flotilla.base_url.clone()).expect("URL").connect().await.expect("gRPC");
+    let mut grpc = pb::deployment_service_client::DeploymentServiceClient::new(channel)
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let listed = grpc.list_deployments(pb::ListDeploymentsRequest::default()).await.expect("gRPC gzip").into_inner();
+    assert_eq!(listed.deployments.len(), 1);
+
+    // Larger than the 4 MiB limit: refused, nothing created.
+    let huge = json!({"name": "huge", "image": flotilla_e2e::DEMO_IMAGE, "port": 8080, "env": [{"name": "BIG", "value": "x".repeat(5 * 1024 * 1024)}]});
+    let (status, refused) = flotilla.connect_json("CreateDeployment", huge).await;
+    assert!((400..500).contains(&status), "{status}: {refused}");
+    assert_eq!(refused["code"], "resource_exhausted", "{refused}");
+    // A small body that inflates past the limit (a gzip bomb) is refused too.
+    let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    bomb.write_all(
+        format!(r#"{{"name": "bomb", "image": "x", "port": 1, "domain": "{}"}}"#, "a".repeat(16 * 1024 * 1024))
+            .as_bytes(),
+    )
+    .expect("gzip");
+    let bomb = bomb.finish().expect("gzip");
+    assert!(bomb.len() < 100 * 1024, "the compressed body is small ({} bytes)", bomb.len());
+    let response = flotilla
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .expect("answers");
+    let status = response.status().as_u16();
+    let answer: Value = response.json().await.unwrap_or(Value::Null);
+    assert!((400..500).contains(&status), "{status}: {answer}");
+    assert_eq!(flotilla.count("SELECT count(*) FROM deployments").await, 1, "only the gzip-compressed one was created");
+    flotilla.stop().await;
+}

@@ -36,6 +36,16 @@ use tokio_util::sync::CancellationToken;
 pub use auth::{Authenticator, Caller, OidcAuthenticator, RateLimits, Role};
 pub use error::ApiError;
 
+/// What every gRPC service accepts: gzip both ways, requests up to
+/// [`MAX_REQUEST_BYTES`] (decompressed).
+macro_rules! grpc_limits {
+    ($svc:expr) => {
+        $svc.max_decoding_message_size(MAX_REQUEST_BYTES)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+    };
+}
+
 /// Largest request body accepted (bytes).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Longest a unary request may run before it is answered
@@ -240,9 +250,9 @@ pub fn service(
         .add_router(project_connect)
         .add_axum_router(telemetry.router().merge(extra))
         .receive_max_bytes(MAX_REQUEST_BYTES)
-        .add_grpc_service_with(grpc, |svc| svc.max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_grpc_service_with(node_grpc, |svc| svc.max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_grpc_service_with(organization_grpc, |svc| svc.max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_grpc_service_with(project_grpc, |svc| svc.max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_grpc_service_with(grpc, |svc| grpc_limits!(svc))
+        .add_grpc_service_with(node_grpc, |svc| grpc_limits!(svc))
+        .add_grpc_service_with(organization_grpc, |svc| grpc_limits!(svc))
+        .add_grpc_service_with(project_grpc, |svc| grpc_limits!(svc))
         .build()
 }

@@ -8,6 +8,7 @@
 // Printing its figures is what a benchmark is for.
 #![allow(clippy::print_stdout)]
 
+mod api;
 mod metrics;
 mod placement;
 mod stats;
@@ -42,6 +43,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
+    /// GetDeployment over Connect JSON with OIDC authentication on, from
+    /// `connections` concurrent clients on loopback, beside `/health`.
+    ApiReads {
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        deployments: usize,
+    },
     /// CreateDeployment to the app answering HTTP, beside a bare
     /// create+start of the same image through the Docker API.
     Deploy {
@@ -144,6 +155,7 @@ const BURST_POLL: Duration = Duration::from_millis(25);
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.bench {
+        Bench::ApiReads { connections, seconds, deployments } => api::reads(connections, seconds, deployments).await,
         Bench::Deploy { count } => deploy(count).await,
         Bench::Burst { count, parallel } => burst(count, parallel).await,
         Bench::Detect { count } => detect(count).await,
