@@ -3,31 +3,11 @@
 //! The RPCs are read from the proto files, so an RPC added without a row
 //! here fails this test.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use flotilla_e2e::TestFlotilla;
+use flotilla_e2e::{TestFlotilla, every_rpc};
 use flotilla_test_utils::TestOidcProvider;
 use serde_json::{Value, json};
-
-/// Every `package.Service/Method` the proto files declare.
-fn every_rpc() -> BTreeSet<String> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/flotilla/v1");
-    let mut rpcs = BTreeSet::new();
-    for entry in std::fs::read_dir(dir).expect("proto dir") {
-        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("proto file");
-        let mut service = None;
-        for line in text.lines().map(str::trim) {
-            if let Some(rest) = line.strip_prefix("service ") {
-                service = rest.split_whitespace().next().map(str::to_owned);
-            } else if let (Some(rest), Some(service)) = (line.strip_prefix("rpc "), &service) {
-                let method = rest.split('(').next().expect("rpc name").trim();
-                rpcs.insert(format!("flotilla.v1.{service}/{method}"));
-            }
-        }
-    }
-    rpcs
-}
 
 /// What an outsider's call must answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

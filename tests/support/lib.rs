@@ -381,3 +381,27 @@ pub async fn http_get_eventually(url: &str, timeout: Duration) -> String {
         }
     }
 }
+
+/// Every `package.Service/Method` the proto files declare.
+pub fn every_rpc() -> std::collections::BTreeSet<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/flotilla/v1");
+    let mut rpcs = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(dir).expect("proto dir") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("proto file");
+        let mut service = None;
+        for line in text.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("service ") {
+                service = rest.split_whitespace().next().map(str::to_owned);
+            } else if let (Some(rest), Some(service)) = (line.strip_prefix("rpc "), &service) {
+                let method = rest.split('(').next().expect("rpc name").trim();
+                rpcs.insert(format!("flotilla.v1.{service}/{method}"));
+            }
+        }
+    }
+    rpcs
+}
+
+/// Whether `rpc` (as [`every_rpc`] names it) answers with a stream.
+pub fn is_streaming(rpc: &str) -> bool {
+    rpc.rsplit('/').next().is_some_and(|method| method.starts_with("Stream"))
+}
