@@ -931,3 +931,64 @@ async fn gzip_is_accepted_and_oversized_requests_are_refused_without_a_trace() {
     assert_eq!(flotilla.count("SELECT count(*) FROM deployments").await, 1, "only the gzip-compressed one was created");
     flotilla.stop().await;
 }
+
+#[tokio::test]
+async fn logs_stream_from_the_replicas_node_in_order_and_follow() {
+    let flotilla = TestFlotilla::start().await;
+    let id = flotilla.deploy_demo("chatty", 2).await;
+    let deployment = flotilla.get(&id).await;
+    let endpoints: Vec<String> = deployment["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| r["endpoint"].as_str().expect("endpoint").to_owned())
+        .collect();
+    for (replica, endpoint) in endpoints.iter().enumerate() {
+        for n in 0..10 {
+            let _ = reqwest::get(format!("{endpoint}/r{replica}-{n:02}")).await.expect("request");
+        }
+    }
+    // Not following: the lines there are, then the end.
+    let (lines, end) = flotilla
+        .connect_stream(
+            "StreamDeploymentLogs",
+            json!({"deployment_id": id, "tail": 1000}),
+            10_000,
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(end.as_ref().is_some_and(|e| e.get("error").is_none()), "ends cleanly: {end:?}");
+    for replica in 0..2 {
+        let paths: Vec<String> = lines
+            .iter()
+            .filter(|l| l["replicaIndex"].as_i64().unwrap_or(0) == replica)
+            .filter_map(|l| l["text"].as_str()?.split("url:").nth(1).map(str::to_owned))
+            .collect();
+        let expected: Vec<String> = (0..10).map(|n| format!("/r{replica}-{n:02}")).collect();
+        assert_eq!(paths, expected, "replica {replica}'s lines, in order");
+    }
+    // Following one replica: a later request arrives on the open stream.
+    let follow = flotilla.connect_stream(
+        "StreamDeploymentLogs",
+        json!({"deployment_id": id, "follow": true, "tail": 1, "replica_index": 1}),
+        1000,
+        Duration::from_secs(3),
+    );
+    let poke = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = reqwest::get(format!("{}/later", endpoints[1])).await.expect("request");
+    };
+    let ((followed, _), ()) = tokio::join!(follow, poke);
+    assert!(followed.iter().any(|l| l["text"].as_str().is_some_and(|t| t.contains("url:/later"))), "{followed:?}");
+    assert!(followed.iter().all(|l| l["replicaIndex"] == 1), "only replica 1");
+    let (_, missing) = flotilla
+        .connect_stream(
+            "StreamDeploymentLogs",
+            json!({"deployment_id": id, "replica_index": 7}),
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(missing.as_ref().and_then(|e| e["error"]["code"].as_str()), Some("not_found"), "{missing:?}");
+    flotilla.connect_json("DeleteDeployment", json!({"id": id})).await;
+}

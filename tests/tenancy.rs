@@ -60,6 +60,7 @@ fn case(rpc: &str, ids: &Ids) -> Option<(Value, Outsider, Viewer, bool)> {
         "GetUsage" => (json!({"deployment_id": d}), NotFound, Allowed, false),
         "GetEnvVars" | "GetRoutings" => (json!({"id": d}), NotFound, Allowed, false),
         "StreamDeploymentStatus" => (json!({"id": d, "max_duration_seconds": 1}), NotFound, Allowed, true),
+        "StreamDeploymentLogs" => (json!({"deployment_id": d}), NotFound, Allowed, true),
         "UpdateEnvVars" => (json!({"id": d, "vars": [{"name": "X", "value": "1"}]}), NotFound, Denied, false),
         "UpdateRoutings" => (json!({"id": d, "domain": "intruder.example.com"}), NotFound, Denied, false),
         "ListNodes" => (json!({}), AdminOnly, Denied, false),

@@ -57,6 +57,7 @@ fn test_settings(db: &TestDb, redis: &TestRedis, docker: &TestDocker, state_dir:
         // Tests that are about rate limits set them.
         rate_limits: RateLimitSettings::default(),
         shutdown_grace: Duration::from_secs(5),
+        internal_token: None,
     }
 }
 

@@ -217,6 +217,11 @@ impl Agent {
         &self.node_id
     }
 
+    /// The address other nodes and the edge reach this node at.
+    pub fn advertise_address(&self) -> &str {
+        &self.advertise_address
+    }
+
     pub fn config(&self) -> &AgentConfig {
         &self.config
     }

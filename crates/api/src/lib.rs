@@ -11,6 +11,7 @@ pub mod cache;
 mod convert;
 mod deployments;
 mod error;
+mod logs;
 pub mod metrics;
 mod nodes;
 mod organizations;
@@ -77,6 +78,8 @@ pub struct ApiState {
     pub changes: tokio::sync::broadcast::Sender<flotilla_store::changes::Change>,
     /// GetDeployment's answers, dropped on change.
     pub views: Arc<cache::ViewCache>,
+    /// How this process reaches agents' internal endpoints (logs).
+    pub internal: logs::InternalClient,
 }
 
 impl FromRef<ApiState> for Arc<RateLimits> {
@@ -106,7 +109,14 @@ impl ApiState {
         let (changes, _) = tokio::sync::broadcast::channel(4096);
         let views = Arc::new(cache::ViewCache::new(cache::VIEW_TTL));
         telemetry.register(Box::new(metrics::view_cache_collector(&views)));
-        Self { store, wake, auth: Arc::new(auth), limits, stats, metrics, shutdown, changes, views }
+        let internal = logs::InternalClient::new(None);
+        Self { store, wake, auth: Arc::new(auth), limits, stats, metrics, shutdown, changes, views, internal }
+    }
+
+    /// The token agents expect on their internal endpoints.
+    pub fn with_internal_token(mut self, token: Arc<str>) -> Self {
+        self.internal = logs::InternalClient::new(Some(token));
+        self
     }
 
     /// Limits requests per user and per organization (none by default).
@@ -216,6 +226,7 @@ pub fn service(
         .get_routings(deployments::get_routings)
         .update_routings(deployments::update_routings)
         .stream_deployment_status(deployments::stream_deployment_status)
+        .stream_deployment_logs(logs::stream_deployment_logs)
         .with_state(state.clone())
         .build();
     let (node_connect, node_grpc) = NodeServiceTonicCompatibleBuilder::new()

@@ -133,6 +133,21 @@ pub enum Command {
         #[arg(long, value_parser = parse_seconds)]
         step: Option<Duration>,
     },
+    /// Print a deployment's log lines (every replica's, prefixed with its
+    /// number); with -f, keep printing new ones.
+    Logs {
+        /// Name or id.
+        deployment: String,
+        /// Keep following new lines until Ctrl-C.
+        #[arg(long, short)]
+        follow: bool,
+        /// Lines of each replica to start with.
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+        /// Only this replica.
+        #[arg(long)]
+        replica: Option<i32>,
+    },
     /// Show a deployment's environment, or change it (new containers roll
     /// out). Secrets are shown masked.
     Env {
@@ -339,6 +354,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Top { deployment, backfill, count, duration } => flo.top(&deployment, backfill, count, duration).await,
         Command::Metrics { deployment, since, step } => flo.metrics(&deployment, since, step).await,
         Command::Usage { deployment, since } => flo.usage(deployment.as_deref(), since).await,
+        Command::Logs { deployment, follow, tail, replica } => flo.logs(&deployment, follow, tail, replica).await,
         Command::Env { deployment, set, secret, unset } => flo.env(&deployment, &set, &secret, &unset).await,
         Command::Domains { deployment, set, path_prefix, remove } => {
             let domain = if remove { Some(String::new()) } else { set };
@@ -666,6 +682,21 @@ impl Flo {
                 d.image,
                 d.domain
             ))?;
+        }
+        Ok(())
+    }
+
+    async fn logs(&self, deployment: &str, follow: bool, tail: u32, replica: Option<i32>) -> Result<(), CliError> {
+        let id = self.find(deployment).await?.id;
+        let request = pb::StreamDeploymentLogsRequest { deployment_id: id, follow, tail, replica_index: replica };
+        let mut stream = self.client.stream_deployment_logs(&request).await.map_err(|e| self.err(e))?.into_inner();
+        while let Some(line) = futures::StreamExt::next(&mut stream).await {
+            let line = line.map_err(|e| self.err(e))?;
+            if self.format == OutputFormat::Json {
+                writeln!(std::io::stdout().lock(), "{}", serde_json::to_string(&line).unwrap_or_default())?;
+            } else {
+                self.say(&format!("[#{}] {}", line.replica_index, line.text))?;
+            }
         }
         Ok(())
     }

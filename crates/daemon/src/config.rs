@@ -111,6 +111,12 @@ pub struct DaemonConfig {
     #[arg(long, env = "FLOTILLA_OIDC_USERINFO_CACHE", default_value = "15s", value_parser = parse_duration)]
     pub oidc_userinfo_cache: Duration,
 
+    /// A secret shared by every Flotilla process of the cluster for their
+    /// internal endpoints (the API reading logs from agents). Random when
+    /// unset, which only works when API and agent run in one process.
+    #[arg(long, env = "FLOTILLA_INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
+
     /// Subjects (the provider's `sub`) that administer the platform (nodes);
     /// repeat the flag or separate with commas.
     #[arg(long = "platform-admin", env = "FLOTILLA_PLATFORM_ADMINS", value_delimiter = ',')]

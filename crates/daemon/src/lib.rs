@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod edge;
+mod internal;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,6 +75,10 @@ pub struct DaemonSettings {
     pub metrics: MetricsSettings,
     pub rate_limits: RateLimitSettings,
     pub shutdown_grace: Duration,
+    /// Shared by every process of a cluster for their internal endpoints
+    /// (the API reading logs from agents); random when not given, which
+    /// only works when API and agent run in one process.
+    pub internal_token: Option<String>,
 }
 
 /// How the API authenticates its callers.
@@ -144,6 +149,7 @@ impl DaemonSettings {
                 maintenance_interval: config.metrics.metrics_maintenance_interval,
             },
             shutdown_grace: config.shutdown_grace,
+            internal_token: config.internal_token.clone(),
         }
     }
 }
@@ -229,6 +235,13 @@ impl Daemon {
             (None, None)
         };
 
+        let internal_token: Arc<str> = match &settings.internal_token {
+            Some(token) => token.as_str().into(),
+            None => {
+                use base64::Engine as _;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>()).into()
+            }
+        };
         let api_state = if roles.api {
             let auth = match &settings.auth {
                 AuthSettings::None => return Err(DaemonError::NoAuthentication),
@@ -276,7 +289,8 @@ impl Daemon {
             };
             Some(
                 ApiState::new(store.clone(), wake.clone(), auth, metrics, cancel.clone(), &telemetry)
-                    .with_rate_limits(limits, &telemetry),
+                    .with_rate_limits(limits, &telemetry)
+                    .with_internal_token(internal_token.clone()),
             )
         } else {
             None
@@ -317,10 +331,17 @@ impl Daemon {
         }
 
         let shutdown = cancel.clone().cancelled_owned();
-        let extra = match roles.orchestrator {
+        let mut extra = match roles.orchestrator {
             true => edge::router(store.clone(), settings.orchestrator.edge.clone()),
             false => axum::Router::new(),
         };
+        if let Some(agent) = &agent {
+            extra = extra.merge(internal::router(agent.clone(), internal_token.clone()));
+            let url = format!("http://{}:{}", agent.advertise_address(), local_addr.port());
+            if let Err(error) = store.set_agent_url(agent.node_id(), &url).await {
+                tracing::warn!(%error, "could not announce this agent's endpoint: the API cannot read its logs");
+            }
+        }
         match api_state {
             Some(state) => {
                 let (views, changes_for_cache) = (state.views.clone(), state.changes.subscribe());

@@ -155,6 +155,7 @@ async fn the_node_agent_runs_as_a_swarm_global_service() {
         metrics: MetricsSettings::default(),
         rate_limits: Default::default(),
         shutdown_grace: Duration::from_secs(5),
+        internal_token: None,
     };
     settings.orchestrator.interval = Duration::from_secs(1);
     let daemon = Daemon::start(settings, CancellationToken::new()).await.expect("API and orchestrator");

@@ -85,3 +85,28 @@ impl Store {
         Ok(rows.into_iter().map(|(node, n)| (node, n as i32)).collect())
     }
 }
+
+impl Store {
+    /// Announces where `node`'s agent serves its internal endpoints.
+    pub async fn set_agent_url(&self, node: &NodeId, url: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO node_endpoints (node_id, agent_url) VALUES ($1, $2) \
+             ON CONFLICT (node_id) DO UPDATE SET agent_url = EXCLUDED.agent_url, updated_at = now()",
+        )
+        .bind(node.as_str())
+        .bind(url)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::db("announcing the agent's endpoint"))?;
+        Ok(())
+    }
+
+    /// Where `node`'s agent serves its internal endpoints, if it said.
+    pub async fn agent_url(&self, node: &NodeId) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT agent_url FROM node_endpoints WHERE node_id = $1")
+            .bind(node.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::db("reading an agent's endpoint"))
+    }
+}
