@@ -992,3 +992,58 @@ async fn logs_stream_from_the_replicas_node_in_order_and_follow() {
     assert_eq!(missing.as_ref().and_then(|e| e["error"]["code"].as_str()), Some("not_found"), "{missing:?}");
     flotilla.connect_json("DeleteDeployment", json!({"id": id})).await;
 }
+
+#[tokio::test]
+async fn reads_never_fail_while_redis_goes_away_and_comes_back() {
+    let redis_url = std::env::var("FLOTILLA_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:56379".to_owned());
+    let redis_addr: std::net::SocketAddr =
+        redis_url.trim_start_matches("redis://").trim_end_matches('/').parse().expect("host:port");
+    let proxy = flotilla_e2e::proxy::Proxy::tcp(redis_addr).await;
+    let proxied = format!("redis://{}", proxy.tcp_address());
+    // Limits high enough never to refuse, so every request asks Redis.
+    let limit = flotilla_redis::ratelimit::Limit { per_second: 10_000.0, burst: 10_000 };
+    let flotilla = TestFlotilla::start_with(|s| {
+        s.rate_limits.per_user = Some(limit);
+        s.rate_limits.per_organization = Some(limit);
+        if let Some((url, _)) = &mut s.redis {
+            url.clone_from(&proxied);
+        }
+    })
+    .await;
+    let id = flotilla.deploy_demo("steady", 1).await;
+    let (mut reads, mut failed) = (0, Vec::new());
+    let started = std::time::Instant::now();
+    let (mut cut, mut restored) = (false, false);
+    while started.elapsed() < Duration::from_secs(6) {
+        if !cut && started.elapsed() > Duration::from_secs(1) {
+            proxy.cut();
+            cut = true;
+        }
+        if !restored && started.elapsed() > Duration::from_secs(4) {
+            proxy.restore().await;
+            restored = true;
+        }
+        let (status, body) = if reads % 2 == 0 {
+            flotilla.connect_json("GetDeployment", json!({"id": id})).await
+        } else {
+            flotilla.connect_json("ListDeployments", json!({})).await
+        };
+        reads += 1;
+        if status != 200 {
+            failed.push(format!("{status} {body}"));
+        }
+    }
+    eprintln!("{reads} reads across a 3 s Redis outage, {} failed", failed.len());
+    assert!(reads > 100, "the reads kept going: {reads}");
+    assert!(failed.is_empty(), "{failed:?}");
+    // Back to the shared limiter: Redis decisions resume.
+    let metrics =
+        flotilla.http.get(format!("{}/metrics", flotilla.base_url)).send().await.unwrap().text().await.unwrap();
+    let fallbacks: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flotilla_api_rate_limit_local_fallbacks_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(fallbacks >= 1.0, "decisions while Redis was away were taken locally and counted: {fallbacks}");
+    flotilla.connect_json("DeleteDeployment", json!({"id": id})).await;
+}

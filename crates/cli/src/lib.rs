@@ -6,6 +6,7 @@
 //! unavailable; 5 the server refused the request (invalid, already exists,
 //! not allowed).
 
+mod apply;
 mod credentials;
 pub mod units;
 
@@ -17,6 +18,7 @@ use connectrpc_axum_client::{ClientError, Code};
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::deployment_service_connect_client::DeploymentServiceClient;
 use flotilla_proto::v1::node_service_connect_client::NodeServiceClient;
+use flotilla_proto::v1::project_service_connect_client::ProjectServiceClient;
 
 #[derive(Debug, Parser)]
 #[command(name = "flo", version, about = "Deploy and manage apps on Flotilla")]
@@ -132,6 +134,19 @@ pub enum Command {
         /// Bucket width in seconds (default: the resolution's own).
         #[arg(long, value_parser = parse_seconds)]
         step: Option<Duration>,
+    },
+    /// Apply a project file (flotilla.toml): create what is missing, update
+    /// only what differs; see `flo apply --help`.
+    Apply {
+        /// The project file.
+        #[arg(long, short, default_value = "flotilla.toml")]
+        file: String,
+        /// Also delete the project's deployments the file does not declare.
+        #[arg(long)]
+        prune: bool,
+        /// Print the plan, change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Print a deployment's log lines (every replica's, prefixed with its
     /// number); with -f, keep printing new ones.
@@ -354,6 +369,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Top { deployment, backfill, count, duration } => flo.top(&deployment, backfill, count, duration).await,
         Command::Metrics { deployment, since, step } => flo.metrics(&deployment, since, step).await,
         Command::Usage { deployment, since } => flo.usage(deployment.as_deref(), since).await,
+        Command::Apply { file, prune, dry_run } => flo.apply(&file, prune, dry_run).await,
         Command::Logs { deployment, follow, tail, replica } => flo.logs(&deployment, follow, tail, replica).await,
         Command::Env { deployment, set, secret, unset } => flo.env(&deployment, &set, &secret, &unset).await,
         Command::Domains { deployment, set, path_prefix, remove } => {
@@ -399,6 +415,7 @@ fn timestamp(t: chrono::DateTime<chrono::Utc>) -> pbjson_types::Timestamp {
 struct Flo {
     client: DeploymentServiceClient,
     nodes: NodeServiceClient,
+    projects: ProjectServiceClient,
     api: String,
     format: OutputFormat,
 }
@@ -429,10 +446,15 @@ impl Flo {
             .map_err(unreachable)?;
         let nodes = NodeServiceClient::builder(cli.api.clone())
             .timeout(Duration::from_secs(30))
+            .default_headers(headers.clone())
+            .build()
+            .map_err(unreachable)?;
+        let projects = ProjectServiceClient::builder(cli.api.clone())
+            .timeout(Duration::from_secs(30))
             .default_headers(headers)
             .build()
             .map_err(unreachable)?;
-        Ok(Self { client, nodes, api: cli.api.clone(), format: cli.output })
+        Ok(Self { client, nodes, projects, api: cli.api.clone(), format: cli.output })
     }
 }
 
