@@ -174,10 +174,7 @@ async fn update(
         return Err(FieldError::new("expected_generation", "must not be negative").into());
     }
     let tenant = api.store.tenant(caller.organization_id);
-    let current = tenant.get_deployment(id).await?.deployment;
-    if current.desired_state == DesiredState::Deleted {
-        return Err(ApiError::NotFound { what: "deployment", id: id.to_string() });
-    }
+    let current = live_deployment(api, caller, id).await?.deployment;
     if request.expected_generation != 0 && request.expected_generation != current.generation {
         return Err(ApiError::Aborted(format!(
             "deployment {id} is at generation {}, not {}",
@@ -200,8 +197,7 @@ async fn update(
 }
 
 /// A deployment of the caller's organization that is not being deleted.
-async fn live_deployment(api: &ApiState, caller: &Caller, id: &str) -> Result<DeploymentView, ApiError> {
-    let id: DeploymentId = parse_id("id", id)?;
+async fn live_deployment(api: &ApiState, caller: &Caller, id: DeploymentId) -> Result<DeploymentView, ApiError> {
     let view = api.store.tenant(caller.organization_id).get_deployment(id).await?;
     if view.deployment.desired_state == DesiredState::Deleted {
         return Err(ApiError::NotFound { what: "deployment", id: id.to_string() });
@@ -215,7 +211,7 @@ pub async fn get_env_vars(
     ConnectRequest(request): ConnectRequest<pb::GetEnvVarsRequest>,
 ) -> Reply<pb::GetEnvVarsResponse> {
     api.observe("GetEnvVars", async {
-        let d = live_deployment(&api, &caller, &request.id).await?.deployment;
+        let d = live_deployment(&api, &caller, parse_id("id", &request.id)?).await?.deployment;
         Ok(pb::GetEnvVarsResponse { vars: convert::env_out(&d.spec.env), generation: d.generation })
     })
     .await
@@ -251,7 +247,7 @@ pub async fn get_routings(
     ConnectRequest(request): ConnectRequest<pb::GetRoutingsRequest>,
 ) -> Reply<pb::GetRoutingsResponse> {
     api.observe("GetRoutings", async {
-        let d = live_deployment(&api, &caller, &request.id).await?.deployment;
+        let d = live_deployment(&api, &caller, parse_id("id", &request.id)?).await?.deployment;
         let rows = api.store.tenant(caller.organization_id).routings(d.id).await?;
         Ok(pb::GetRoutingsResponse {
             domain: d.spec.domain.as_ref().map(ToString::to_string).unwrap_or_default(),

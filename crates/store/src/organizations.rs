@@ -281,13 +281,7 @@ impl Store {
     pub async fn create_organization(&self, slug: &str, name: &str, owner: Uuid) -> Result<Membership, StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::db("creating an organization"))?;
         let organization = OrganizationId::new();
-        insert_organization(&mut tx, organization, slug, name).await?;
-        sqlx::query("INSERT INTO organization_members (organization_id, user_id, role) VALUES ($1, $2, 'owner')")
-            .bind(organization.as_uuid())
-            .bind(owner)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::db("making the creator owner"))?;
+        insert_organization(&mut tx, organization, slug, name, owner).await?;
         let membership = sqlx::query_as(sqlx::AssertSqlSafe(format!("{MEMBERSHIP_QUERY} AND m.organization_id = $2")))
             .bind(owner)
             .bind(organization.as_uuid())
@@ -350,12 +344,13 @@ impl Store {
     }
 }
 
-/// Inserts an organization and its default project.
+/// Inserts an organization, its default project and its owner.
 pub(crate) async fn insert_organization(
     tx: &mut Transaction<'_, Postgres>,
     organization: OrganizationId,
     slug: &str,
     name: &str,
+    owner: Uuid,
 ) -> Result<(), StoreError> {
     sqlx::query("INSERT INTO organizations (id, slug, name) VALUES ($1, $2, $3)")
         .bind(organization.as_uuid())
@@ -373,5 +368,11 @@ pub(crate) async fn insert_organization(
         .execute(&mut **tx)
         .await
         .map_err(StoreError::db("creating a default project"))?;
+    sqlx::query("INSERT INTO organization_members (organization_id, user_id, role) VALUES ($1, $2, 'owner')")
+        .bind(organization.as_uuid())
+        .bind(owner)
+        .execute(&mut **tx)
+        .await
+        .map_err(StoreError::db("making the creator owner"))?;
     Ok(())
 }

@@ -54,13 +54,7 @@ impl Store {
         if created {
             let slug = personal_slug(email.unwrap_or(subject), Uuid::new_v4());
             let organization = OrganizationId::new();
-            insert_organization(&mut tx, organization, &slug, email.unwrap_or(subject)).await?;
-            sqlx::query("INSERT INTO organization_members (organization_id, user_id, role) VALUES ($1, $2, 'owner')")
-                .bind(organization.as_uuid())
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::db("making a user the owner of their organization"))?;
+            insert_organization(&mut tx, organization, &slug, email.unwrap_or(subject), user_id).await?;
         }
         let memberships =
             sqlx::query_as(sqlx::AssertSqlSafe(format!("{MEMBERSHIP_QUERY} ORDER BY m.created_at, o.slug")))
