@@ -106,6 +106,11 @@ async fn live_samples_history_and_usage_through_the_api() {
     assert_eq!(hour["deploymentId"], id.as_str());
     assert!(hour["cpuCoreSeconds"].as_f64() > Some(0.0), "{usage}");
     assert!(hour["memoryByteSeconds"].as_f64() > Some(0.0), "{usage}");
+    // GetDeploymentUsage is the same answer, with the id required.
+    let (status, by_deployment) = flotilla.connect_json("GetDeploymentUsage", json!({ "deploymentId": id })).await;
+    assert_eq!(status, 200, "{by_deployment}");
+    assert_eq!(by_deployment["hours"][0]["deploymentId"], id.as_str());
+    assert!(by_deployment["hours"][0]["cpuCoreSeconds"].as_f64() > Some(0.0), "{by_deployment}");
     let (status, organization) = flotilla.connect_json("GetUsage", json!({})).await;
     assert_eq!(status, 200);
     assert_eq!(organization["hours"][0]["deploymentId"].as_str().unwrap_or(""), "", "an organization total");
@@ -142,6 +147,9 @@ async fn bad_metrics_requests_are_refused_with_the_right_code() {
             "invalid_argument",
         ),
         ("GetUsage", json!({ "deploymentId": "x" }), "invalid_argument"),
+        ("GetDeploymentUsage", json!({}), "invalid_argument"),
+        ("GetDeploymentUsage", json!({ "deploymentId": "x" }), "invalid_argument"),
+        ("GetDeploymentUsage", json!({ "deploymentId": unknown }), "not_found"),
     ];
     for (method, body, code) in cases {
         let (status, answer) = flotilla.connect_json(method, body.clone()).await;

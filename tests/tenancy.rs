@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use flotilla_e2e::{TestFlotilla, every_rpc};
+use flotilla_e2e::{Protocol, TestFlotilla, every_rpc};
 use flotilla_test_utils::TestOidcProvider;
 use serde_json::{Value, json};
 
@@ -57,7 +57,7 @@ fn case(rpc: &str, ids: &Ids) -> Option<(Value, Outsider, Viewer, bool)> {
         "ScaleDeployment" => (json!({"id": d, "replicas": 3}), NotFound, Denied, false),
         "GetDeploymentMetrics" => (json!({"deployment_id": d}), NotFound, Allowed, false),
         "StreamDeploymentMetrics" => (json!({"deployment_id": d, "max_duration_seconds": 1}), NotFound, Allowed, true),
-        "GetUsage" => (json!({"deployment_id": d}), NotFound, Allowed, false),
+        "GetUsage" | "GetDeploymentUsage" => (json!({"deployment_id": d}), NotFound, Allowed, false),
         "GetEnvVars" | "GetRoutings" => (json!({"id": d}), NotFound, Allowed, false),
         "StreamDeploymentStatus" => (json!({"id": d, "max_duration_seconds": 1}), NotFound, Allowed, true),
         "StreamDeploymentLogs" => (json!({"deployment_id": d}), NotFound, Allowed, true),
@@ -105,7 +105,22 @@ fn error_code(answer: &Value) -> Option<&str> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outsiders_reach_nothing_and_viewers_change_nothing_on_every_rpc() {
+async fn outsiders_reach_nothing_and_viewers_change_nothing_on_every_rpc_over_connect_json() {
+    every_rpc_over(Protocol::ConnectJson).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outsiders_reach_nothing_and_viewers_change_nothing_on_every_rpc_over_connect_binary() {
+    every_rpc_over(Protocol::ConnectProto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outsiders_reach_nothing_and_viewers_change_nothing_on_every_rpc_over_grpc() {
+    every_rpc_over(Protocol::Grpc).await;
+}
+
+/// The table's calls in `protocol` (the setup is Connect JSON).
+async fn every_rpc_over(protocol: Protocol) {
     let provider = TestOidcProvider::start(3600);
     let flotilla = TestFlotilla::start_trusting(&provider, |_| {}).await;
     let token = |name: &'static str| {
@@ -168,11 +183,11 @@ async fn outsiders_reach_nothing_and_viewers_change_nothing_on_every_rpc() {
         ] {
             let (status, answer) = if streams {
                 let (messages, end) =
-                    flotilla.connect_stream_with(rpc, &headers, body.clone(), 1, Duration::from_secs(3)).await;
+                    flotilla.stream(protocol, rpc, &headers, body.clone(), 1, Duration::from_secs(3)).await;
                 let end = end.unwrap_or(Value::Null);
                 (if error_code(&end).is_some() { 0 } else { 200 }, json!({"messages": messages, "end": end}))
             } else {
-                flotilla.connect_with(rpc, &headers, body.clone()).await
+                flotilla.call(protocol, rpc, &headers, body.clone()).await
             };
             let code = error_code(&answer).or_else(|| error_code(&answer["end"]));
             match (expected, viewer) {
@@ -192,7 +207,7 @@ async fn outsiders_reach_nothing_and_viewers_change_nothing_on_every_rpc() {
             checked += 1;
         }
     }
-    eprintln!("{checked} calls over {} RPCs", rpcs.len());
+    eprintln!("{checked} calls over {} RPCs in {protocol:?}", rpcs.len());
     assert_eq!(snapshot(&flotilla, &slug).await, before, "nothing of A changed");
     flotilla.stop().await;
 }

@@ -35,5 +35,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_tonic_client()
         .with_connect_client()
         .compile()?;
+    // The descriptor set too (after the generator, which may clear
+    // OUT_DIR): clients that build requests from a method's name read it.
+    let protoc = std::env::var_os("PROTOC").unwrap_or_else(|| "protoc".into());
+    let descriptor = PathBuf::from(std::env::var("OUT_DIR")?).join("descriptor.bin");
+    let status = std::process::Command::new(protoc)
+        .arg("--include_imports")
+        .arg(format!("--descriptor_set_out={}", descriptor.display()))
+        .arg(format!("-I{}", proto_dir.display()))
+        .args(&files)
+        .status()?;
+    if !status.success() {
+        return Err(format!("protoc could not write the descriptor set: {status}").into());
+    }
     Ok(())
 }

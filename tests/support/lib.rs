@@ -226,15 +226,31 @@ impl TestFlotilla {
         want: usize,
         timeout: Duration,
     ) -> (Vec<Value>, Option<Value>) {
-        let url = format!("{}/{path}", self.base_url);
         let payload = serde_json::to_vec(&body).expect("JSON");
+        let (messages, end) =
+            self.connect_stream_raw(path, "application/connect+json", headers, payload, want, timeout).await;
+        let messages = messages.iter().map(|bytes| serde_json::from_slice(bytes).expect("a JSON message")).collect();
+        (messages, end)
+    }
+
+    /// A Connect server stream in `content_type`: the messages as they came
+    /// (bytes) and the end-of-stream message (always JSON).
+    async fn connect_stream_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        headers: &[(&str, &str)],
+        payload: Vec<u8>,
+        want: usize,
+        timeout: Duration,
+    ) -> (Vec<Vec<u8>>, Option<Value>) {
         let mut envelope = vec![0u8];
         envelope.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         envelope.extend_from_slice(&payload);
         let mut request = self
             .http
-            .post(url)
-            .header("content-type", "application/connect+json")
+            .post(format!("{}/{path}", self.base_url))
+            .header("content-type", content_type)
             .header("connect-protocol-version", "1")
             .body(envelope);
         for (name, value) in headers {
@@ -254,17 +270,17 @@ impl TestFlotilla {
             };
             let Some(chunk) = chunk else { break };
             buffer.extend_from_slice(&chunk);
-            // Whole envelopes: a flag byte, a big-endian length, the JSON.
+            // Whole envelopes: a flag byte, a big-endian length, the message.
             while buffer.len() >= 5 {
                 let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
                 if buffer.len() < 5 + length {
                     break;
                 }
-                let value: Value = serde_json::from_slice(&buffer[5..5 + length]).expect("a JSON message");
+                let message = buffer[5..5 + length].to_vec();
                 if buffer[0] & 0x02 != 0 {
-                    end = Some(value);
+                    end = Some(serde_json::from_slice(&message).expect("a JSON end of stream"));
                 } else {
-                    messages.push(value);
+                    messages.push(message);
                 }
                 buffer.drain(..5 + length);
             }
@@ -405,4 +421,218 @@ pub fn every_rpc() -> std::collections::BTreeSet<String> {
 /// Whether `rpc` (as [`every_rpc`] names it) answers with a stream.
 pub fn is_streaming(rpc: &str) -> bool {
     rpc.rsplit('/').next().is_some_and(|method| method.starts_with("Stream"))
+}
+
+/// How a test client speaks to the API: every RPC answers all three.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    ConnectJson,
+    ConnectProto,
+    Grpc,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::ConnectJson, Protocol::ConnectProto, Protocol::Grpc];
+}
+
+/// Turns the JSON a test writes into any RPC's protobuf request, and its
+/// protobuf answers back into Connect's JSON, from the API's descriptors.
+pub struct RpcCodec {
+    pool: prost_reflect::DescriptorPool,
+}
+
+impl Default for RpcCodec {
+    fn default() -> Self {
+        let pool = prost_reflect::DescriptorPool::decode(flotilla_proto::FILE_DESCRIPTOR_SET).expect("descriptors");
+        Self { pool }
+    }
+}
+
+impl RpcCodec {
+    /// The method `flotilla.v1.Service/Method`.
+    pub fn method(&self, rpc: &str) -> prost_reflect::MethodDescriptor {
+        let (service, method) = rpc.split_once('/').expect("service/method");
+        let service = self.pool.get_service_by_name(service).unwrap_or_else(|| panic!("no service {service}"));
+        service.methods().find(|m| m.name() == method).unwrap_or_else(|| panic!("no method {rpc}"))
+    }
+
+    pub fn encode_request(&self, rpc: &str, body: &Value) -> Vec<u8> {
+        let message = prost_reflect::DynamicMessage::deserialize(self.method(rpc).input(), body.clone())
+            .unwrap_or_else(|e| panic!("{rpc} request {body}: {e}"));
+        prost::Message::encode_to_vec(&message)
+    }
+
+    pub fn decode_response(&self, rpc: &str, bytes: &[u8]) -> Value {
+        let message = prost_reflect::DynamicMessage::decode(self.method(rpc).output(), bytes)
+            .unwrap_or_else(|e| panic!("{rpc} answer: {e}"));
+        serde_json::to_value(&message).expect("JSON")
+    }
+}
+
+/// A gRPC codec passing messages through as bytes: [`RpcCodec`] does the rest.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let remaining = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, remaining).to_vec()))
+    }
+}
+
+/// A gRPC status as the Connect error JSON the tests read, with the HTTP
+/// status Connect would have answered.
+fn grpc_error(status: &tonic::Status) -> (u16, Value) {
+    let (name, http) = match status.code() {
+        tonic::Code::Ok => ("ok", 200),
+        tonic::Code::Cancelled => ("canceled", 499),
+        tonic::Code::Unknown => ("unknown", 500),
+        tonic::Code::InvalidArgument => ("invalid_argument", 400),
+        tonic::Code::DeadlineExceeded => ("deadline_exceeded", 504),
+        tonic::Code::NotFound => ("not_found", 404),
+        tonic::Code::AlreadyExists => ("already_exists", 409),
+        tonic::Code::PermissionDenied => ("permission_denied", 403),
+        tonic::Code::ResourceExhausted => ("resource_exhausted", 429),
+        tonic::Code::FailedPrecondition => ("failed_precondition", 400),
+        tonic::Code::Aborted => ("aborted", 409),
+        tonic::Code::OutOfRange => ("out_of_range", 400),
+        tonic::Code::Unimplemented => ("unimplemented", 501),
+        tonic::Code::Internal => ("internal", 500),
+        tonic::Code::Unavailable => ("unavailable", 503),
+        tonic::Code::DataLoss => ("data_loss", 500),
+        tonic::Code::Unauthenticated => ("unauthenticated", 401),
+    };
+    (http, json!({"code": name, "message": status.message()}))
+}
+
+impl TestFlotilla {
+    /// A gRPC request of raw bytes with these headers as metadata.
+    fn grpc_request(headers: &[(&str, &str)], payload: Vec<u8>) -> tonic::Request<Vec<u8>> {
+        let mut request = tonic::Request::new(payload);
+        for (name, value) in headers {
+            let name = tonic::metadata::MetadataKey::from_bytes(name.as_bytes()).expect("header name");
+            request.metadata_mut().insert(name, value.parse().expect("header value"));
+        }
+        request
+    }
+
+    async fn grpc_client(&self) -> tonic::client::Grpc<tonic::transport::Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(self.base_url.clone())
+            .expect("URL")
+            .connect()
+            .await
+            .expect("gRPC connects");
+        tonic::client::Grpc::new(channel)
+    }
+
+    /// Calls a unary `service/method` in `protocol`, the request and the
+    /// answer written as Connect JSON whatever the wire carried. Errors come
+    /// back as Connect's error JSON (`code`, `message`) with the HTTP status
+    /// Connect gives that code.
+    pub async fn call(&self, protocol: Protocol, rpc: &str, headers: &[(&str, &str)], body: Value) -> (u16, Value) {
+        let codec = RpcCodec::default();
+        match protocol {
+            Protocol::ConnectJson => self.connect_with(rpc, headers, body).await,
+            Protocol::ConnectProto => {
+                let mut request = self
+                    .http
+                    .post(format!("{}/{rpc}", self.base_url))
+                    .header("content-type", "application/proto")
+                    .header("connect-protocol-version", "1")
+                    .body(codec.encode_request(rpc, &body));
+                for (name, value) in headers {
+                    request = request.header(*name, *value);
+                }
+                let response = request.send().await.expect("the API answers");
+                let status = response.status().as_u16();
+                let bytes = response.bytes().await.expect("the answer");
+                if status == 200 {
+                    (status, codec.decode_response(rpc, &bytes))
+                } else {
+                    // Connect's unary errors are JSON whatever the request's codec.
+                    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+                }
+            }
+            Protocol::Grpc => {
+                let mut client = self.grpc_client().await;
+                client.ready().await.expect("gRPC ready");
+                let path = http::uri::PathAndQuery::try_from(format!("/{rpc}")).expect("path");
+                let request = Self::grpc_request(headers, codec.encode_request(rpc, &body));
+                match client.unary(request, path, RawCodec).await {
+                    Ok(answer) => (200, codec.decode_response(rpc, answer.get_ref())),
+                    Err(status) => grpc_error(&status),
+                }
+            }
+        }
+    }
+
+    /// [`Self::connect_stream_with`] in `protocol`: up to `want` messages
+    /// within `timeout`, and the end of the stream if it came (`{}` for a
+    /// normal end, `{"error": ..}` for a refusal or an error at the end).
+    pub async fn stream(
+        &self,
+        protocol: Protocol,
+        rpc: &str,
+        headers: &[(&str, &str)],
+        body: Value,
+        want: usize,
+        timeout: Duration,
+    ) -> (Vec<Value>, Option<Value>) {
+        let codec = RpcCodec::default();
+        match protocol {
+            Protocol::ConnectJson => self.connect_stream_with(rpc, headers, body, want, timeout).await,
+            Protocol::ConnectProto => {
+                let payload = codec.encode_request(rpc, &body);
+                let (messages, end) =
+                    self.connect_stream_raw(rpc, "application/connect+proto", headers, payload, want, timeout).await;
+                let messages = messages.iter().map(|bytes| codec.decode_response(rpc, bytes)).collect();
+                (messages, end)
+            }
+            Protocol::Grpc => {
+                let mut client = self.grpc_client().await;
+                client.ready().await.expect("gRPC ready");
+                let path = http::uri::PathAndQuery::try_from(format!("/{rpc}")).expect("path");
+                let request = Self::grpc_request(headers, codec.encode_request(rpc, &body));
+                let mut stream = match client.server_streaming(request, path, RawCodec).await {
+                    Ok(answer) => answer.into_inner(),
+                    Err(status) => return (Vec::new(), Some(json!({"error": grpc_error(&status).1}))),
+                };
+                let deadline = tokio::time::Instant::now() + timeout;
+                let (mut messages, mut end) = (Vec::new(), None);
+                while messages.len() < want && end.is_none() {
+                    match tokio::time::timeout_at(deadline, stream.message()).await {
+                        Err(_) => break,
+                        Ok(Ok(Some(bytes))) => messages.push(codec.decode_response(rpc, &bytes)),
+                        Ok(Ok(None)) => end = Some(json!({})),
+                        Ok(Err(status)) => end = Some(json!({"error": grpc_error(&status).1})),
+                    }
+                }
+                (messages, end)
+            }
+        }
+    }
 }

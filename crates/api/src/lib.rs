@@ -9,6 +9,7 @@ mod audit;
 pub mod auth;
 pub mod cache;
 mod convert;
+mod deadline;
 mod deployments;
 mod error;
 mod logs;
@@ -221,6 +222,7 @@ pub fn service(
         .get_deployment_metrics(usage::get_deployment_metrics)
         .stream_deployment_metrics(usage::stream_deployment_metrics)
         .get_usage(usage::get_usage)
+        .get_deployment_usage(usage::get_deployment_usage)
         .get_env_vars(deployments::get_env_vars)
         .update_env_vars(deployments::update_env_vars)
         .get_routings(deployments::get_routings)
@@ -254,7 +256,7 @@ pub fn service(
         .delete_project(organizations::delete_project)
         .with_state(state)
         .build();
-    MakeServiceBuilder::new()
+    let service = MakeServiceBuilder::new()
         .add_router(connect)
         .add_router(node_connect)
         .add_router(organization_connect)
@@ -265,5 +267,6 @@ pub fn service(
         .add_grpc_service_with(node_grpc, |svc| grpc_limits!(svc))
         .add_grpc_service_with(organization_grpc, |svc| grpc_limits!(svc))
         .add_grpc_service_with(project_grpc, |svc| grpc_limits!(svc))
-        .build()
+        .build();
+    deadline::GrpcDeadline::new(service)
 }

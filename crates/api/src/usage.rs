@@ -1,5 +1,5 @@
 //! Metrics RPCs: a deployment's history (GetDeploymentMetrics), its live
-//! samples (StreamDeploymentMetrics) and hourly usage (GetUsage). Each
+//! samples (StreamDeploymentMetrics) and hourly usage (GetUsage, GetDeploymentUsage). Each
 //! checks the deployment belongs to the caller's organization, and the
 //! metrics store's queries filter on it again.
 
@@ -119,35 +119,59 @@ pub async fn get_usage(
 ) -> Reply<pb::GetUsageResponse> {
     api.observe("GetUsage", async {
         let deployment: Option<DeploymentId> = parse_optional_id("deployment_id", &request.deployment_id)?;
-        let (start, end) = range(request.start.as_ref(), request.end.as_ref(), Duration::from_secs(86_400))?;
-        let tenant = metrics_store(&api)?.tenant(caller.organization_id);
-        if let Some(id) = deployment {
-            // NotFound for another organization's deployment, as everywhere
-            // (not an empty answer that looks like no usage).
-            api.store.tenant(caller.organization_id).get_deployment(id).await?;
-        }
-        let rows = match deployment {
-            Some(id) => tenant.usage(Some(id), start, end).await,
-            None => tenant.organization_usage(start, end).await,
-        }
-        .map_err(metrics_error)?;
-        Ok(pb::GetUsageResponse {
-            hours: rows
-                .into_iter()
-                .map(|u| pb::UsageHour {
-                    hour: Some(timestamp(u.hour)),
-                    deployment_id: u.deployment_id.map(|d| d.to_string()).unwrap_or_default(),
-                    cpu_core_seconds: u.cpu_core_seconds,
-                    memory_byte_seconds: u.memory_byte_seconds,
-                    net_rx_bytes: u.net_rx_bytes,
-                    net_tx_bytes: u.net_tx_bytes,
-                    blk_read_bytes: u.blk_read_bytes,
-                    blk_write_bytes: u.blk_write_bytes,
-                })
-                .collect(),
-        })
+        usage_hours(&api, &caller, deployment, request.start.as_ref(), request.end.as_ref()).await
     })
     .await
+}
+
+/// GetUsage of exactly one deployment: its id is required.
+pub async fn get_deployment_usage(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::GetDeploymentUsageRequest>,
+) -> Reply<pb::GetUsageResponse> {
+    api.observe("GetDeploymentUsage", async {
+        let deployment: DeploymentId = parse_id("deployment_id", &request.deployment_id)?;
+        usage_hours(&api, &caller, Some(deployment), request.start.as_ref(), request.end.as_ref()).await
+    })
+    .await
+}
+
+/// Hourly usage of one deployment of the caller's organization, or of all.
+async fn usage_hours(
+    api: &ApiState,
+    caller: &Caller,
+    deployment: Option<DeploymentId>,
+    start: Option<&pbjson_types::Timestamp>,
+    end: Option<&pbjson_types::Timestamp>,
+) -> Result<pb::GetUsageResponse, ApiError> {
+    let (start, end) = range(start, end, Duration::from_secs(86_400))?;
+    let tenant = metrics_store(api)?.tenant(caller.organization_id);
+    if let Some(id) = deployment {
+        // NotFound for another organization's deployment, as everywhere
+        // (not an empty answer that looks like no usage).
+        api.store.tenant(caller.organization_id).get_deployment(id).await?;
+    }
+    let rows = match deployment {
+        Some(id) => tenant.usage(Some(id), start, end).await,
+        None => tenant.organization_usage(start, end).await,
+    }
+    .map_err(metrics_error)?;
+    Ok(pb::GetUsageResponse {
+        hours: rows
+            .into_iter()
+            .map(|u| pb::UsageHour {
+                hour: Some(timestamp(u.hour)),
+                deployment_id: u.deployment_id.map(|d| d.to_string()).unwrap_or_default(),
+                cpu_core_seconds: u.cpu_core_seconds,
+                memory_byte_seconds: u.memory_byte_seconds,
+                net_rx_bytes: u.net_rx_bytes,
+                net_tx_bytes: u.net_tx_bytes,
+                blk_read_bytes: u.blk_read_bytes,
+                blk_write_bytes: u.blk_write_bytes,
+            })
+            .collect(),
+    })
 }
 
 /// How long a stream runs: `max_duration_seconds`, 0 for the default.

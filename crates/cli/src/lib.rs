@@ -54,10 +54,23 @@ pub enum OutputFormat {
 pub enum Command {
     /// Save a token for this API: read from standard input (`--with-token`)
     /// or given with --token. It is checked before it is saved.
+    ///
+    /// Without a token: signs in with the identity provider's device flow
+    /// (open the link shown, enter the code, approve), where the provider
+    /// offers it.
     Login {
         /// Read the token from standard input.
         #[arg(long)]
         with_token: bool,
+        /// The identity provider (issuer URL), when the API does not say.
+        #[arg(long, requires = "client_id")]
+        issuer: Option<String>,
+        /// The client id to sign in as, when the API does not say.
+        #[arg(long, requires = "issuer")]
+        client_id: Option<String>,
+        /// Scopes asked for in the device flow.
+        #[arg(long, default_value = "openid email profile")]
+        scope: String,
     },
     /// Forget the token saved for this API.
     Logout,
@@ -314,22 +327,52 @@ impl CliError {
     }
 }
 
+/// Signs in with the provider's device flow and returns the token to keep.
+async fn device_login(api: &str, given: Option<(&str, &str)>, scope: &str) -> Result<String, CliError> {
+    use flotilla_oidc::device::{DeviceFlow, DeviceFlowError, login_config};
+    let failed = |e: DeviceFlowError| match e {
+        DeviceFlowError::NotSupported { .. } => CliError::Failed(format!(
+            "{e}: get a token from it and run `flo login --with-token < token.txt` (or --token / FLOTILLA_TOKEN)"
+        )),
+        DeviceFlowError::Unreachable { .. } => CliError::Unreachable { api: api.to_owned(), message: e.to_string() },
+        other => CliError::Refused(other.to_string()),
+    };
+    let (issuer, client_id) = match given {
+        Some((issuer, client_id)) => (issuer.to_owned(), client_id.to_owned()),
+        None => match login_config(api).await.map_err(failed)? {
+            Some(config) => (config.issuer, config.client_id),
+            None => {
+                return Err(CliError::Failed(format!(
+                    "{api} does not say where to sign in (is it in development mode?): pass --issuer and \
+                     --client-id, or use `flo login --with-token`"
+                )));
+            }
+        },
+    };
+    let flow = DeviceFlow::discover(&issuer, &client_id).await.map_err(failed)?;
+    let authorization = flow.start(scope).await.map_err(failed)?;
+    let link = authorization.verification_uri_complete.as_deref().unwrap_or(&authorization.verification_uri);
+    eprintln!("To sign in, open {link}");
+    eprintln!("and enter the code: {}", authorization.user_code);
+    eprintln!("Waiting for approval (the code expires in {} min)...", authorization.expires_in.div_ceil(60));
+    let tokens = flow.wait(&authorization).await.map_err(failed)?;
+    Ok(tokens.bearer().to_owned())
+}
+
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let mut token = cli.token.clone();
     match cli.command {
-        Command::Login { with_token } => {
+        Command::Login { with_token, ref issuer, ref client_id, ref scope } => {
             if with_token {
                 let mut line = String::new();
                 std::io::stdin().read_line(&mut line)?;
                 token = Some(line.trim().to_owned());
             }
-            let Some(token) = token.filter(|t| !t.is_empty()) else {
-                return Err(CliError::Failed(
-                    "no token: get one from your identity provider, then `flo login --with-token < token.txt` \
-                     (or --token / FLOTILLA_TOKEN)"
-                        .to_owned(),
-                ));
+            let token = match token.filter(|t| !t.is_empty()) {
+                Some(token) => token,
+                None if with_token => return Err(CliError::Failed("no token on standard input".to_owned())),
+                None => device_login(&cli.api, issuer.as_deref().zip(client_id.as_deref()), scope).await?,
             };
             // Checked with a harmless read before it is kept.
             let flo = Flo::connect(&cli, Some(&token))?;

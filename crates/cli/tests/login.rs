@@ -1,8 +1,10 @@
 //! `flo login` against a real API and a real OIDC provider: a good token is
 //! checked and saved (owner-only file), later commands use it (`env`,
 //! `domains`), a bad token is refused and not saved, `flo logout` forgets it.
+//! Without a token, the device flow (the provider's device endpoint is the
+//! test script's addition to oidc-provider-mock, which lacks one).
 
-use std::io::Write as _;
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Command, Output, Stdio};
 
@@ -86,5 +88,88 @@ async fn login_saves_a_checked_token_that_later_commands_use() {
     assert_eq!(logout.status.code(), Some(0), "{}", said(&logout));
     let after = tokio::task::block_in_place(|| flo(api, &config, &["ls"], ""));
     assert_eq!(after.status.code(), Some(5), "{}", said(&after));
+    flotilla.stop().await;
+}
+
+/// `flo login` (device flow) running, the code it showed, and what it
+/// says on standard error from then on (read to its end by a thread).
+struct DeviceLogin {
+    child: std::process::Child,
+    code: String,
+    rest: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl DeviceLogin {
+    fn start(api: &str, config: &TempDir, issuer: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flo"))
+            .args(["--api", api, "login"])
+            .env("FLOTILLA_CONFIG_DIR", &config.0)
+            .env_remove("FLOTILLA_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("flo runs");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut said = Vec::new();
+        let code = loop {
+            let mut line = String::new();
+            assert!(stderr.read_line(&mut line).expect("reading flo") > 0, "flo ended first: {said:?}");
+            said.push(line.trim().to_owned());
+            if let Some(code) = line.trim().strip_prefix("and enter the code: ") {
+                break code.to_owned();
+            }
+        };
+        assert!(said[0].starts_with(&format!("To sign in, open {issuer}/")), "the provider's page: {said:?}");
+        assert!(said[0].contains(&code), "the link carries the code: {said:?}");
+        let rest = std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect());
+        Self { child, code, rest }
+    }
+
+    /// How it ended, and what it said after the code.
+    fn finish(mut self) -> (Option<i32>, String) {
+        let status = self.child.wait().expect("flo ends");
+        (status.code(), self.rest.join().expect("reader").join("\n"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_without_a_token_signs_in_through_the_device_flow() {
+    let provider = TestOidcProvider::start(3600);
+    let flotilla = TestFlotilla::start_trusting(&provider, |_| {}).await;
+    let config = TempDir::new();
+    let api = flotilla.base_url.clone();
+
+    // Approved in the browser: the token is saved and works.
+    let login = tokio::task::block_in_place(|| DeviceLogin::start(&api, &config, &provider.issuer));
+    provider.decide_device_code(&login.code, "frank", "frank@example.com", true).await;
+    let (code, said_after) = tokio::task::block_in_place(|| login.finish());
+    assert_eq!(code, Some(0), "{said_after}");
+    assert!(said_after.contains("Logged in"), "{said_after}");
+    assert!(config.0.join("credentials.json").exists(), "the token is saved");
+    let listed = tokio::task::block_in_place(|| flo(&api, &config, &["ls", "--output", "json"], ""));
+    assert_eq!(listed.status.code(), Some(0), "{}", said(&listed));
+    let frank =
+        flotilla.count("SELECT count(*) FROM users WHERE subject = 'frank' AND email = 'frank@example.com'").await;
+    assert_eq!(frank, 1, "signed in as the user who approved");
+
+    // Denied in the browser: a clear refusal, nothing saved.
+    let other = TempDir::new();
+    let login = tokio::task::block_in_place(|| DeviceLogin::start(&api, &other, &provider.issuer));
+    provider.decide_device_code(&login.code, "mallory", "m@example.com", false).await;
+    let (code, said_after) = tokio::task::block_in_place(|| login.finish());
+    assert_eq!(code, Some(5), "{said_after}");
+    assert!(said_after.contains("denied"), "{said_after}");
+    assert!(!other.0.join("credentials.json").exists(), "nothing saved");
+
+    // An API in development mode announces no provider: flo says what to do.
+    let dev = TestFlotilla::start_with(|s| {
+        s.roles = flotilla_daemon::Roles { api: true, orchestrator: false, agent: false };
+    })
+    .await;
+    let none = tokio::task::block_in_place(|| flo(&dev.base_url, &other, &["login"], ""));
+    assert_ne!(none.status.code(), Some(0), "{}", said(&none));
+    assert!(said(&none).contains("--with-token"), "{}", said(&none));
+    dev.stop().await;
     flotilla.stop().await;
 }

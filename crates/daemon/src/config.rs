@@ -32,16 +32,58 @@ pub enum Command {
     Orchestrator(Box<DaemonConfig>),
     /// Only the node agent (one per node).
     Agent(Box<DaemonConfig>),
+    /// Exits 0 if a running flotillad answers its health check: the
+    /// container health check of images that have no shell or curl.
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:7800/health")]
+        url: String,
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+/// A secret file named in the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the secret file {path} ({flag}): {source}")]
+pub struct SecretFileError {
+    pub flag: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl DaemonConfig {
+    /// Reads the `*_file` settings into the values they stand for (the
+    /// whole file, without its final newline), as Docker secrets are given.
+    pub fn read_secret_files(&mut self) -> Result<(), SecretFileError> {
+        fn read(flag: &'static str, path: &Option<PathBuf>, into: &mut Option<String>) -> Result<(), SecretFileError> {
+            if let Some(path) = path {
+                let text = std::fs::read_to_string(path).map_err(|source| SecretFileError {
+                    flag,
+                    path: path.clone(),
+                    source,
+                })?;
+                *into = Some(text.trim_end_matches(['\n', '\r']).to_owned());
+            }
+            Ok(())
+        }
+        read("--database-url-file", &self.database_url_file, &mut self.database_url)?;
+        read("--redis-url-file", &self.redis_url_file, &mut self.redis_url)?;
+        read("--internal-token-file", &self.internal_token_file, &mut self.internal_token)?;
+        Ok(())
+    }
 }
 
 impl Command {
-    pub fn into_parts(self) -> (Roles, DaemonConfig) {
-        match self {
+    /// The roles and settings of a daemon command; `None` for `health`.
+    pub fn into_parts(self) -> Option<(Roles, DaemonConfig)> {
+        Some(match self {
             Self::All(c) => (Roles::ALL, *c),
             Self::Api(c) => (Roles { api: true, orchestrator: false, agent: false }, *c),
             Self::Orchestrator(c) => (Roles { api: false, orchestrator: true, agent: false }, *c),
             Self::Agent(c) => (Roles { api: false, orchestrator: false, agent: true }, *c),
-        }
+            Self::Health { .. } => return None,
+        })
     }
 }
 
@@ -66,8 +108,21 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct DaemonConfig {
     /// PostgreSQL URL of the control database.
-    #[arg(long, env = "FLOTILLA_DATABASE_URL")]
-    pub database_url: String,
+    #[arg(long, env = "FLOTILLA_DATABASE_URL", required_unless_present = "database_url_file", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// A file holding the database URL (a Docker secret:
+    /// `/run/secrets/...`); when given, it wins over --database-url.
+    #[arg(long, env = "FLOTILLA_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+
+    /// A file holding the Redis URL, instead of --redis-url.
+    #[arg(long, env = "FLOTILLA_REDIS_URL_FILE")]
+    pub redis_url_file: Option<PathBuf>,
+
+    /// A file holding the internal token, instead of --internal-token.
+    #[arg(long, env = "FLOTILLA_INTERNAL_TOKEN_FILE")]
+    pub internal_token_file: Option<PathBuf>,
 
     /// Redis URL for wake-ups between processes; without it, wake-ups stay
     /// inside this process and other processes rely on their timers.
@@ -550,7 +605,7 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["flotillad", "all", "--database-url", "postgres://x"]).unwrap();
-        let (roles, config) = cli.command.into_parts();
+        let (roles, config) = cli.command.into_parts().unwrap();
         assert_eq!(roles, Roles::ALL);
         assert_eq!(config.agent.port_range, 20000..=29999);
         assert_eq!(config.orchestrator.heartbeat_timeout, Duration::from_secs(15));
@@ -560,10 +615,33 @@ mod tests {
         assert_eq!(config.retention(), Retention::default());
         let off =
             Cli::try_parse_from(["flotillad", "agent", "--database-url", "postgres://x", "--no-metrics"]).unwrap();
-        assert!(off.command.into_parts().1.metrics_config().is_none());
+        assert!(off.command.into_parts().unwrap().1.metrics_config().is_none());
         assert!(
             Cli::try_parse_from(["flotillad", "all", "--database-url", "x", "--metrics-source", "magic"]).is_err(),
             "unknown sources are refused"
         );
+    }
+
+    #[test]
+    fn secrets_are_read_from_files_as_docker_gives_them() {
+        let dir = std::env::temp_dir().join(format!("flotillad-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("db"), "postgres://u:p@db/flotilla\n").unwrap();
+        std::fs::write(dir.join("token"), "s3cret").unwrap();
+        let (db, token) = (dir.join("db"), dir.join("token"));
+        let args = ["flotillad", "api", "--database-url-file", db.to_str().unwrap()];
+        let cli = Cli::try_parse_from(args.iter().copied().chain(["--internal-token-file", token.to_str().unwrap()]))
+            .unwrap();
+        let (_, mut config) = cli.command.into_parts().unwrap();
+        config.read_secret_files().unwrap();
+        assert_eq!(config.database_url.as_deref(), Some("postgres://u:p@db/flotilla"), "without the newline");
+        assert_eq!(config.internal_token.as_deref(), Some("s3cret"));
+
+        let missing = dir.join("missing");
+        let cli = Cli::try_parse_from(["flotillad", "api", "--database-url-file", missing.to_str().unwrap()]).unwrap();
+        let (_, mut config) = cli.command.into_parts().unwrap();
+        let error = config.read_secret_files().unwrap_err().to_string();
+        assert!(error.contains("--database-url-file") && error.contains("missing"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

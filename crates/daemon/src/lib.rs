@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod edge;
+pub mod health;
 mod internal;
 
 use std::net::SocketAddr;
@@ -127,7 +128,8 @@ impl DaemonSettings {
     pub fn from_config(roles: Roles, config: &DaemonConfig) -> Self {
         Self {
             roles,
-            database_url: config.database_url.clone(),
+            // Set by clap or by DaemonConfig::read_secret_files.
+            database_url: config.database_url.clone().unwrap_or_default(),
             redis: config.redis_url.clone().map(|url| (url, config.redis_prefix.clone())),
             listen: config.listen,
             auth: config.auth_settings(),
@@ -335,6 +337,9 @@ impl Daemon {
             true => edge::router(store.clone(), settings.orchestrator.edge.clone()),
             false => axum::Router::new(),
         };
+        if let (true, AuthSettings::Oidc { settings: oidc, .. }) = (roles.api, &settings.auth) {
+            extra = extra.merge(login_config_router(oidc));
+        }
         if let Some(agent) = &agent {
             extra = extra.merge(internal::router(agent.clone(), internal_token.clone()));
             let url = format!("http://{}:{}", agent.advertise_address(), local_addr.port());
@@ -481,4 +486,12 @@ async fn database_watch(store: Store, telemetry: Telemetry, cancel: Cancellation
             () = tokio::time::sleep(Duration::from_secs(10)) => {}
         }
     }
+}
+
+/// `GET /login/config`: where `flo login` signs in (the issuer, and the
+/// client id the API's audience names), so users need only the API's URL.
+/// Public, as discovery documents are: it holds no secret.
+fn login_config_router(oidc: &OidcSettings) -> axum::Router {
+    let config = serde_json::json!({ "issuer": oidc.issuer, "client_id": oidc.audience });
+    axum::Router::new().route("/login/config", axum::routing::get(move || async move { axum::Json(config) }))
 }

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use flotilla_daemon::config::LogFormat;
+use flotilla_daemon::config::{Command, LogFormat};
 use flotilla_daemon::{Cli, Daemon, DaemonSettings};
 use flotilla_telemetry::logging;
 use tokio_util::sync::CancellationToken;
@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (roles, config) = cli.command.into_parts();
+    if let Command::Health { url, timeout } = &cli.command {
+        return flotilla_daemon::health::probe(url, *timeout).with_context(|| format!("{url} is not healthy"));
+    }
+    let Some((roles, mut config)) = cli.command.into_parts() else { unreachable!("health is answered above") };
+    config.read_secret_files()?;
     let format = match config.log_format {
         LogFormat::Text => logging::LogFormat::Text,
         LogFormat::Json => logging::LogFormat::Json,

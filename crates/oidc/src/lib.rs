@@ -14,6 +14,7 @@
 //! Discovery happens on first use and is retried until it succeeds, so the
 //! API starts while the provider is away and answers `unavailable` meanwhile.
 
+pub mod device;
 mod error;
 pub mod metrics;
 
@@ -468,8 +469,12 @@ fn token_error(error: ClaimsVerificationError) -> TokenError {
 type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 /// An HTTP(S) client with ring and the system's trusted roots (none found:
-/// https fails with a clear error, http still works).
-fn http_client() -> Result<HttpClient, TokenError> {
+/// https fails with a clear error, http still works), sending bodies of `B`.
+fn http_client<B>() -> Result<hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, B>, TokenError>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_roots();

@@ -158,6 +158,21 @@ impl TestOidcProvider {
         answer["kid"].as_str().expect("kid").to_owned()
     }
 
+    /// Answers a device-flow sign-in (the code `flo login` showed) as the
+    /// user would in the browser: approve it as `subject`, or deny it.
+    pub async fn decide_device_code(&self, user_code: &str, subject: &str, email: &str, approve: bool) {
+        let action = if approve { "allow" } else { "deny" };
+        let status = self
+            .http
+            .post(format!("{}/_test/device", self.issuer))
+            .form(&[("user_code", user_code), ("sub", subject), ("email", email), ("action", action)])
+            .send()
+            .await
+            .expect("the verification page")
+            .status();
+        assert!(status.is_success(), "the verification page answered {status}");
+    }
+
     /// Revokes every token of `subject`.
     pub async fn revoke(&self, subject: &str) {
         let status = self

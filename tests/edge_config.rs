@@ -1,0 +1,93 @@
+//! The edge's configuration files, checked without running Traefik (there
+//! is no Traefik image or package on the machines we test on): the static
+//! configuration and the platform's dynamic configuration validate against
+//! Traefik's own JSON schemas, and they agree with what the daemon serves
+//! and labels (entry points, the route table's path, the opt-in label).
+
+use std::path::PathBuf;
+
+use flotilla_types::routing::EdgeSettings;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A vendored schema, checked to still equal the copy the project was given.
+fn schema(name: &str) -> jsonschema::Validator {
+    let text = std::fs::read_to_string(root().join("traefik/schemas").join(name)).expect("the vendored schema");
+    if let Ok(shared) = std::fs::read_to_string(root().join("../shared/schemas").join(name)) {
+        assert_eq!(shared, text, "traefik/schemas/{name} must be the same as ../shared/schemas/");
+    }
+    jsonschema::draft7::new(&serde_json::from_str(&text).expect("JSON")).expect("a valid schema")
+}
+
+fn toml_file(path: &str) -> Value {
+    let text = std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let value: toml::Value = toml::from_str(&text).unwrap_or_else(|e| panic!("{path} is not TOML: {e}"));
+    serde_json::to_value(value).expect("as JSON")
+}
+
+fn assert_valid(validator: &jsonschema::Validator, config: &Value, what: &str) {
+    let errors: Vec<String> = validator.iter_errors(config).map(|e| format!("{e} at {}", e.instance_path)).collect();
+    assert!(errors.is_empty(), "{what} is not valid Traefik configuration: {errors:#?}");
+}
+
+#[test]
+fn the_static_configuration_is_valid_and_matches_the_platform() {
+    let config = toml_file("traefik/traefik.toml");
+    assert_valid(&schema("traefik-v3-static-config.schema.json"), &config, "traefik/traefik.toml");
+
+    let edge = EdgeSettings::default();
+    let entry_points = &config["entryPoints"];
+    assert!(entry_points[&edge.http_entrypoint].is_object(), "the entry point routes name: {}", edge.http_entrypoint);
+    assert!(entry_points[&edge.https_entrypoint].is_object(), "the entry point routes name: {}", edge.https_entrypoint);
+    let redirect = &entry_points[&edge.http_entrypoint]["http"]["redirections"]["entryPoint"];
+    assert_eq!(redirect["to"], edge.https_entrypoint.as_str(), "HTTP goes to HTTPS");
+    assert_eq!(redirect["priority"], 1, "below every router, so challenges and plain-HTTP apps still match");
+
+    let http = &config["providers"]["http"]["endpoint"];
+    assert!(
+        http.as_str().is_some_and(|e| e.ends_with(flotilla_daemon::edge::ROUTE_TABLE_PATH)),
+        "Traefik polls the route table the orchestrators serve: {http}"
+    );
+    let swarm = &config["providers"]["swarm"];
+    assert_eq!(swarm["exposedByDefault"], false, "nothing is exposed unless it opts in");
+    assert_eq!(swarm["constraints"], "Label(`flotilla.edge`, `true`)");
+    let resolver = &config["entryPoints"][&edge.https_entrypoint]["http"]["tls"]["certResolver"];
+    assert!(
+        config["certificatesResolvers"][resolver.as_str().expect("a resolver")]["acme"]["httpChallenge"].is_object()
+    );
+    assert!(config["metrics"]["prometheus"].is_object() && config["accessLog"].is_object());
+    let headers = &config["accessLog"]["fields"]["headers"];
+    assert_eq!(headers["defaultMode"], "drop", "headers are not logged unless named");
+    assert_eq!(headers["names"]["Authorization"], "drop", "credentials are never logged");
+}
+
+#[test]
+fn the_platforms_dynamic_configuration_is_valid() {
+    let validator = schema("traefik-v3-dynamic-config.schema.json");
+    let dir = root().join("traefik/dynamic");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("traefik/dynamic") {
+        let path = entry.expect("entry").path();
+        let relative = path.strip_prefix(root()).expect("inside").to_string_lossy().into_owned();
+        let config = toml_file(&relative);
+        assert_valid(&validator, &config, &relative);
+        checked += 1;
+    }
+    assert!(checked > 0, "no files in {}", dir.display());
+    let platform = toml_file("traefik/dynamic/platform.toml");
+    let challenge = &platform["http"]["routers"]["flotilla-acme-challenge"];
+    assert_eq!(challenge["entryPoints"][0], EdgeSettings::default().http_entrypoint.as_str());
+    assert_eq!(platform["tls"]["options"]["default"]["minVersion"], "VersionTLS12");
+}
+
+#[test]
+fn a_schema_violation_is_caught() {
+    // The checks above can fail: a misspelt key is refused by the schema.
+    let mut config = toml_file("traefik/traefik.toml");
+    config["entryPoints"]["web"]["adress"] = Value::String(":80".to_owned());
+    let validator = schema("traefik-v3-static-config.schema.json");
+    assert!(validator.iter_errors(&config).next().is_some(), "a misspelt key must not validate");
+}
