@@ -54,6 +54,8 @@ need_packages() {
   dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
   command -v curl >/dev/null || missing+=(curl)
   command -v promtool >/dev/null || missing+=(prometheus)
+  # A real ACME server and its DNS companion for the certificate tests.
+  command -v pebble-challtestsrv >/dev/null || missing+=(pebble)
   echo "${missing[@]:-}"
 }
 

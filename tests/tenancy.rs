@@ -63,6 +63,8 @@ fn case(rpc: &str, ids: &Ids) -> Option<(Value, Outsider, Viewer, bool)> {
         "StreamDeploymentLogs" => (json!({"deployment_id": d}), NotFound, Allowed, true),
         "UpdateEnvVars" => (json!({"id": d, "vars": [{"name": "X", "value": "1"}]}), NotFound, Denied, false),
         "UpdateRoutings" => (json!({"id": d, "domain": "intruder.example.com"}), NotFound, Denied, false),
+        "GetDomainStatus" => (json!({"id": d}), NotFound, Allowed, false),
+        "VerifyDomain" => (json!({"id": d}), NotFound, Denied, false),
         "ListNodes" => (json!({}), AdminOnly, Denied, false),
         "GetNode" | "DrainNode" | "ActivateNode" => (json!({"id": ids.node}), AdminOnly, Denied, false),
         "ListOrganizations" | "ListMembers" | "ListProjects" => (json!({}), OnlyOwn, Allowed, false),

@@ -18,6 +18,7 @@ use flotilla_redis::WakeBus;
 use flotilla_telemetry::Telemetry;
 use flotilla_test_utils::{TestDb, TestDocker, TestRedis, init_tracing};
 use flotilla_types::NodeId;
+use flotilla_types::routing::EdgeSettings;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,12 +53,25 @@ fn test_settings(db: &TestDb, redis: &TestRedis, docker: &TestDocker, state_dir:
         auth: flotilla_daemon::AuthSettings::InsecureDevelopment,
         docker: DockerConfig::default(),
         agent: test_agent_config(docker, state_dir, 0),
-        orchestrator: OrchestratorConfig::default(),
+        orchestrator: OrchestratorConfig {
+            // The domains tests route without proving them; tests of custom
+            // domains use others (e.g. example.org).
+            edge: EdgeSettings {
+                platform_domains: ["example.com", "flotilla.test"]
+                    .iter()
+                    .map(|d| flotilla_types::Hostname::parse("domain", d).expect("a hostname"))
+                    .collect(),
+                ..EdgeSettings::default()
+            },
+            ..OrchestratorConfig::default()
+        },
         metrics: MetricsSettings::default(),
         // Tests that are about rate limits set them.
         rate_limits: RateLimitSettings::default(),
         shutdown_grace: Duration::from_secs(5),
         internal_token: None,
+        domains: flotilla_daemon::DomainSettings::default(),
+        certificates: None,
     }
 }
 

@@ -57,4 +57,5 @@ audited_by_request!(
     pb::RemoveMemberResponse,
     pb::DeleteProjectResponse,
     pb::UpdateEnvVarsResponse,
+    pb::GetDomainStatusResponse,
 );

@@ -21,7 +21,7 @@ const DEFAULT_PAGE_SIZE: i64 = 50;
 
 type Reply<T> = Result<ConnectResponse<T>, ConnectError>;
 
-fn require_mutation(caller: &Caller) -> Result<(), ApiError> {
+pub(crate) fn require_mutation(caller: &Caller) -> Result<(), ApiError> {
     if caller.role.can_mutate() {
         Ok(())
     } else {
@@ -197,7 +197,11 @@ async fn update(
 }
 
 /// A deployment of the caller's organization that is not being deleted.
-async fn live_deployment(api: &ApiState, caller: &Caller, id: DeploymentId) -> Result<DeploymentView, ApiError> {
+pub(crate) async fn live_deployment(
+    api: &ApiState,
+    caller: &Caller,
+    id: DeploymentId,
+) -> Result<DeploymentView, ApiError> {
     let view = api.store.tenant(caller.organization_id).get_deployment(id).await?;
     if view.deployment.desired_state == DesiredState::Deleted {
         return Err(ApiError::NotFound { what: "deployment", id: id.to_string() });

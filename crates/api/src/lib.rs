@@ -11,6 +11,7 @@ pub mod cache;
 mod convert;
 mod deadline;
 mod deployments;
+pub mod domains;
 mod error;
 mod logs;
 pub mod metrics;
@@ -81,6 +82,8 @@ pub struct ApiState {
     pub views: Arc<cache::ViewCache>,
     /// How this process reaches agents' internal endpoints (logs).
     pub internal: logs::InternalClient,
+    /// How custom domains are proven.
+    pub domains: domains::DomainAccess,
 }
 
 impl FromRef<ApiState> for Arc<RateLimits> {
@@ -111,10 +114,24 @@ impl ApiState {
         let views = Arc::new(cache::ViewCache::new(cache::VIEW_TTL));
         telemetry.register(Box::new(metrics::view_cache_collector(&views)));
         let internal = logs::InternalClient::new(None);
-        Self { store, wake, auth: Arc::new(auth), limits, stats, metrics, shutdown, changes, views, internal }
+        // Until configured: the system's resolver, platform domains none.
+        let domains = domains::DomainAccess {
+            dns: Arc::new(
+                flotilla_dns::DnsResolver::system().unwrap_or_else(|_| flotilla_dns::DnsResolver::with_servers(&[])),
+            ),
+            token_ttl: chrono::Duration::days(7),
+            platform_domains: Vec::new(),
+        };
+        Self { store, wake, auth: Arc::new(auth), limits, stats, metrics, shutdown, changes, views, internal, domains }
     }
 
     /// The token agents expect on their internal endpoints.
+    /// How custom domains are proven (resolver, token lifetime, platform domains).
+    pub fn with_domains(mut self, domains: domains::DomainAccess) -> Self {
+        self.domains = domains;
+        self
+    }
+
     pub fn with_internal_token(mut self, token: Arc<str>) -> Self {
         self.internal = logs::InternalClient::new(Some(token));
         self
@@ -227,6 +244,8 @@ pub fn service(
         .update_env_vars(deployments::update_env_vars)
         .get_routings(deployments::get_routings)
         .update_routings(deployments::update_routings)
+        .get_domain_status(domains::get_domain_status)
+        .verify_domain(domains::verify_domain)
         .stream_deployment_status(deployments::stream_deployment_status)
         .stream_deployment_logs(logs::stream_deployment_logs)
         .with_state(state.clone())

@@ -204,6 +204,10 @@ pub enum Command {
         /// Stop routing a domain to it.
         #[arg(long)]
         remove: bool,
+        /// Prove a custom domain: the first time, prints the DNS TXT record
+        /// to publish; then checks it (exit 1 while it is not found).
+        #[arg(long, conflicts_with = "remove")]
+        verify: bool,
     },
     /// The cluster's nodes: list, drain, activate (platform administrators).
     #[command(subcommand)]
@@ -415,9 +419,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Apply { file, prune, dry_run } => flo.apply(&file, prune, dry_run).await,
         Command::Logs { deployment, follow, tail, replica } => flo.logs(&deployment, follow, tail, replica).await,
         Command::Env { deployment, set, secret, unset } => flo.env(&deployment, &set, &secret, &unset).await,
-        Command::Domains { deployment, set, path_prefix, remove } => {
+        Command::Domains { deployment, set, path_prefix, remove, verify } => {
             let domain = if remove { Some(String::new()) } else { set };
-            flo.domains(&deployment, domain, path_prefix).await
+            flo.domains(&deployment, domain, path_prefix, verify).await
         }
         Command::Nodes(NodesCommand::Ls) => flo.list_nodes().await,
         Command::Nodes(NodesCommand::Drain { node, now }) => {
@@ -806,6 +810,7 @@ impl Flo {
         deployment: &str,
         domain: Option<String>,
         path_prefix: Option<String>,
+        verify: bool,
     ) -> Result<(), CliError> {
         let id = self.find(deployment).await?.id;
         if domain.is_some() || path_prefix.is_some() {
@@ -813,14 +818,34 @@ impl Flo {
             self.client.update_routings(&request).await.map_err(|e| self.err(e))?;
             eprintln!("routing updated: the edge follows once the orchestrator commits it");
         }
-        let reply =
-            self.client.get_routings(&pb::GetRoutingsRequest { id }).await.map_err(|e| self.err(e))?.into_inner();
+        if verify {
+            let status = self
+                .client
+                .verify_domain(&pb::VerifyDomainRequest { id: id.clone() })
+                .await
+                .map_err(|e| self.err(e))?
+                .into_inner();
+            return self.domain_verification(&status);
+        }
+        let reply = self
+            .client
+            .get_routings(&pb::GetRoutingsRequest { id: id.clone() })
+            .await
+            .map_err(|e| self.err(e))?
+            .into_inner();
         if self.format == OutputFormat::Json {
             return self.json(&reply);
         }
         if reply.domain.is_empty() {
             return self.say("no domain");
         }
+        let status = self
+            .client
+            .get_domain_status(&pb::GetDomainStatusRequest { id })
+            .await
+            .map_err(|e| self.err(e))?
+            .into_inner();
+        self.say(&domain_summary(&status))?;
         self.say(&format!("{}{} (asked for)", reply.domain, reply.path_prefix))?;
         for r in &reply.routings {
             let tls = if r.tls_enabled { "https" } else { "http" };
@@ -833,6 +858,31 @@ impl Flo {
             self.say("  not served yet (no replica placed, or stopped)")?;
         }
         Ok(())
+    }
+
+    /// VerifyDomain's answer: what to publish, or that it is proven.
+    fn domain_verification(&self, status: &pb::GetDomainStatusResponse) -> Result<(), CliError> {
+        if self.format == OutputFormat::Json {
+            self.json(status)?;
+        } else {
+            self.say(&domain_summary(status))?;
+        }
+        match status.verification() {
+            pb::DomainVerification::Verified | pb::DomainVerification::NotRequired => Ok(()),
+            _ => {
+                if self.format != OutputFormat::Json {
+                    self.say(&format!(
+                        "publish this DNS record, then run this command again:\n  {} TXT \"{}\"",
+                        status.txt_name, status.txt_value
+                    ))?;
+                }
+                let found = match status.last_check_error.as_str() {
+                    "" => String::new(),
+                    error => format!(": {error}"),
+                };
+                Err(CliError::Failed(format!("{} is not verified yet{found}", status.domain)))
+            }
+        }
     }
 
     async fn list_nodes(&self) -> Result<(), CliError> {
@@ -1181,6 +1231,30 @@ impl std::fmt::Display for Change {
             Self::Scale(n) => write!(f, "Scaling to {n}:"),
         }
     }
+}
+
+/// One line on a domain: its proof and its certificate.
+fn domain_summary(status: &pb::GetDomainStatusResponse) -> String {
+    let proof = match status.verification() {
+        pb::DomainVerification::NotRequired => "platform domain".to_owned(),
+        pb::DomainVerification::Verified => "verified".to_owned(),
+        pb::DomainVerification::Pending => "waiting for its TXT record (not routed)".to_owned(),
+        pb::DomainVerification::Expired => "token expired: run `flo domains --verify` for a new one".to_owned(),
+        _ => "not verified: run `flo domains --verify` (not routed)".to_owned(),
+    };
+    let certificate = match status.certificate() {
+        pb::CertificateState::Issued => match &status.certificate_not_after {
+            Some(end) => format!(
+                ", certificate until {}",
+                chrono::DateTime::from_timestamp(end.seconds, 0).unwrap_or_default().date_naive()
+            ),
+            None => ", certificate issued".to_owned(),
+        },
+        pb::CertificateState::Failed => format!(", certificate failed: {}", status.certificate_error),
+        pb::CertificateState::Pending => ", certificate being ordered".to_owned(),
+        _ => String::new(),
+    };
+    format!("{}: {proof}{certificate}", status.domain)
 }
 
 #[cfg(test)]

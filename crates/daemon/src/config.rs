@@ -213,6 +213,66 @@ pub struct DaemonConfig {
 
     #[command(flatten)]
     pub metrics: MetricsArgs,
+
+    #[command(flatten)]
+    pub domains: DomainArgs,
+}
+
+/// Custom domains and the certificates Flotilla orders itself.
+#[derive(Debug, Clone, Args)]
+pub struct DomainArgs {
+    /// The operator's own domains (comma-separated): a deployment domain
+    /// equal to or under one is routed without proof. Any other domain is
+    /// routed only after its owner proves it with a DNS TXT record.
+    #[arg(long = "platform-domain", env = "FLOTILLA_PLATFORM_DOMAINS", value_delimiter = ',', value_parser = parse_hostname)]
+    pub platform_domains: Vec<flotilla_types::Hostname>,
+
+    /// How long a domain verification token may wait to be published.
+    #[arg(long, env = "FLOTILLA_DOMAIN_TOKEN_TTL", default_value = "7d", value_parser = parse_duration)]
+    pub domain_token_ttl: Duration,
+
+    /// DNS servers for verification lookups, as ip:port (comma-separated;
+    /// default: the system's resolver configuration).
+    #[arg(long = "dns-server", env = "FLOTILLA_DNS_SERVERS", value_delimiter = ',')]
+    pub dns_servers: Vec<SocketAddr>,
+
+    /// ACME directory URL: Flotilla then orders certificates for verified
+    /// custom domains itself (e.g. https://acme-v02.api.letsencrypt.org/directory).
+    #[arg(long, env = "FLOTILLA_ACME_DIRECTORY", requires = "certificate_key_file")]
+    pub acme_directory: Option<String>,
+
+    /// Contact address(es) for the ACME account (mailto: is added).
+    #[arg(long, env = "FLOTILLA_ACME_CONTACT", value_delimiter = ',')]
+    pub acme_contact: Vec<String>,
+
+    /// A PEM root certificate to trust for the ACME server's own TLS.
+    #[arg(long, env = "FLOTILLA_ACME_CA_FILE")]
+    pub acme_ca_file: Option<PathBuf>,
+
+    /// A secret file (a Docker secret) whose contents key the sealing of
+    /// certificate private keys at rest; at least 16 bytes.
+    #[arg(long, env = "FLOTILLA_CERTIFICATE_KEY_FILE")]
+    pub certificate_key_file: Option<PathBuf>,
+
+    /// Renew a certificate when it ends within this long.
+    #[arg(long, env = "FLOTILLA_ACME_RENEW_BEFORE", default_value = "30d", value_parser = parse_duration)]
+    pub acme_renew_before: Duration,
+
+    /// First wait after a failed order (doubled per failure, up to 6h).
+    #[arg(long, env = "FLOTILLA_ACME_RETRY_MIN", default_value = "1m", value_parser = parse_duration)]
+    pub acme_retry_min: Duration,
+
+    /// How often the certificate reconciler runs.
+    #[arg(long, env = "FLOTILLA_ACME_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub acme_interval: Duration,
+
+    /// Also order the platform domains' certificates (instead of Traefik's resolver).
+    #[arg(long, env = "FLOTILLA_ACME_FOR_PLATFORM_DOMAINS")]
+    pub acme_for_platform_domains: bool,
+}
+
+fn parse_hostname(text: &str) -> Result<flotilla_types::Hostname, String> {
+    flotilla_types::Hostname::parse("platform domain", text).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Args)]
@@ -420,6 +480,31 @@ pub struct OrchestratorArgs {
 }
 
 impl DaemonConfig {
+    pub fn domain_settings(&self) -> crate::DomainSettings {
+        crate::DomainSettings {
+            token_ttl: self.domains.domain_token_ttl,
+            dns_servers: self.domains.dns_servers.clone(),
+        }
+    }
+
+    pub fn certificate_settings(&self) -> Option<crate::CertificateSettings> {
+        let d = &self.domains;
+        let (directory, key_file) = (d.acme_directory.clone()?, d.certificate_key_file.clone()?);
+        let mut acme = flotilla_acme::AcmeSettings::new(directory);
+        acme.contact = d
+            .acme_contact
+            .iter()
+            .map(|c| if c.starts_with("mailto:") { c.clone() } else { format!("mailto:{c}") })
+            .collect();
+        acme.ca_file = d.acme_ca_file.clone();
+        acme.renew_before = d.acme_renew_before;
+        acme.retry_min = d.acme_retry_min;
+        acme.interval = d.acme_interval;
+        acme.platform_domains = d.platform_domains.iter().map(ToString::to_string).collect();
+        acme.platform_too = d.acme_for_platform_domains;
+        Some(crate::CertificateSettings { acme, key_file })
+    }
+
     pub fn auth_settings(&self) -> crate::AuthSettings {
         match (&self.oidc_issuer, &self.oidc_audience) {
             (Some(issuer), Some(audience)) => {
@@ -504,6 +589,7 @@ impl DaemonConfig {
                 https_entrypoint: o.edge_https_entrypoint.clone(),
                 tls: o.edge_tls.clone(),
                 network: o.edge_network.clone(),
+                platform_domains: self.domains.platform_domains.clone(),
             },
             ..OrchestratorConfig::default()
         }

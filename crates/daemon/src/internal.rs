@@ -34,6 +34,13 @@ pub fn router(agent: Arc<Agent>, token: Arc<str>) -> axum::Router {
         .with_state(Internal { agent, token })
 }
 
+/// Whether the request carries `Authorization: Bearer <token>`.
+pub(crate) fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    given.is_some_and(|given| same_token(given.as_bytes(), token.as_bytes()))
+}
+
 /// Compares without stopping at the first difference.
 fn same_token(given: &[u8], expected: &[u8]) -> bool {
     given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
@@ -45,9 +52,7 @@ async fn replica_logs(
     Query(query): Query<LogQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if !given.is_some_and(|given| same_token(given.as_bytes(), internal.token.as_bytes())) {
+    if !bearer_matches(&headers, &internal.token) {
         return (StatusCode::UNAUTHORIZED, "internal token required").into_response();
     }
     let Ok(replica) = replica.parse::<ReplicaId>() else {

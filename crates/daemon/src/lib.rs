@@ -60,6 +60,10 @@ pub enum DaemonError {
     Oidc(#[from] flotilla_oidc::TokenError),
     #[error("start-up cancelled")]
     Cancelled,
+    #[error("certificates: {0}")]
+    Certificates(#[from] flotilla_acme::AcmeError),
+    #[error("DNS: {0}")]
+    Dns(#[from] flotilla_dns::DnsError),
 }
 
 /// Everything a daemon is started with, in code (tests) or from flags.
@@ -80,6 +84,30 @@ pub struct DaemonSettings {
     /// (the API reading logs from agents); random when not given, which
     /// only works when API and agent run in one process.
     pub internal_token: Option<String>,
+    pub domains: DomainSettings,
+    /// Certificates Flotilla orders itself (off when `None`).
+    pub certificates: Option<CertificateSettings>,
+}
+
+/// How custom domains are proven.
+#[derive(Debug, Clone)]
+pub struct DomainSettings {
+    pub token_ttl: Duration,
+    /// Name servers asked (the system's configuration when empty).
+    pub dns_servers: Vec<SocketAddr>,
+}
+
+impl Default for DomainSettings {
+    fn default() -> Self {
+        Self { token_ttl: Duration::from_secs(7 * 24 * 3600), dns_servers: Vec::new() }
+    }
+}
+
+/// The ACME side: where to order, and the secret that seals keys.
+#[derive(Debug, Clone)]
+pub struct CertificateSettings {
+    pub acme: flotilla_acme::AcmeSettings,
+    pub key_file: std::path::PathBuf,
 }
 
 /// How the API authenticates its callers.
@@ -152,6 +180,8 @@ impl DaemonSettings {
             },
             shutdown_grace: config.shutdown_grace,
             internal_token: config.internal_token.clone(),
+            domains: config.domain_settings(),
+            certificates: config.certificate_settings(),
         }
     }
 }
@@ -289,10 +319,20 @@ impl Daemon {
                 per_user: settings.rate_limits.per_user,
                 per_organization: settings.rate_limits.per_organization,
             };
+            let dns = match settings.domains.dns_servers.as_slice() {
+                [] => flotilla_dns::DnsResolver::system()?,
+                servers => flotilla_dns::DnsResolver::with_servers(servers),
+            };
+            let domains = flotilla_api::domains::DomainAccess {
+                dns: Arc::new(dns),
+                token_ttl: chrono::Duration::from_std(settings.domains.token_ttl).unwrap_or(chrono::Duration::MAX),
+                platform_domains: settings.orchestrator.edge.platform_domains.clone(),
+            };
             Some(
                 ApiState::new(store.clone(), wake.clone(), auth, metrics, cancel.clone(), &telemetry)
                     .with_rate_limits(limits, &telemetry)
-                    .with_internal_token(internal_token.clone()),
+                    .with_internal_token(internal_token.clone())
+                    .with_domains(domains),
             )
         } else {
             None
@@ -332,9 +372,24 @@ impl Daemon {
             );
         }
 
+        let certificates = match (&settings.certificates, roles.orchestrator) {
+            (Some(certificates), true) => {
+                let sealer = Arc::new(flotilla_acme::Sealer::from_file(&certificates.key_file)?);
+                let manager = flotilla_acme::CertificateManager::new(store.clone(), certificates.acme.clone(), sealer);
+                telemetry.register(Box::new(flotilla_acme::metrics::collector(&manager.stats())));
+                manager.spawn(telemetry.clone(), &tracker, cancel.clone());
+                Some(manager)
+            }
+            _ => None,
+        };
         let shutdown = cancel.clone().cancelled_owned();
         let mut extra = match roles.orchestrator {
-            true => edge::router(store.clone(), settings.orchestrator.edge.clone()),
+            true => edge::router(
+                store.clone(),
+                settings.orchestrator.edge.clone(),
+                certificates.as_ref().map(|m| m.sealer()),
+                internal_token.clone(),
+            ),
             false => axum::Router::new(),
         };
         if let (true, AuthSettings::Oidc { settings: oidc, .. }) = (roles.api, &settings.auth) {

@@ -156,6 +156,8 @@ async fn the_node_agent_runs_as_a_swarm_global_service() {
         rate_limits: Default::default(),
         shutdown_grace: Duration::from_secs(5),
         internal_token: None,
+        domains: Default::default(),
+        certificates: None,
     };
     settings.orchestrator.interval = Duration::from_secs(1);
     let daemon = Daemon::start(settings, CancellationToken::new()).await.expect("API and orchestrator");

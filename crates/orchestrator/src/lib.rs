@@ -26,6 +26,7 @@ use flotilla_runtime::{Next, PeriodicTask, run_periodically};
 use flotilla_store::placement::{Lease, NewReplica, PlacementNeed, PlacementOutcome, PlacementPlan, RouteRecord};
 use flotilla_store::{Store, StoreError};
 use flotilla_telemetry::Telemetry;
+use flotilla_types::domains::is_platform_domain;
 use flotilla_types::routing::{EdgeSettings, Route, Tls};
 use flotilla_types::{NodeId, PlacementStrategy, ReplicaId};
 use serde_json::json;
@@ -450,8 +451,11 @@ impl Orchestrator {
 
     /// Container labels the orchestrator chooses: Traefik's, when routed.
     fn labels_for(&self, need: &PlacementNeed) -> BTreeMap<String, String> {
+        // Labels cannot wait for a domain to be proven: only the platform's
+        // own domains get them; custom ones go through the route table.
         need.domain
             .clone()
+            .filter(|domain| is_platform_domain(&self.config.edge.platform_domains, domain.as_str()))
             .map(|domain| Self::route_for(need, domain).traefik_labels(&self.config.edge))
             .unwrap_or_default()
     }

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 
 use flotilla_store::routes::RouteTableRow;
 use flotilla_types::Hostname;
+use flotilla_types::domains::is_platform_domain;
 use flotilla_types::routing::{EdgeSettings, PathPrefix, Route};
 use serde_json::{Value, json};
 
@@ -42,6 +43,25 @@ pub struct RenderedTable {
     pub without_servers: usize,
     /// Rows that failed validation (left out, and logged by the caller).
     pub invalid: Vec<String>,
+    /// Routes of custom domains not proven yet (left out).
+    pub unverified: usize,
+    /// Certificates served in `tls.certificates`.
+    pub certificates: usize,
+}
+
+/// A certificate and its key, in PEM, for `tls.certificates`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsCertificate {
+    pub domain: String,
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TlsCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("TlsCertificate").field("domain", &self.domain).finish_non_exhaustive()
+    }
 }
 
 fn server_url(protocol: &str, address: &str, port: i32) -> Option<String> {
@@ -54,13 +74,22 @@ fn server_url(protocol: &str, address: &str, port: i32) -> Option<String> {
     }
 }
 
-/// Renders `rows` as `{"http": {"routers", "services", "middlewares"}}`.
-pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings) -> RenderedTable {
+/// Renders `rows` as `{"http": {"routers", "services", "middlewares"}}`,
+/// with `certificates` (those of routed domains) in `tls.certificates`. A
+/// route of a custom domain its deployment has not proven is left out.
+pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings, certificates: &[TlsCertificate]) -> RenderedTable {
     let mut routers = BTreeMap::new();
     let mut services = BTreeMap::new();
     let mut middlewares = BTreeMap::new();
-    let mut table =
-        RenderedTable { config: Value::Null, routers: 0, servers: 0, without_servers: 0, invalid: Vec::new() };
+    let mut table = RenderedTable {
+        config: Value::Null,
+        routers: 0,
+        servers: 0,
+        without_servers: 0,
+        invalid: Vec::new(),
+        unverified: 0,
+        certificates: 0,
+    };
     for row in rows {
         let parsed = Hostname::parse("domain", &row.domain).map_err(|e| e.to_string()).and_then(|domain| {
             PathPrefix::parse("path_prefix", &row.path_prefix).map(|p| (domain, p)).map_err(|e| e.to_string())
@@ -72,6 +101,10 @@ pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings) -> RenderedTable {
                 continue;
             }
         };
+        if !row.domain_verified && !is_platform_domain(&edge.platform_domains, domain.as_str()) {
+            table.unverified += 1;
+            continue;
+        }
         let route = Route { deployment_id: row.deployment_id.into(), domain, path_prefix, target_port: 1 };
         // The name comes from the id, never from the row's text.
         let mut name = route.router_name();
@@ -97,7 +130,9 @@ pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings) -> RenderedTable {
             "entryPoints": [if row.tls_enabled { &edge.https_entrypoint } else { &edge.http_entrypoint }],
         });
         if row.tls_enabled {
-            router["tls"] = match row.cert_resolver.as_deref().filter(|r| is_plain_name(r)) {
+            // A certificate Flotilla holds is chosen by SNI from tls.certificates.
+            let stored = certificates.iter().any(|c| c.domain == row.domain);
+            router["tls"] = match row.cert_resolver.as_deref().filter(|r| is_plain_name(r) && !stored) {
                 Some(resolver) => json!({ "certResolver": resolver }),
                 None => json!({}),
             };
@@ -124,6 +159,15 @@ pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings) -> RenderedTable {
         http.insert("middlewares".into(), json!(middlewares));
     }
     table.config = json!({ "http": http });
+    let served: Vec<Value> = certificates
+        .iter()
+        .filter(|c| Hostname::parse("domain", &c.domain).is_ok())
+        .map(|c| json!({ "certFile": c.chain_pem, "keyFile": c.key_pem }))
+        .collect();
+    if !served.is_empty() {
+        table.certificates = served.len();
+        table.config["tls"] = json!({ "certificates": served });
+    }
     table
 }
 
@@ -154,6 +198,7 @@ mod tests {
             middlewares: Vec::new(),
             servers: servers.iter().map(|s| s.0.to_owned()).collect(),
             ports: servers.iter().map(|s| s.1).collect(),
+            domain_verified: true,
         }
     }
 
@@ -162,6 +207,7 @@ mod tests {
         let table = render(
             &[row("app.example.com", "/", &[("10.0.0.1", 30001), ("fd00::2", 30002)])],
             &EdgeSettings::default(),
+            &[],
         );
         let r = "flo-00000000000000000000000000000abc";
         assert_eq!(table.config["http"]["routers"][r]["rule"], "Host(`app.example.com`)");
@@ -174,7 +220,7 @@ mod tests {
 
     #[test]
     fn a_route_with_no_serving_replica_is_left_out() {
-        let table = render(&[row("app.example.com", "/", &[])], &EdgeSettings::default());
+        let table = render(&[row("app.example.com", "/", &[])], &EdgeSettings::default(), &[]);
         assert_eq!(table.config, json!({ "http": {} }));
         assert_eq!(table.without_servers, 1);
     }
@@ -191,7 +237,7 @@ mod tests {
             row("a.example.com", "/", &[("10.0.0.1/evil", 1)]),
             bad_resolver,
         ];
-        let table = render(&rows, &EdgeSettings::default());
+        let table = render(&rows, &EdgeSettings::default(), &[]);
         assert_eq!(table.invalid.len(), 2, "{:?}", table.invalid);
         assert_eq!(table.without_servers, 1, "an address that is not one is no server");
         let text = table.config.to_string();
@@ -200,5 +246,34 @@ mod tests {
         assert_eq!(table.config["http"]["routers"][r]["tls"], json!({}));
         assert_eq!(table.config["http"]["routers"][r]["middlewares"], json!(["flo-compress"]));
         assert_eq!(table.config["http"]["middlewares"]["flo-compress"], json!({ "compress": {} }));
+    }
+
+    #[test]
+    fn custom_domains_are_routed_only_when_proven_and_certificates_are_served() {
+        let edge = EdgeSettings {
+            platform_domains: vec![Hostname::parse("domain", "apps.example.com").unwrap()],
+            ..EdgeSettings::default()
+        };
+        let mut platform = row("web.apps.example.com", "/", &[("10.0.0.1", 1)]);
+        platform.domain_verified = false;
+        let mut unproven = row("shop.example.org", "/", &[("10.0.0.1", 1)]);
+        unproven.domain_verified = false;
+        unproven.deployment_id = Uuid::from_u128(0xdef);
+        let mut proven = row("blog.example.org", "/", &[("10.0.0.1", 1)]);
+        proven.deployment_id = Uuid::from_u128(0x123);
+        proven.tls_enabled = true;
+        proven.cert_resolver = Some("platform".into());
+        let certificate = TlsCertificate {
+            domain: "blog.example.org".into(),
+            chain_pem: "-----BEGIN CERTIFICATE-----".into(),
+            key_pem: "-----BEGIN PRIVATE KEY-----".into(),
+        };
+        let table = render(&[platform, unproven, proven], &edge, std::slice::from_ref(&certificate));
+        assert_eq!((table.routers, table.unverified, table.certificates), (2, 1, 1));
+        assert!(!table.config.to_string().contains("shop.example.org"));
+        let proven_router = &table.config["http"]["routers"]["flo-00000000000000000000000000000123"];
+        assert_eq!(proven_router["tls"], json!({}), "the stored certificate, not the resolver: {proven_router}");
+        assert_eq!(table.config["tls"]["certificates"][0]["certFile"], "-----BEGIN CERTIFICATE-----");
+        assert!(!format!("{certificate:?}").contains("PRIVATE"), "Debug never shows the key");
     }
 }

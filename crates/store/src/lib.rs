@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod changes;
 mod copy;
+pub mod domains;
 mod error;
 pub mod metrics;
 pub mod models;

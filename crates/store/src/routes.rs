@@ -21,6 +21,8 @@ pub struct RouteTableRow {
     /// unhealthy or starting, not retiring, on a ready node.
     pub servers: Vec<String>,
     pub ports: Vec<i32>,
+    /// Its deployment proved the domain (a custom domain is routed only then).
+    pub domain_verified: bool,
 }
 
 impl Store {
@@ -34,7 +36,9 @@ impl Store {
              coalesce(array_agg(l.address ORDER BY l.replica_index, l.id) FILTER (WHERE l.id IS NOT NULL), '{}') \
              AS servers, \
              coalesce(array_agg(l.port ORDER BY l.replica_index, l.id) FILTER (WHERE l.id IS NOT NULL), '{}') \
-             AS ports \
+             AS ports, \
+             EXISTS (SELECT 1 FROM domain_verifications v WHERE v.deployment_id = r.deployment_id \
+                     AND v.domain = r.domain AND v.verified_at IS NOT NULL) AS domain_verified \
              FROM deployment_routing r JOIN deployments d ON d.id = r.deployment_id \
              LEFT JOIN deployment_locations l ON l.deployment_id = r.deployment_id AND l.status = 'running' \
              AND l.address IS NOT NULL AND l.port IS NOT NULL \

@@ -9,22 +9,9 @@ use flotilla_store::StoreError;
 use flotilla_store::placement::{CommitReport, Lease, NewReplica, PlacementPlan};
 use flotilla_store::replicas::ReplicaObservation;
 use flotilla_store::tenant::ensure_organization;
-use flotilla_test_utils::{TestDb, node_heartbeat};
+use flotilla_test_utils::{TestDb, demo_spec as spec, node_heartbeat};
 use flotilla_types::status::Health;
-use flotilla_types::{
-    DeploymentId, DeploymentSpec, DeploymentSpecInput, DeploymentStatus, NodeId, ReplicaId, ReplicaState,
-};
-
-fn spec(name: &str, domain: &str) -> DeploymentSpec {
-    DeploymentSpec::validate(DeploymentSpecInput {
-        name: name.into(),
-        image: "flotilla/demo-http:latest".into(),
-        port: 8080,
-        domain: domain.into(),
-        ..Default::default()
-    })
-    .unwrap()
-}
+use flotilla_types::{DeploymentId, DeploymentStatus, NodeId, ReplicaId, ReplicaState};
 
 /// Commits one deployment's placement as the orchestrator's leader would.
 async fn place(store: &Store, deployment: DeploymentId, generation: i64, replicas: &[NewReplica]) -> CommitReport {

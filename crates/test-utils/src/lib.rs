@@ -5,12 +5,14 @@
 //! The services come from `scripts/dev-services.sh start`; their URLs can be
 //! overridden with `FLOTILLA_TEST_DATABASE_URL` and `FLOTILLA_TEST_REDIS_URL`.
 
+pub mod acme;
 mod database;
 mod docker;
 pub mod oidc;
 pub mod proxy;
 mod redis_prefix;
 
+pub use acme::{TestDnsServer, TestPebble};
 pub use database::TestDb;
 pub use docker::{DEMO_IMAGE, TEST_LABEL, TestDocker};
 pub use oidc::TestOidcProvider;
@@ -37,6 +39,19 @@ pub fn node_heartbeat(node: &str) -> flotilla_store::NodeHeartbeat {
         max_deployments: 10,
         agent_version: "test".to_owned(),
     }
+}
+
+/// A valid spec of the demo image named `name`, routed at `domain`
+/// (empty: none).
+pub fn demo_spec(name: &str, domain: &str) -> flotilla_types::DeploymentSpec {
+    flotilla_types::DeploymentSpec::validate(flotilla_types::DeploymentSpecInput {
+        name: name.into(),
+        image: DEMO_IMAGE.into(),
+        port: 8080,
+        domain: domain.into(),
+        ..Default::default()
+    })
+    .expect("a valid spec")
 }
 
 /// A short unique suffix for names.

@@ -5,6 +5,7 @@
 //! by the API, the orchestrator and the node agent.
 
 pub mod deployment;
+pub mod domains;
 pub mod health;
 pub mod ids;
 pub mod labels;

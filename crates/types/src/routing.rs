@@ -95,6 +95,9 @@ pub struct EdgeSettings {
     pub tls: Tls,
     /// Docker network Traefik reaches containers on, when it uses labels.
     pub network: Option<String>,
+    /// The operator's domains (and everything under them): routed without
+    /// proof. Any other domain must be verified by its deployment first.
+    pub platform_domains: Vec<Hostname>,
 }
 
 impl Default for EdgeSettings {
@@ -104,6 +107,7 @@ impl Default for EdgeSettings {
             https_entrypoint: "websecure".to_owned(),
             tls: Tls::Off,
             network: None,
+            platform_domains: Vec::new(),
         }
     }
 }
