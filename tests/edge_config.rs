@@ -91,3 +91,33 @@ fn a_schema_violation_is_caught() {
     let validator = schema("traefik-v3-static-config.schema.json");
     assert!(validator.iter_errors(&config).next().is_some(), "a misspelt key must not validate");
 }
+
+/// The secret Traefik's static configuration is deployed as: the same file
+/// with the cluster's internal token in the route table request, still
+/// valid; a token that could break out of the TOML string is refused.
+#[test]
+fn the_traefik_secret_carries_the_internal_token() {
+    let dir = std::env::temp_dir().join(format!("flotilla-traefik-secret-{}", flotilla_test_utils::unique_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = root().join("stack/traefik-secret.sh");
+    let render = |token: &str| {
+        let file = dir.join("token");
+        std::fs::write(&file, format!("{token}\n")).unwrap();
+        std::process::Command::new("bash").arg(&script).arg(&file).arg("--print").output().unwrap()
+    };
+    let rendered = render("c2VjcmV0LXRva2VuLWZvci10ZXN0cw");
+    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+    let text = String::from_utf8(rendered.stdout).unwrap();
+    let config = serde_json::to_value(toml::from_str::<toml::Value>(&text).expect("TOML")).unwrap();
+    assert_valid(&schema("traefik-v3-static-config.schema.json"), &config, "the rendered secret");
+    assert_eq!(config["providers"]["http"]["headers"]["Authorization"], "Bearer c2VjcmV0LXRva2VuLWZvci10ZXN0cw");
+    let committed = toml_file("traefik/traefik.toml");
+    assert_eq!(
+        committed["providers"]["http"]["headers"]["Authorization"], "Bearer FLOTILLA_INTERNAL_TOKEN",
+        "the committed file holds only the placeholder"
+    );
+    for hostile in ["tok\"en", "", "a b"] {
+        assert!(!render(hostile).status.success(), "{hostile:?} is refused");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -56,6 +56,16 @@ fn the_stack_file_lays_out_the_cluster() {
         assert_eq!(service["deploy"]["update_config"]["failure_action"], "rollback", "{name} rolls back");
     }
 
+    let orchestrator = &services["orchestrator"];
+    assert_eq!(orchestrator["environment"]["FLOTILLA_CERTIFICATE_KEY_FILE"], "/run/secrets/flotilla_certificate_key");
+    let secrets = orchestrator["secrets"].as_sequence().expect("secrets");
+    assert!(secrets.iter().any(|s| s["source"] == "flotilla_certificate_key"), "the key that seals certificate keys");
+    let traefik_secrets = services["traefik"]["secrets"].as_sequence().expect("Traefik's secrets");
+    assert!(
+        traefik_secrets.iter().any(|s| s["source"] == "flotilla_traefik_static"),
+        "Traefik's static configuration carries the internal token: a secret, not a config"
+    );
+
     let agent = &services["agent"];
     assert_eq!(agent["deploy"]["mode"], "global", "one agent per node");
     assert_eq!(strings(&agent["deploy"]["placement"]["constraints"]), ["node.labels.compute == true"]);
