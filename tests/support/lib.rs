@@ -57,7 +57,7 @@ fn test_settings(db: &TestDb, redis: &TestRedis, docker: &TestDocker, state_dir:
             // The domains tests route without proving them; tests of custom
             // domains use others (e.g. example.org).
             edge: EdgeSettings {
-                platform_domains: ["example.com", "flotilla.test"]
+                platform_domains: ["example.com", "example.test", "flotilla.test"]
                     .iter()
                     .map(|d| flotilla_types::Hostname::parse("domain", d).expect("a hostname"))
                     .collect(),
