@@ -26,7 +26,9 @@ pub fn probe(url: &str, timeout: Duration) -> Result<(), HealthError> {
     let mut stream = TcpStream::connect_timeout(&address, timeout).map_err(unreachable)?;
     stream.set_read_timeout(Some(timeout)).map_err(unreachable)?;
     stream.set_write_timeout(Some(timeout)).map_err(unreachable)?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").map_err(unreachable)?;
+    // One write: the request must not arrive in pieces a simple server misreads.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n");
+    stream.write_all(request.as_bytes()).map_err(unreachable)?;
     let mut answer = Vec::new();
     // The status line is all that matters; a short read is enough.
     let mut buffer = [0u8; 512];
@@ -55,9 +57,14 @@ mod tests {
         let address = listener.local_addr().unwrap();
         std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
-            let mut request = [0u8; 256];
-            let read = stream.read(&mut request).unwrap();
-            assert!(String::from_utf8_lossy(&request[..read]).starts_with("GET /health HTTP/1.0\r\n"));
+            // Until the end of the headers, however the request was split.
+            let (mut request, mut buffer) = (Vec::new(), [0u8; 256]);
+            while !request.ends_with(b"\r\n\r\n") {
+                let read = stream.read(&mut buffer).unwrap();
+                assert!(read > 0, "the request ended early: {:?}", String::from_utf8_lossy(&request));
+                request.extend_from_slice(&buffer[..read]);
+            }
+            assert!(String::from_utf8_lossy(&request).starts_with("GET /health HTTP/1.0\r\n"));
             stream.write_all(reply.as_bytes()).unwrap();
         });
         format!("http://{address}/health")
