@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_acme::{AcmeSettings, CertificateManager, Sealer};
 use flotilla_e2e::{TestFlotilla, is_running};
-use flotilla_test_utils::{DEMO_IMAGE, TestDnsServer, TestPebble, unique_suffix};
+use flotilla_test_utils::{DEMO_IMAGE, TestDnsServer, TestPebble, free_port, unique_suffix};
 use flotilla_types::routing::Tls;
 use serde_json::{Value, json};
 
@@ -171,7 +171,7 @@ async fn certificates_come_from_pebble_are_verified_renewed_and_failures_are_rep
     let dns = TestDnsServer::start();
     // pebble validates HTTP-01 on this port of whatever the DNS server says;
     // flotillad listens on it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let pebble = TestPebble::start(port, &dns);
     let secret_dir = std::env::temp_dir().join(format!("flotilla-certkey-{}", unique_suffix()));
     std::fs::create_dir_all(&secret_dir).unwrap();

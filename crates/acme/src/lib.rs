@@ -25,6 +25,8 @@ use flotilla_runtime::{Next, PeriodicTask, run_periodically};
 use flotilla_store::domains::CertificateNeed;
 use flotilla_store::{Store, StoreError};
 use flotilla_telemetry::Telemetry;
+use flotilla_types::Hostname;
+use flotilla_types::domains::is_platform_domain;
 use instant_acme::{
     Account, AccountBuilder, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder,
     Order, OrderStatus, RetryPolicy,
@@ -80,7 +82,7 @@ pub struct AcmeSettings {
     /// How long one order may wait for the CA (validation, issuance).
     pub order_timeout: Duration,
     /// The platform's domains, and whether Flotilla orders for them too.
-    pub platform_domains: Vec<String>,
+    pub platform_domains: Vec<Hostname>,
     pub platform_too: bool,
 }
 
@@ -129,6 +131,15 @@ impl PassReport {
         let failing: Vec<&str> = self.failed.iter().chain(&self.backing_off).map(String::as_str).collect();
         (!failing.is_empty()).then(|| format!("certificate orders failing for {}", failing.join(", ")))
     }
+}
+
+/// What became of one due domain.
+enum Outcome {
+    Issued,
+    Renewed,
+    Failed,
+    /// Another replica renewed it before the lock was ours.
+    NoLongerDue,
 }
 
 /// A certificate as the CA issued it.
@@ -191,7 +202,9 @@ impl CertificateManager {
     /// One pass over every domain that wants a certificate.
     #[tracing::instrument(name = "certificates.pass", skip_all, err)]
     pub async fn pass(&self) -> Result<PassReport, AcmeError> {
-        let needs = self.store.certificate_needs(&self.settings.platform_domains, self.settings.platform_too).await?;
+        let platform = &self.settings.platform_domains;
+        let mut needs = self.store.certificate_needs().await?;
+        needs.retain(|n| n.verified || (self.settings.platform_too && is_platform_domain(platform, &n.domain)));
         let mut report = PassReport { wanted: needs.len(), ..PassReport::default() };
         let now = Utc::now();
         report.backing_off = needs
@@ -209,25 +222,24 @@ impl CertificateManager {
             let cleared = self.store.clear_acme_challenges(&need.domain).await;
             lock.release().await?;
             cleared?;
-            match outcome? {
-                Some(true) => report.renewed.push(need.domain.clone()),
-                Some(false) => report.issued.push(need.domain.clone()),
-                None if self.store.certificate(&need.domain).await?.is_some_and(|c| !self.renewal_due(c.not_after)) => {
-                }
-                None => report.failed.push(need.domain.clone()),
-            }
+            let list = match outcome? {
+                Outcome::Issued => &mut report.issued,
+                Outcome::Renewed => &mut report.renewed,
+                Outcome::Failed => &mut report.failed,
+                Outcome::NoLongerDue => continue,
+            };
+            list.push(need.domain.clone());
         }
         Ok(report)
     }
 
     /// Orders `need`'s certificate if it is still due now that the lock is
-    /// held (another replica may have just renewed it). `Some(renewal)` when
-    /// a certificate was stored; `None` when not (failure recorded, or no
-    /// longer due).
-    async fn renew_under_lock(&self, need: &CertificateNeed) -> Result<Option<bool>, AcmeError> {
+    /// held (another replica may have just renewed it). A failure is
+    /// recorded on the certificate, not returned.
+    async fn renew_under_lock(&self, need: &CertificateNeed) -> Result<Outcome, AcmeError> {
         let stored = self.store.certificate(&need.domain).await?;
         if stored.as_ref().is_some_and(|c| !self.renewal_due(c.not_after)) {
-            return Ok(None);
+            return Ok(Outcome::NoLongerDue);
         }
         let renewal = stored.is_some();
         match self.obtain(&need.domain).await {
@@ -237,7 +249,7 @@ impl CertificateManager {
                 let counter = if renewal { &self.stats.renewed } else { &self.stats.issued };
                 counter.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(domain = %need.domain, not_after = %issued.not_after, renewal, "certificate stored");
-                Ok(Some(renewal))
+                Ok(if renewal { Outcome::Renewed } else { Outcome::Issued })
             }
             Err(AcmeError::Store(error)) => Err(AcmeError::Store(error)),
             Err(error) => {
@@ -247,7 +259,7 @@ impl CertificateManager {
                 self.store.record_certificate_failure(&need.domain, &error.to_string(), next).await?;
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(domain = %need.domain, %error, retry_at = %next, "certificate order failed");
-                Ok(None)
+                Ok(Outcome::Failed)
             }
         }
     }

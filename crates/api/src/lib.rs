@@ -106,6 +106,7 @@ impl ApiState {
         metrics: MetricsAccess,
         shutdown: CancellationToken,
         telemetry: &Telemetry,
+        domains: domains::DomainAccess,
     ) -> Self {
         let stats = Arc::new(metrics::ApiStats::default());
         telemetry.register(Box::new(metrics::collector(&stats, metrics.live.clone())));
@@ -114,24 +115,10 @@ impl ApiState {
         let views = Arc::new(cache::ViewCache::new(cache::VIEW_TTL));
         telemetry.register(Box::new(metrics::view_cache_collector(&views)));
         let internal = logs::InternalClient::new(None);
-        // Until configured: the system's resolver, platform domains none.
-        let domains = domains::DomainAccess {
-            dns: Arc::new(
-                flotilla_dns::DnsResolver::system().unwrap_or_else(|_| flotilla_dns::DnsResolver::with_servers(&[])),
-            ),
-            token_ttl: chrono::Duration::days(7),
-            platform_domains: Vec::new(),
-        };
         Self { store, wake, auth: Arc::new(auth), limits, stats, metrics, shutdown, changes, views, internal, domains }
     }
 
     /// The token agents expect on their internal endpoints.
-    /// How custom domains are proven (resolver, token lifetime, platform domains).
-    pub fn with_domains(mut self, domains: domains::DomainAccess) -> Self {
-        self.domains = domains;
-        self
-    }
-
     pub fn with_internal_token(mut self, token: Arc<str>) -> Self {
         self.internal = logs::InternalClient::new(Some(token));
         self

@@ -500,7 +500,7 @@ impl DaemonConfig {
         acme.renew_before = d.acme_renew_before;
         acme.retry_min = d.acme_retry_min;
         acme.interval = d.acme_interval;
-        acme.platform_domains = d.platform_domains.iter().map(ToString::to_string).collect();
+        acme.platform_domains = d.platform_domains.clone();
         acme.platform_too = d.acme_for_platform_domains;
         Some(crate::CertificateSettings { acme, key_file })
     }

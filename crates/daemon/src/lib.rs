@@ -329,10 +329,9 @@ impl Daemon {
                 platform_domains: settings.orchestrator.edge.platform_domains.clone(),
             };
             Some(
-                ApiState::new(store.clone(), wake.clone(), auth, metrics, cancel.clone(), &telemetry)
+                ApiState::new(store.clone(), wake.clone(), auth, metrics, cancel.clone(), &telemetry, domains)
                     .with_rate_limits(limits, &telemetry)
-                    .with_internal_token(internal_token.clone())
-                    .with_domains(domains),
+                    .with_internal_token(internal_token.clone()),
             )
         } else {
             None

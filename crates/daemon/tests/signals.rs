@@ -5,12 +5,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::InspectContainerOptions;
-use flotilla_test_utils::{DEMO_IMAGE, TEST_LABEL, TestDb, TestDocker, TestRedis};
+use flotilla_test_utils::{DEMO_IMAGE, TEST_LABEL, TestDb, TestDocker, TestRedis, free_port};
 use serde_json::{Value, json};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
 
 /// Kills the daemon if the test fails before it exits.
 struct Daemon(Child);

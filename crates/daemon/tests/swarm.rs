@@ -166,7 +166,7 @@ async fn the_node_agent_runs_as_a_swarm_global_service() {
     let image = format!("flotilla/flotillad:test-{}", docker.test_id);
     build_flotillad_image(&image);
     swarm.image = Some(image.clone());
-    let agent_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let agent_port = flotilla_test_utils::free_port();
     let service_name = format!("flotilla-agent-{}", docker.test_id);
     let spec = ServiceSpec {
         name: Some(service_name.clone()),

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use flotilla_docker::{ContainerSpec, DockerClient, DockerConfig, RunState};
-use flotilla_test_utils::{DEMO_IMAGE, TEST_LABEL, TestDocker};
+use flotilla_test_utils::{DEMO_IMAGE, TEST_LABEL, TestDocker, free_port};
 use flotilla_types::RestartPolicy;
 
 fn spec(docker: &TestDocker, name: &str, port: u16) -> ContainerSpec {
@@ -23,10 +23,6 @@ fn spec(docker: &TestDocker, name: &str, port: u16) -> ContainerSpec {
         network: None,
         stop_grace: Duration::from_secs(2),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test]

@@ -50,6 +50,8 @@ const CERTIFICATE_STATUS_COLUMNS: &str = "domain, status, not_after, issued_at, 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct CertificateNeed {
     pub domain: String,
+    /// A deployment routing it proved it (a custom domain needs that).
+    pub verified: bool,
     pub not_after: Option<DateTime<Utc>>,
     pub failures: Option<i32>,
     pub next_attempt_at: Option<DateTime<Utc>>,
@@ -194,28 +196,20 @@ impl CertificateLock {
 }
 
 impl Store {
-    /// Routed domains of running deployments that want a certificate from
-    /// Flotilla: verified custom domains, and the platform's own domains
-    /// (`platform`) when `platform_too`. Wildcards are left out (HTTP-01
-    /// cannot prove them).
-    pub async fn certificate_needs(
-        &self,
-        platform: &[String],
-        platform_too: bool,
-    ) -> Result<Vec<CertificateNeed>, StoreError> {
+    /// Routed TLS domains of running deployments that could want a
+    /// certificate from Flotilla, and whether their deployment proved them
+    /// (the caller decides about platform domains). Wildcards are left out
+    /// (HTTP-01 cannot prove them).
+    pub async fn certificate_needs(&self) -> Result<Vec<CertificateNeed>, StoreError> {
         sqlx::query_as(
-            "SELECT DISTINCT r.domain, c.not_after, c.failures, c.next_attempt_at \
+            "SELECT r.domain, bool_or(EXISTS (SELECT 1 FROM domain_verifications v WHERE v.deployment_id = d.id \
+                       AND v.domain = r.domain AND v.verified_at IS NOT NULL)) AS verified, \
+             c.not_after, c.failures, c.next_attempt_at \
              FROM deployment_routing r JOIN deployments d ON d.id = r.deployment_id \
              LEFT JOIN certificates c ON c.domain = r.domain \
-             WHERE d.desired_state = 'running' AND r.domain NOT LIKE '*.%' AND r.tls_enabled AND ( \
-               EXISTS (SELECT 1 FROM domain_verifications v WHERE v.deployment_id = d.id \
-                       AND v.domain = r.domain AND v.verified_at IS NOT NULL) \
-               OR ($2 AND EXISTS (SELECT 1 FROM unnest($1::text[]) p \
-                       WHERE r.domain = p OR right(r.domain, length(p) + 1) = '.' || p))) \
-             ORDER BY r.domain",
+             WHERE d.desired_state = 'running' AND r.domain NOT LIKE '*.%' AND r.tls_enabled \
+             GROUP BY r.domain, c.not_after, c.failures, c.next_attempt_at ORDER BY r.domain",
         )
-        .bind(platform)
-        .bind(platform_too)
         .fetch_all(self.pool())
         .await
         .map_err(StoreError::db("reading the domains that want certificates"))

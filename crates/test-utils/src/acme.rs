@@ -3,16 +3,14 @@
 //! their own, so tests run in parallel. The DNS server also serves the TXT
 //! records domain verification looks up.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
+use crate::free_port;
 
 fn wait_listening(what: &str, addr: SocketAddr, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(20);

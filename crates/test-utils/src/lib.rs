@@ -54,6 +54,12 @@ pub fn demo_spec(name: &str, domain: &str) -> flotilla_types::DeploymentSpec {
     .expect("a valid spec")
 }
 
+/// A loopback port nothing listens on right now (another process may take
+/// it before the caller binds it; tests accept that small race).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
 /// A short unique suffix for names.
 pub fn unique_suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
