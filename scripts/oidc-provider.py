@@ -29,6 +29,7 @@ pick a free one).
 import argparse
 import html
 import logging
+import os
 import secrets
 import threading
 import time
@@ -54,6 +55,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--token-max-age", type=int, default=3600, help="seconds")
     args = parser.parse_args()
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        # authlib allows plain HTTP only on loopback; a test provider reached
+        # by containers (on a Docker bridge's address) is plain HTTP too.
+        os.environ["AUTHLIB_INSECURE_TRANSPORT"] = "1"
 
     app = oidc_provider_mock.app(access_token_max_age=timedelta(seconds=args.token_max_age))
     test = flask.Blueprint("flotilla_test", __name__, url_prefix="/_test")

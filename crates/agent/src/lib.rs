@@ -156,6 +156,11 @@ pub struct Agent {
     pass_lock: tokio::sync::Mutex<()>,
     /// Networks known to exist: name to id.
     networks: Mutex<HashMap<String, String>>,
+    /// The container this agent runs in (a Swarm task), if any: it joins
+    /// the app networks, since its probes go to replicas' own addresses.
+    own_container: Option<String>,
+    /// App networks the own container has joined.
+    joined_networks: Mutex<HashSet<String>>,
 }
 
 impl Agent {
@@ -177,6 +182,7 @@ impl Agent {
             .clone()
             .or_else(|| engine.swarm_address.clone())
             .unwrap_or_else(|| "127.0.0.1".to_owned());
+        let own_container = docker.own_container().await;
         let stats = Arc::new(metrics::AgentStats::default());
         let events = Arc::new(EventFeed::new(started_nanos));
         telemetry.register(Box::new(metrics::collector(&stats, &events)));
@@ -185,6 +191,7 @@ impl Agent {
             engine = %engine.server_version,
             swarm = engine.swarm_node_id.is_some(),
             address = %advertise_address,
+            container = own_container.as_deref().unwrap_or("none"),
             "node agent ready"
         );
         Ok(Arc::new(Self {
@@ -210,6 +217,8 @@ impl Agent {
             orphans: Mutex::new(HashMap::new()),
             pass_lock: tokio::sync::Mutex::new(()),
             networks: Mutex::new(HashMap::new()),
+            own_container,
+            joined_networks: Mutex::new(HashSet::new()),
         }))
     }
 

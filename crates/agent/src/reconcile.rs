@@ -1,6 +1,6 @@
 //! One reconciliation pass: list, diff, act.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -134,6 +134,16 @@ impl Agent {
             .collect()
             .await;
 
+        // A new agent container (after an update) joins the networks of the
+        // replicas it finds before probing them.
+        let networks: BTreeSet<String> = assignments
+            .iter()
+            .filter(|a| a.deployment.desired_state != DesiredState::Deleted)
+            .map(|a| self.network_for(a))
+            .collect();
+        for network in &networks {
+            self.join_network(network).await;
+        }
         self.set_probe_targets(&assignments, &containers);
         let mut report = PassReport {
             containers: containers.len(),
@@ -489,12 +499,46 @@ impl Agent {
         }
         let id = self.docker.ensure_network(name, &network_labels).await?;
         self.networks.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_owned(), id.clone());
+        self.join_network(name).await;
         Ok(id)
     }
 
     /// Forgets a network (it turned out not to exist).
     pub(crate) fn forget_network(&self, name: &str) {
         self.networks.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.joined_networks.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+    }
+
+    /// When this agent runs in a container, connects it to app network
+    /// `name` so that probes reach the replicas' addresses there (a container
+    /// on other networks cannot). A failure leaves those replicas' probes
+    /// failing, and is logged; the next pass tries again.
+    async fn join_network(&self, name: &str) {
+        let Some(own) = &self.own_container else { return };
+        if self.joined_networks.lock().unwrap_or_else(|e| e.into_inner()).contains(name) {
+            return;
+        }
+        match self.docker.connect_to_network(name, own).await {
+            Ok(()) => {
+                self.joined_networks.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_owned());
+                tracing::info!(network = %name, "joined an app network to probe its replicas");
+            }
+            // Not made yet: joined once a replica's container creates it.
+            Err(DockerError::NotFound { .. }) => {}
+            Err(error) => tracing::warn!(network = %name, %error, "could not join an app network to probe it"),
+        }
+    }
+
+    /// Disconnects this agent's container from network `name` (before the
+    /// network is removed: an attached container would keep it in use).
+    async fn leave_network(&self, name: &str) {
+        let Some(own) = &self.own_container else { return };
+        if !self.joined_networks.lock().unwrap_or_else(|e| e.into_inner()).remove(name) {
+            return;
+        }
+        if let Err(error) = self.docker.disconnect_from_network(name, own).await {
+            tracing::warn!(network = %name, %error, "could not leave an app network");
+        }
     }
 
     /// Removes isolated networks of deployments with no replica left on this
@@ -510,6 +554,7 @@ impl Agent {
         let filter = [format!("{}=true", labels::MANAGED), labels::DEPLOYMENT_ID.to_owned()];
         let Ok(networks) = self.docker.networks_labelled(&filter).await else { return };
         for name in networks.into_iter().filter(|n| !wanted.contains(n)) {
+            self.leave_network(&name).await;
             match self.docker.remove_network(&name).await {
                 Ok(true) => {
                     self.forget_network(&name);

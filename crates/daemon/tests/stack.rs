@@ -3,8 +3,7 @@
 //! with the socket and a read-only cgroup view, replicated control plane with
 //! start-first updates and rollback, host-mode ports only, secrets from
 //! Docker. The flotillad image built offline runs its own health check.
-//! (`docker stack deploy` of this file needs images this machine cannot
-//! pull — PostgreSQL, Redis, Traefik — see docs/operations.md.)
+//! (`docker stack deploy` of this file runs in tests/swarm.rs.)
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,14 +1,22 @@
-//! The node agent as a real Swarm global service: the `flotillad` binary in
-//! an image built here (no registry), one task per node, registering under
-//! its Swarm node id and running what the orchestrator places on it.
+//! Flotilla on a real swarm, from the image built here (no registry):
+//! - the node agent as a global service, one task per node, registering under
+//!   its Swarm node id and running what the orchestrator places on it;
+//! - `docker stack deploy` of the real stack file (stack/flotilla.yml): agent,
+//!   orchestrators and API come up, the agent registers its node, an app is
+//!   deployed through the API, and a rolling update of every flotillad
+//!   service keeps the app (and an API replica) answering throughout.
 //!
 //! Runs where the engine can be in a swarm (see docs/environment.md); the
 //! swarm is joined for the test and left afterwards if it was not active.
+//! One test at a time: nextest puts this binary in the `swarm` group
+//! (.config/nextest.toml), and [`SWARM`] does the same under `cargo test`.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
@@ -20,16 +28,21 @@ use bollard::query_parameters::{
     LeaveSwarmOptionsBuilder, ListContainersOptionsBuilder, ListTasksOptionsBuilder, RemoveImageOptionsBuilder,
 };
 use flotilla_daemon::{Daemon, DaemonSettings, MetricsSettings, Roles};
-use flotilla_test_utils::{DEMO_IMAGE, TEST_LABEL, TestDb, TestDocker, TestRedis, block_on_cleanup};
+use flotilla_test_utils::oidc::TEST_AUDIENCE;
+use flotilla_test_utils::proxy::Proxy;
+use flotilla_test_utils::{DEMO_IMAGE, TEST_LABEL, TestDb, TestDocker, TestOidcProvider, TestRedis, block_on_cleanup};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+
+/// Held by each test for its whole run (see the module's comment).
+static SWARM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Swarm state and objects made for the test, undone on drop.
 struct SwarmFixture {
     docker: Docker,
     joined: bool,
     service: Option<String>,
-    image: Option<String>,
+    images: Vec<String>,
 }
 
 impl SwarmFixture {
@@ -56,14 +69,14 @@ impl SwarmFixture {
             }
             joined = true;
         }
-        Some(Self { docker: docker.clone(), joined, service: None, image: None })
+        Some(Self { docker: docker.clone(), joined, service: None, images: Vec::new() })
     }
 }
 
 impl Drop for SwarmFixture {
     fn drop(&mut self) {
         let docker = self.docker.clone();
-        let (service, image, joined) = (self.service.take(), self.image.take(), self.joined);
+        let (service, images, joined) = (self.service.take(), std::mem::take(&mut self.images), self.joined);
         block_on_cleanup(async move {
             if let Some(service) = service {
                 let _ = docker.delete_service(&service).await;
@@ -77,7 +90,7 @@ impl Drop for SwarmFixture {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
-            if let Some(image) = image {
+            for image in images {
                 let options = RemoveImageOptionsBuilder::default().force(true).build();
                 let _ = docker.remove_image(&image, Some(options), None).await;
             }
@@ -88,38 +101,19 @@ impl Drop for SwarmFixture {
     }
 }
 
-/// Builds an image holding this test's `flotillad` and the shared
-/// libraries it links, from scratch: nothing is pulled.
+/// Builds the flotillad image with the install's own script, around this
+/// test's `flotillad` (the script copies the libraries it links): nothing is
+/// pulled.
 fn build_flotillad_image(tag: &str) {
-    let binary = Path::new(env!("CARGO_BIN_EXE_flotillad"));
-    let context = std::env::temp_dir().join(format!("flotillad-image-{}", flotilla_test_utils::unique_suffix()));
-    let root = context.join("rootfs");
-    std::fs::create_dir_all(root.join("usr/local/bin")).expect("context");
-    std::fs::copy(binary, root.join("usr/local/bin/flotillad")).expect("copy the binary");
-    let ldd = Command::new("ldd").arg(binary).output().expect("ldd");
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x..)" or "/lib64/ld-linux-x86-64.so.2 (0x..)"
-        let path = line.split("=>").last().and_then(|s| s.split_whitespace().next()).unwrap_or_default();
-        if path.starts_with('/') {
-            let target = root.join(path.trim_start_matches('/'));
-            std::fs::create_dir_all(target.parent().expect("parent")).expect("lib dir");
-            std::fs::copy(path, &target).expect("copy a library");
-        }
-    }
-    std::fs::create_dir_all(root.join("tmp")).expect("tmp");
-    std::fs::write(
-        context.join("Dockerfile"),
-        "FROM scratch\nCOPY rootfs/ /\nENTRYPOINT [\"/usr/local/bin/flotillad\"]\n",
-    )
-    .expect("Dockerfile");
-    let built = Command::new("docker")
-        .args(["build", "-q", "-t", tag])
-        .arg(&context)
-        .env("DOCKER_BUILDKIT", "0")
+    let built = Command::new(root().join("scripts/build-flotillad-image.sh"))
+        .args(["--tag", tag, "--binary", env!("CARGO_BIN_EXE_flotillad")])
         .output()
-        .expect("docker build");
-    let _ = std::fs::remove_dir_all(&context);
+        .expect("the image script runs");
     assert!(built.status.success(), "image build failed: {}", String::from_utf8_lossy(&built.stderr));
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 async fn call(http: &reqwest::Client, api: &str, method: &str, body: Value) -> Value {
@@ -133,14 +127,21 @@ async fn call(http: &reqwest::Client, api: &str, method: &str, body: Value) -> V
         .expect("JSON")
 }
 
-#[tokio::test]
-async fn the_node_agent_runs_as_a_swarm_global_service() {
+/// What a swarm test starts from: its turn, the engine in a swarm (`None`
+/// where it cannot be), this node's Swarm id, a database and a Redis prefix.
+async fn swarm_test()
+-> Option<(tokio::sync::MutexGuard<'static, ()>, TestDocker, SwarmFixture, String, TestDb, TestRedis)> {
+    let turn = SWARM.lock().await;
     let docker = TestDocker::new().await;
     docker.require_demo_image().await;
-    let Some(mut swarm) = SwarmFixture::ensure(&docker.docker).await else { return };
+    let swarm = SwarmFixture::ensure(&docker.docker).await?;
     let swarm_node = docker.docker.info().await.expect("info").swarm.and_then(|s| s.node_id).expect("a swarm node id");
-    let db = TestDb::empty().await;
-    let redis = TestRedis::new().await;
+    Some((turn, docker, swarm, swarm_node, TestDb::empty().await, TestRedis::new().await))
+}
+
+#[tokio::test]
+async fn the_node_agent_runs_as_a_swarm_global_service() {
+    let Some((_one_at_a_time, docker, mut swarm, swarm_node, db, redis)) = swarm_test().await else { return };
 
     // API and orchestrator in this process; the agent only in the swarm.
     let mut settings = DaemonSettings {
@@ -165,7 +166,7 @@ async fn the_node_agent_runs_as_a_swarm_global_service() {
 
     let image = format!("flotilla/flotillad:test-{}", docker.test_id);
     build_flotillad_image(&image);
-    swarm.image = Some(image.clone());
+    swarm.images.push(image.clone());
     let agent_port = flotilla_test_utils::free_port();
     let service_name = format!("flotilla-agent-{}", docker.test_id);
     let spec = ServiceSpec {
@@ -267,4 +268,509 @@ async fn the_node_agent_runs_as_a_swarm_global_service() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     daemon.shutdown().await;
+}
+
+/// `docker ARGS`, its stdout; `Err` with what it said when it fails.
+fn docker_cli(args: &[&str]) -> Result<String, String> {
+    let output = Command::new("docker").args(args).output().map_err(|e| format!("docker: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    } else {
+        Err(format!("docker {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim()))
+    }
+}
+
+/// `url` with its host and port replaced by `address` (the test's proxies).
+fn rehost(url: &str, address: SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let userinfo = authority.rsplit_once('@').map(|(user, _)| format!("{user}@")).unwrap_or_default();
+    format!("{scheme}://{userinfo}{address}{path}")
+}
+
+/// docker_gwbridge addresses of a service's running containers: how this
+/// host reaches a container that is only on overlay networks.
+fn task_addresses(service: &str) -> Vec<String> {
+    let filter = format!("label=com.docker.swarm.service.name={service}");
+    let running =
+        docker_cli(&["ps", "-q", "--no-trunc", "--filter", &filter, "--filter", "status=running"]).unwrap_or_default();
+    let bridge = docker_cli(&[
+        "network",
+        "inspect",
+        "docker_gwbridge",
+        "--format",
+        "{{range $id, $c := .Containers}}{{$id}} {{$c.IPv4Address}}\n{{end}}",
+    ])
+    .unwrap_or_default();
+    let addresses: HashMap<&str, &str> = bridge
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(id, address)| (id, address.split('/').next().unwrap_or(address)))
+        .collect();
+    running.lines().filter_map(|id| addresses.get(id.trim()).map(|a| (*a).to_owned())).collect()
+}
+
+/// The secrets stack/flotilla.yml names, as stack/create-secrets.sh makes them.
+const STACK_SECRETS: [&str; 7] = [
+    "flotilla_postgres_password",
+    "flotilla_database_url",
+    "flotilla_redis_url",
+    "flotilla_grafana_password",
+    "flotilla_certificate_key",
+    "flotilla_internal_token",
+    "flotilla_traefik_static",
+];
+
+/// A stack deployed from the real stack file and a test override, with the
+/// secrets (suffixed with the test id), node label and volumes it needed;
+/// all removed on drop.
+struct Stack {
+    name: String,
+    suffix: String,
+    overlay: PathBuf,
+    env: Vec<(String, String)>,
+    node: String,
+    labelled: bool,
+}
+
+impl Stack {
+    fn deploy(&self, image: &str) -> Duration {
+        let started = Instant::now();
+        let stack_file = root().join("stack/flotilla.yml");
+        let output = Command::new("docker")
+            .args(["stack", "deploy", "--resolve-image", "never", "-c"])
+            .arg(&stack_file)
+            .arg("-c")
+            .arg(&self.overlay)
+            .arg(&self.name)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("FLOTILLA_IMAGE", image)
+            .output()
+            .expect("docker stack deploy runs");
+        assert!(
+            output.status.success(),
+            "docker stack deploy failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        started.elapsed()
+    }
+
+    fn service(&self, service: &str) -> String {
+        format!("{}_{service}", self.name)
+    }
+
+    /// `{{.Image}}` of a service's tasks that should be running.
+    fn task_images(&self, service: &str) -> Vec<String> {
+        docker_cli(&[
+            "service",
+            "ps",
+            &self.service(service),
+            "--filter",
+            "desired-state=running",
+            "--format",
+            "{{.Image}}",
+        ])
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+    }
+
+    fn update_state(&self, service: &str) -> String {
+        docker_cli(&[
+            "service",
+            "inspect",
+            &self.service(service),
+            "--format",
+            "{{if .UpdateStatus}}{{.UpdateStatus.State}} {{.UpdateStatus.Message}}{{end}}",
+        ])
+        .unwrap_or_else(|e| e)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let namespace = format!("label=com.docker.stack.namespace={}", self.name);
+        let _ = docker_cli(&["stack", "rm", &self.name]);
+        for _ in 0..150 {
+            if docker_cli(&["ps", "-aq", "--filter", &namespace]).is_ok_and(|ids| ids.is_empty()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Networks go once their last container has; volumes after that.
+        for _ in 0..50 {
+            let networks = docker_cli(&["network", "ls", "-q", "--filter", &namespace]).unwrap_or_default();
+            if networks.is_empty() {
+                break;
+            }
+            for network in networks.lines() {
+                let _ = docker_cli(&["network", "rm", network]);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for volume in docker_cli(&["volume", "ls", "-q", "--filter", &namespace]).unwrap_or_default().lines() {
+            let _ = docker_cli(&["volume", "rm", volume]);
+        }
+        for secret in STACK_SECRETS {
+            let _ = docker_cli(&["secret", "rm", &format!("{secret}{}", self.suffix)]);
+        }
+        if self.labelled {
+            let _ = docker_cli(&["node", "update", "--label-rm", "compute", &self.node]);
+        }
+        let _ = std::fs::remove_file(&self.overlay);
+    }
+}
+
+/// What the stack's override changes for a single-node test swarm: the
+/// services whose images cannot be had here (PostgreSQL, Redis, Prometheus,
+/// Grafana: no registry) run no task, and flotillad reaches the host's
+/// PostgreSQL and Redis through the secrets instead; Traefik runs nowhere
+/// since no node is labelled edge=true. Everything else is the real file.
+fn stack_override(suffix: &str, test_id: &str, redis_prefix: &str) -> String {
+    let flotillad = format!("    environment:\n      FLOTILLA_REDIS_PREFIX: \"{redis_prefix}\"\n");
+    let mut yaml = String::from("version: \"3.8\"\nservices:\n");
+    yaml.push_str(&format!(
+        "  agent:\n{flotillad}      FLOTILLA_HEARTBEAT_INTERVAL: 1s\n      FLOTILLA_CONTAINER_LABELS: \"{TEST_LABEL}={test_id}\"\n"
+    ));
+    // Two replicas and start-first updates on one node need room for three.
+    for service in ["orchestrator", "api"] {
+        yaml.push_str(&format!(
+            "  {service}:\n{flotillad}    deploy:\n      placement:\n        max_replicas_per_node: 3\n"
+        ));
+    }
+    for service in ["postgres", "redis", "prometheus", "grafana"] {
+        yaml.push_str(&format!("  {service}:\n    deploy:\n      replicas: 0\n"));
+    }
+    yaml.push_str("secrets:\n");
+    for secret in STACK_SECRETS {
+        yaml.push_str(&format!("  {secret}:\n    external: true\n    name: {secret}{suffix}\n"));
+    }
+    yaml
+}
+
+async fn api_call(http: &reqwest::Client, api: &str, token: &str, method: &str, body: Value) -> (u16, Value) {
+    let response = http
+        .post(format!("{api}/flotilla.v1.DeploymentService/{method}"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("the API answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The first replica of the API service `service` that answers `/health`,
+/// as `http://address:7800`.
+async fn answering_api(http: &reqwest::Client, service: &str) -> Option<String> {
+    let service = service.to_owned();
+    let addresses = tokio::task::spawn_blocking(move || task_addresses(&service)).await.expect("docker CLI");
+    for address in addresses {
+        let base = format!("http://{address}:7800");
+        let health = http.get(format!("{base}/health")).timeout(Duration::from_secs(1)).send().await;
+        if health.is_ok_and(|r| r.status().is_success()) {
+            return Some(base);
+        }
+    }
+    None
+}
+
+/// Waits until the deployment runs `replicas` replicas; their endpoints.
+async fn wait_running(http: &reqwest::Client, stack: &Stack, token: &str, id: &str, replicas: usize) -> Vec<String> {
+    let started = Instant::now();
+    loop {
+        if let Some(api) = answering_api(http, &stack.service("api")).await {
+            let (_, got) = api_call(http, &api, token, "GetDeployment", json!({ "id": id })).await;
+            let deployment = &got["deployment"];
+            let endpoints: Vec<String> = deployment["replicas"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["status"] == "REPLICA_STATUS_RUNNING")
+                .filter_map(|r| r["endpoint"].as_str().map(str::to_owned))
+                .collect();
+            if deployment["status"] == "DEPLOYMENT_STATUS_RUNNING" && endpoints.len() == replicas {
+                return endpoints;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "never {replicas} running: {got}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no API replica answers");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Counts answers and failures of something polled until `stop`.
+#[derive(Default)]
+struct Availability {
+    answered: AtomicU64,
+    failed: AtomicU64,
+    first_failures: std::sync::Mutex<Vec<String>>,
+}
+
+impl Availability {
+    fn record(&self, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                self.answered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let mut first = self.first_failures.lock().expect("lock");
+                if first.len() < 5 {
+                    first.push(error);
+                }
+            }
+        }
+    }
+
+    fn report(&self) -> (u64, u64, Vec<String>) {
+        let first = self.first_failures.lock().expect("lock").clone();
+        (self.answered.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), first)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
+    let Some((_one_at_a_time, docker, mut swarm, swarm_node, db, redis)) = swarm_test().await else { return };
+
+    // Containers on overlay networks reach this host at docker_gwbridge's
+    // gateway: the test's PostgreSQL, Redis and OIDC provider listen there.
+    let gateway: IpAddr =
+        docker_cli(&["network", "inspect", "docker_gwbridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"])
+            .expect("docker_gwbridge exists once the engine is in a swarm")
+            .parse()
+            .expect("the gateway's address");
+    let to_address = |url: &str| -> SocketAddr {
+        let rest = url.split_once("://").expect("URL").1;
+        let authority = rest.split('/').next().expect("authority");
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        host_port.parse().expect("an IP:port service address")
+    };
+    let postgres = Proxy::tcp_on(gateway, to_address(&db.url)).await;
+    let redis_proxy = Proxy::tcp_on(gateway, to_address(&redis.url)).await;
+    let provider = TestOidcProvider::start_on(&gateway.to_string(), 3600);
+
+    let suffix = format!("_{}", docker.test_id);
+    let secrets = Command::new(root().join("stack/create-secrets.sh"))
+        .args(["--suffix", &suffix])
+        .env("FLOTILLA_DATABASE_URL", rehost(&db.url, postgres.tcp_address()))
+        .env("FLOTILLA_REDIS_URL", rehost(&redis.url, redis_proxy.tcp_address()))
+        .env("FLOTILLA_GRAFANA_PASSWORD", "not-used-in-this-test")
+        .output()
+        .expect("stack/create-secrets.sh runs");
+    let had_compute_label = docker_cli(&["node", "inspect", "self", "--format", "{{index .Spec.Labels \"compute\"}}"])
+        .unwrap_or_default()
+        == "true";
+    let overlay = std::env::temp_dir().join(format!("flotilla-stack-{}.yml", docker.test_id));
+    std::fs::write(&overlay, stack_override(&suffix, &docker.test_id, &redis.prefix)).expect("override file");
+    let stack = Stack {
+        name: format!("flotilla-{}", docker.test_id),
+        suffix: suffix.clone(),
+        overlay,
+        env: vec![
+            ("FLOTILLA_AGENT_PORT".to_owned(), flotilla_test_utils::free_port().to_string()),
+            ("FLOTILLA_OIDC_ISSUER".to_owned(), provider.issuer.clone()),
+            ("FLOTILLA_OIDC_AUDIENCE".to_owned(), TEST_AUDIENCE.to_owned()),
+            ("FLOTILLA_PLATFORM_DOMAINS".to_owned(), "example.test".to_owned()),
+            // No certificate is due in this test; the directory is never asked.
+            ("FLOTILLA_ACME_DIRECTORY".to_owned(), "http://127.0.0.1:9/directory".to_owned()),
+        ],
+        node: swarm_node.clone(),
+        labelled: !had_compute_label,
+    };
+    assert!(secrets.status.success(), "create-secrets.sh: {}", String::from_utf8_lossy(&secrets.stderr));
+    let created = String::from_utf8_lossy(&secrets.stdout);
+    for secret in STACK_SECRETS {
+        assert!(created.contains(&format!("created {secret}{suffix}")), "{secret} was created: {created}");
+    }
+    // The agent runs only on nodes labelled compute=true.
+    docker_cli(&["node", "update", "--label-add", "compute=true", &swarm_node]).expect("label the node");
+
+    let image_1 = format!("flotilla/flotillad:test-{}-1", docker.test_id);
+    let image_2 = format!("flotilla/flotillad:test-{}-2", docker.test_id);
+    build_flotillad_image(&image_1);
+    swarm.images.push(image_1.clone());
+
+    let started = Instant::now();
+    stack.deploy(&image_1);
+    let http = reqwest::Client::new();
+    let api = loop {
+        if let Some(api) = answering_api(&http, &stack.service("api")).await {
+            break api;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no API replica became healthy: {}",
+            docker_cli(&["stack", "ps", "--no-trunc", &stack.name]).unwrap_or_else(|e| e)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let api_up = started.elapsed();
+
+    // The agent's global task registers the node under its Swarm id.
+    let node = loop {
+        let nodes = db.store.list_nodes().await.unwrap_or_default();
+        if let Some(node) = nodes.into_iter().find(|n| n.node_id.as_str() == swarm_node) {
+            break node;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "the agent never registered its node");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let node_registered = started.elapsed();
+    assert_eq!(node.role, "manager");
+    assert_eq!(stack.task_images("agent"), [image_1.as_str()], "one agent task per node (global mode)");
+    assert_eq!(
+        docker_cli(&[
+            "service",
+            "inspect",
+            &stack.service("agent"),
+            "--format",
+            "{{if .Spec.Mode.Global}}global{{end}}"
+        ])
+        .expect("inspect"),
+        "global"
+    );
+
+    // A user deploys an app through the stack's API with a provider's token.
+    let token = provider.sign_in("stack-user", "stack-user@example.com").await.id_token;
+    let (status, created) = api_call(
+        &http,
+        &api,
+        &token,
+        "CreateDeployment",
+        json!({ "name": "stacked", "image": DEMO_IMAGE, "port": 8080, "domain": "stacked.example.test" }),
+    )
+    .await;
+    assert_eq!(status, 200, "{created}");
+    let id = created["deployment"]["id"].as_str().expect("id").to_owned();
+    let endpoint = wait_running(&http, &stack, &token, &id, 1).await.remove(0);
+    let app_running = started.elapsed();
+    let page = http.get(&endpoint).send().await.expect("the app").text().await.expect("page");
+    assert!(page.contains("Hello from stacked"), "{page}");
+    let app_container = || {
+        docker_cli(&[
+            "ps",
+            "--no-trunc",
+            "--filter",
+            &format!("label={TEST_LABEL}={}", docker.test_id),
+            "--format",
+            "{{.ID}}",
+        ])
+        .expect("docker ps")
+    };
+    let container_before = app_container();
+    let started_before =
+        docker_cli(&["inspect", "--format", "{{.State.StartedAt}}", &container_before]).expect("inspect");
+
+    // Rolling update of every flotillad service to a new image while the app
+    // and the API are asked all the time.
+    build_flotillad_image(&image_2);
+    swarm.images.push(image_2.clone());
+    let stop = CancellationToken::new();
+    let app_availability = Arc::new(Availability::default());
+    let api_availability = Arc::new(Availability::default());
+    let app_poller = tokio::spawn({
+        let (stop, availability, http, endpoint) =
+            (stop.clone(), app_availability.clone(), http.clone(), endpoint.clone());
+        async move {
+            while !stop.is_cancelled() {
+                let answer = http.get(&endpoint).timeout(Duration::from_secs(2)).send().await;
+                let result = match answer {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) => Err(format!("{:?}: {}", started.elapsed(), r.status())),
+                    Err(e) => Err(format!("{:?}: {e}", started.elapsed())),
+                };
+                availability.record(result);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let api_poller = tokio::spawn({
+        let (stop, availability, http, api_service) =
+            (stop.clone(), api_availability.clone(), http.clone(), stack.service("api"));
+        async move {
+            while !stop.is_cancelled() {
+                let answered = answering_api(&http, &api_service).await;
+                availability.record(
+                    answered.map(|_| ()).ok_or_else(|| format!("{:?}: no API replica answered", started.elapsed())),
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    });
+    let update_started = Instant::now();
+    stack.deploy(&image_2);
+    for service in ["agent", "orchestrator", "api"] {
+        loop {
+            let state = stack.update_state(service);
+            let images = stack.task_images(service);
+            if state.starts_with("completed") && !images.is_empty() && images.iter().all(|i| *i == image_2) {
+                break;
+            }
+            assert!(
+                !state.starts_with("rollback") && !state.starts_with("paused"),
+                "{service} update failed: {state}\n{}",
+                docker_cli(&["service", "ps", "--no-trunc", &stack.service(service)]).unwrap_or_else(|e| e)
+            );
+            assert!(
+                update_started.elapsed() < Duration::from_secs(300),
+                "{service} update never completed: {state}\n{}",
+                docker_cli(&["service", "ps", "--no-trunc", &stack.service(service)]).unwrap_or_else(|e| e)
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let update_took = update_started.elapsed();
+    stop.cancel();
+    app_poller.await.expect("app poller");
+    api_poller.await.expect("API poller");
+    let (app_answered, app_failed, app_failures) = app_availability.report();
+    let (api_answered, api_failed, api_failures) = api_availability.report();
+    eprintln!(
+        "stack: API healthy {api_up:?} after deploy, node registered {node_registered:?}, app running {app_running:?}; \
+         rolling update of agent, orchestrator and api took {update_took:?}: app answered {app_answered} of {} \
+         requests, an API replica answered {api_answered} of {} probes",
+        app_answered + app_failed,
+        api_answered + api_failed
+    );
+    assert_eq!(app_failed, 0, "the app stopped answering during the update: {app_failures:?}");
+    assert!(app_answered > 50, "the app was asked throughout the update ({app_answered} answers)");
+    assert_eq!(api_failed, 0, "no API replica answered at times during the update: {api_failures:?}");
+
+    // The app's container was left alone by the new agent.
+    assert_eq!(app_container(), container_before, "the same container serves the app");
+    assert_eq!(
+        docker_cli(&["inspect", "--format", "{{.State.StartedAt}}", &container_before]).expect("inspect"),
+        started_before,
+        "and it was not restarted"
+    );
+    // The updated agent heartbeats, and the updated control plane places a
+    // second replica that the updated agent runs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let node = db.store.list_nodes().await.expect("nodes").into_iter().find(|n| n.node_id.as_str() == swarm_node);
+    let heartbeat_age = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis()
+        as i64
+        - node.expect("the node").last_heartbeat.timestamp_millis();
+    assert!(heartbeat_age < 5_000, "the updated agent heartbeats (last {heartbeat_age} ms ago)");
+    let api = answering_api(&http, &stack.service("api")).await.expect("an API replica");
+    let (status, scaled) = api_call(&http, &api, &token, "ScaleDeployment", json!({ "id": id, "replicas": 2 })).await;
+    assert_eq!(status, 200, "{scaled}");
+    let endpoints = wait_running(&http, &stack, &token, &id, 2).await;
+    for endpoint in &endpoints {
+        let page = http.get(endpoint).send().await.expect("a replica").text().await.expect("page");
+        assert!(page.contains("Hello from stacked"), "{page}");
+    }
+
+    // Deleted through the API, the agent removes the containers.
+    let (status, deleted) = api_call(&http, &api, &token, "DeleteDeployment", json!({ "id": id })).await;
+    assert_eq!(status, 200, "{deleted}");
+    let deleting = Instant::now();
+    while !docker.containers().await.is_empty() {
+        assert!(deleting.elapsed() < Duration::from_secs(60), "the app's containers were never removed");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(stack);
 }

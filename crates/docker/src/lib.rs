@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, HealthConfig, HostConfig, NetworkCreateRequest, PortBinding,
-    RestartPolicy as DockerRestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerSummaryStateEnum, HealthConfig, HostConfig, NetworkConnectRequest,
+    NetworkCreateRequest, NetworkDisconnectRequest, PortBinding, RestartPolicy as DockerRestartPolicy,
+    RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
@@ -30,6 +31,21 @@ pub use stats::{ContainerRuntime, StatsReading, counters as stats_counters};
 pub use streams::{ContainerEvent, EventStream, LogLine, LogOptions, LogSource, LogStream};
 
 use model::{exit_code_from_status, health_from_status};
+
+/// The container id in the source of the `/etc/hostname` mount of a
+/// `/proc/self/mountinfo` (`.../containers/<64 hex>/hostname`).
+fn container_id_from_mountinfo(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        let root = fields.nth(3)?;
+        let mount_point = fields.next()?;
+        if mount_point != "/etc/hostname" {
+            return None;
+        }
+        let id = root.strip_suffix("/hostname")?.rsplit('/').next()?;
+        (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
+    })
+}
 
 /// A cheap-to-clone handle on the Docker Engine.
 #[derive(Debug, Clone)]
@@ -286,6 +302,43 @@ impl DockerClient {
         Ok(networks.into_iter().filter_map(|n| n.name).collect())
     }
 
+    /// Connects `container` to `network`; one connected already stays so.
+    pub async fn connect_to_network(&self, network: &str, container: &str) -> Result<(), DockerError> {
+        let request = NetworkConnectRequest { container: container.to_owned(), ..Default::default() };
+        match self.docker.connect_network(network, request).await {
+            Ok(()) => Ok(()),
+            Err(e) => match DockerError::from_bollard("joining a network", network)(e) {
+                DockerError::Engine { ref message, .. } if message.contains("already exists") => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Disconnects `container` from `network`; one not connected (or a
+    /// network gone) is fine.
+    pub async fn disconnect_from_network(&self, network: &str, container: &str) -> Result<(), DockerError> {
+        let request = NetworkDisconnectRequest { container: container.to_owned(), force: Some(true) };
+        match self.docker.disconnect_network(network, request).await {
+            Ok(()) => Ok(()),
+            Err(e) => match DockerError::from_bollard("leaving a network", network)(e) {
+                DockerError::NotFound { .. } => Ok(()),
+                DockerError::Engine { ref message, .. } if message.contains("is not connected") => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// The container of this engine that this process runs in, or `None`
+    /// when it does not run in one (Docker bind-mounts each container's own
+    /// `/etc/hostname` from a directory named after the container's id).
+    pub async fn own_container(&self) -> Option<String> {
+        let mountinfo = tokio::fs::read_to_string("/proc/self/mountinfo").await.ok()?;
+        let id = container_id_from_mountinfo(&mountinfo)?;
+        // A container of another engine (Docker in Docker) is not ours to manage.
+        self.docker.inspect_container(&id, None).await.ok()?;
+        Some(id)
+    }
+
     /// Removes a network; one that is gone or still in use is left alone
     /// (`Ok(false)`).
     pub async fn remove_network(&self, name: &str) -> Result<bool, DockerError> {
@@ -400,4 +453,32 @@ fn docker_restart_policy(policy: RestartPolicy) -> DockerRestartPolicy {
         RestartPolicy::UnlessStopped => (RestartPolicyNameEnum::UNLESS_STOPPED, None),
     };
     DockerRestartPolicy { name: Some(name), maximum_retry_count }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::container_id_from_mountinfo;
+
+    const ID: &str = "c885a98f12e0294b96e6fc3f9922ec7c2c1defc6c4a6d79247c05ab8d1cf78e4";
+
+    #[test]
+    fn a_container_is_known_by_its_hostname_mount() {
+        // Lines as a container on this engine sees them.
+        let mountinfo = format!(
+            "147 120 0:52 / / rw,relatime - fuse.fuse-overlayfs fuse-overlayfs rw\n\
+             164 147 254:0 /var/lib/docker/containers/{ID}/resolv.conf /etc/resolv.conf rw,relatime - ext4 /dev/vda rw\n\
+             165 147 254:0 /var/lib/docker/containers/{ID}/hostname /etc/hostname rw,relatime - ext4 /dev/vda rw\n"
+        );
+        assert_eq!(container_id_from_mountinfo(&mountinfo).as_deref(), Some(ID));
+    }
+
+    #[test]
+    fn outside_a_container_there_is_none() {
+        let host = "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
+                    25 22 0:5 / /dev rw,nosuid shared:2 - devtmpfs udev rw\n";
+        assert_eq!(container_id_from_mountinfo(host), None);
+        // Something else mounted on /etc/hostname, or a short name, is not an id.
+        let other = "165 147 254:0 /srv/containers/abc/hostname /etc/hostname rw - ext4 /dev/vda rw\n";
+        assert_eq!(container_id_from_mountinfo(other), None);
+    }
 }

@@ -23,21 +23,27 @@ pub struct Tokens {
 
 #[derive(Debug)]
 pub struct TestOidcProvider {
-    /// `http://127.0.0.1:<port>`: also the issuer.
+    /// `http://<host>:<port>`: also the issuer.
     pub issuer: String,
     child: Child,
     http: reqwest::Client,
 }
 
 impl TestOidcProvider {
-    /// Starts a provider whose tokens live `token_max_age` seconds.
+    /// Starts a provider on loopback whose tokens live `token_max_age` seconds.
     pub fn start(token_max_age: u64) -> Self {
+        Self::start_on("127.0.0.1", token_max_age)
+    }
+
+    /// [`Self::start`] listening on `host` (the issuer is then
+    /// `http://<host>:<port>`, for containers that cannot reach loopback).
+    pub fn start_on(host: &str, token_max_age: u64) -> Self {
         let python = std::env::var("FLOTILLA_TEST_PYTHON").unwrap_or_else(|_| {
             format!("{}/.cache/flotilla/venv/bin/python", std::env::var("HOME").unwrap_or_default())
         });
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/oidc-provider.py");
         let mut child = Command::new(&python)
-            .args([script, "--port", "0", "--token-max-age", &token_max_age.to_string()])
+            .args([script, "--host", host, "--port", "0", "--token-max-age", &token_max_age.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -46,7 +46,13 @@ impl Proxy {
 
     /// A TCP port on loopback forwarding to `target`.
     pub async fn tcp(target: SocketAddr) -> Self {
-        let probe = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+        Self::tcp_on(std::net::Ipv4Addr::LOCALHOST.into(), target).await
+    }
+
+    /// A TCP port on `ip` (an address of this host, such as a Docker bridge's
+    /// gateway that containers reach) forwarding to `target`.
+    pub async fn tcp_on(ip: std::net::IpAddr, target: SocketAddr) -> Self {
+        let probe = TcpListener::bind((ip, 0)).await.expect("a free port");
         let address = probe.local_addr().expect("address");
         drop(probe);
         let proxy = Self { front: Front::Tcp(address), back: Back::Tcp(target), tasks: Arc::new(Mutex::new(None)) };
