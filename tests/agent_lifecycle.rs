@@ -156,6 +156,89 @@ async fn a_managed_container_that_lost_its_row_is_adopted() {
     flotilla.stop().await;
 }
 
+/// The node's agent was silent long enough for the orchestrator to take the
+/// node's rows off it and, with no other node, to place the replica back on
+/// it. When the agent speaks again, the running container is adopted into
+/// that new row instead of a second container being started and the first
+/// removed (the app would lose its port: the stack test saw this when a
+/// failed update of the agent kept it away for 20 s).
+#[tokio::test]
+async fn a_replica_placed_back_on_its_returning_node_keeps_its_container() {
+    let flotilla = TestFlotilla::start().await;
+    let id = flotilla.deploy_demo("returning", 1).await;
+    let view = flotilla.get(&id).await;
+    let container = replica_container(&view, 0).expect("a container");
+    let port = view["replicas"][0]["hostPort"].as_i64().expect("a port");
+    let started_at = |c: &str| {
+        let c = c.to_owned();
+        let docker = flotilla.docker.docker.clone();
+        async move {
+            docker.inspect_container(&c, None::<InspectContainerOptions>).await.ok().and_then(|c| c.state?.started_at)
+        }
+    };
+    let first_start = started_at(&container).await.expect("started");
+
+    // What the health watch (rows off the down node) and the next placement
+    // (the replica on the node that is back) write.
+    let deployment: uuid::Uuid = id.parse().expect("uuid");
+    let placed_again = uuid::Uuid::now_v7();
+    let mut tx = flotilla.db.pool().begin().await.expect("tx");
+    let (node, address, row_labels): (String, String, Value) =
+        sqlx::query_as("DELETE FROM deployment_locations WHERE deployment_id = $1 RETURNING node_id, address, labels")
+            .bind(deployment)
+            .fetch_one(&mut *tx)
+            .await
+            .expect("the row taken off the node");
+    sqlx::query(
+        "INSERT INTO deployment_locations (id, deployment_id, node_id, replica_index, generation, \
+         target_generation, status, address, container_port, domain, labels, placement_reason) \
+         SELECT $1, d.id, $3, 0, d.generation, d.generation, 'pending', $4, d.container_port, d.domain, $5, \
+         'least-loaded' FROM deployments d WHERE d.id = $2",
+    )
+    .bind(placed_again)
+    .bind(deployment)
+    .bind(&node)
+    .bind(&address)
+    .bind(&row_labels)
+    .execute(&mut *tx)
+    .await
+    .expect("placed again on the same node");
+    tx.commit().await.expect("commit");
+    flotilla.agent().run_pass().await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let row = loop {
+        let row: Option<(uuid::Uuid, Option<String>, Option<i32>)> = sqlx::query_as(
+            "SELECT id, container_id, port FROM deployment_locations WHERE deployment_id = $1 AND status = 'running'",
+        )
+        .bind(deployment)
+        .fetch_optional(flotilla.db.pool())
+        .await
+        .expect("the row");
+        if let Some(row) = row {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "the replica never ran again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(row.1.as_deref(), Some(container.as_str()), "the running container serves the replica");
+    assert_eq!(row.2.map(i64::from), Some(port), "on the port it had");
+    assert_ne!(row.0, placed_again, "the container's own replica row took the new row's place");
+    // A later pass changes nothing: no second container, no restart.
+    flotilla.agent().run_pass().await;
+    assert_eq!(containers_of(&flotilla, &id).await.len(), 1, "no second container");
+    assert_eq!(started_at(&container).await, Some(first_start), "never restarted");
+    let count: i32 = sqlx::query_scalar("SELECT deployment_count FROM node_metadata WHERE node_id = $1")
+        .bind(&node)
+        .fetch_one(flotilla.db.pool())
+        .await
+        .expect("the node");
+    assert_eq!(count, 1, "the node counts the replica once");
+    flotilla.wait_for(&id, Duration::from_secs(5), is_running).await;
+
+    flotilla.stop().await;
+}
+
 /// Creates a container of the demo image with `labels` (plus the test's), outside Flotilla.
 async fn container_by_hand(flotilla: &TestFlotilla, mut container_labels: HashMap<String, String>) -> String {
     container_labels.extend(flotilla.docker.labels());

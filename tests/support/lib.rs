@@ -34,6 +34,8 @@ pub struct TestFlotilla {
     pub base_url: String,
     pub node_id: NodeId,
     pub http: reqwest::Client,
+    /// One gRPC channel for the test's calls (it connects on first use).
+    grpc: tonic::transport::Channel,
     pub settings: DaemonSettings,
     extra_agents: Vec<ExtraAgent>,
     // Dropped last, in this order: containers, then Redis keys, then the database.
@@ -112,11 +114,13 @@ impl TestFlotilla {
         let node_id = settings.agent.node_id.clone().unwrap_or_else(|| docker.node_id(0));
         let daemon = Daemon::start(settings.clone(), CancellationToken::new()).await.expect("flotillad starts");
         let base_url = format!("http://{}", daemon.local_addr);
+        let grpc = tonic::transport::Endpoint::from_shared(base_url.clone()).expect("URL").connect_lazy();
         Self {
             daemon: Some(daemon),
             base_url,
             node_id,
             http: reqwest::Client::new(),
+            grpc,
             settings,
             extra_agents: Vec::new(),
             docker,
@@ -554,15 +558,6 @@ impl TestFlotilla {
         request
     }
 
-    async fn grpc_client(&self) -> tonic::client::Grpc<tonic::transport::Channel> {
-        let channel = tonic::transport::Endpoint::from_shared(self.base_url.clone())
-            .expect("URL")
-            .connect()
-            .await
-            .expect("gRPC connects");
-        tonic::client::Grpc::new(channel)
-    }
-
     /// Calls a unary `service/method` in `protocol`, the request and the
     /// answer written as Connect JSON whatever the wire carried. Errors come
     /// back as Connect's error JSON (`code`, `message`) with the HTTP status
@@ -592,7 +587,7 @@ impl TestFlotilla {
                 }
             }
             Protocol::Grpc => {
-                let mut client = self.grpc_client().await;
+                let mut client = tonic::client::Grpc::new(self.grpc.clone());
                 client.ready().await.expect("gRPC ready");
                 let path = http::uri::PathAndQuery::try_from(format!("/{rpc}")).expect("path");
                 let request = Self::grpc_request(headers, codec.encode_request(rpc, &body));
@@ -627,7 +622,7 @@ impl TestFlotilla {
                 (messages, end)
             }
             Protocol::Grpc => {
-                let mut client = self.grpc_client().await;
+                let mut client = tonic::client::Grpc::new(self.grpc.clone());
                 client.ready().await.expect("gRPC ready");
                 let path = http::uri::PathAndQuery::try_from(format!("/{rpc}")).expect("path");
                 let request = Self::grpc_request(headers, codec.encode_request(rpc, &body));

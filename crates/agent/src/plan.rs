@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use flotilla_docker::{ManagedContainer, RunState};
 use flotilla_store::Assignment;
 use flotilla_types::status::Health;
-use flotilla_types::{DesiredState, HealthCheckKind, ReplicaId, ReplicaState, RestartPolicy};
+use flotilla_types::{DesiredState, HealthCheckKind, ReplicaId, ReplicaState, RestartPolicy, labels};
 
 /// One step of a reconciliation pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +102,20 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Action> {
         }
     }
 
+    // Running containers no row of this node names: a replica whose row was
+    // taken off this node while it was down (its agent silent) and placed
+    // again. One placed back here is not created a second time: the pass
+    // adopts the running container into that row instead (handle_orphan).
+    let rows: HashSet<ReplicaId> = input.assignments.iter().map(|a| a.replica.id).collect();
+    let returning: HashSet<(&str, &str)> = input
+        .containers
+        .iter()
+        .filter(|c| c.state.is_running() && c.replica_id().is_none_or(|id| !rows.contains(&id)))
+        .filter_map(|c| {
+            Some((c.labels.get(labels::DEPLOYMENT_ID)?.as_str(), c.labels.get(labels::REPLICA_INDEX)?.as_str()))
+        })
+        .collect();
+
     for assignment in input.assignments {
         let replica = &assignment.replica;
         let mut mine = by_replica.remove(&replica.id).unwrap_or_default();
@@ -127,7 +141,10 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Action> {
                 reason: RemoveReason::Duplicate,
             });
         }
-        plan_replica(assignment, current, &input, &mut actions);
+        let deployment_id = assignment.deployment.id.to_string();
+        let returned = current.is_none()
+            && returning.contains(&(deployment_id.as_str(), replica.replica_index.to_string().as_str()));
+        plan_replica(assignment, current, &input, returned, &mut actions);
     }
 
     // Containers naming a replica this node has no row for.
@@ -139,10 +156,13 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Action> {
     actions
 }
 
+/// `returned`: a running container of this replica's deployment and index
+/// that no row names is on this node (see [`plan`]).
 fn plan_replica(
     assignment: &Assignment,
     current: Option<&ManagedContainer>,
     input: &PlanInput<'_>,
+    returned: bool,
     actions: &mut Vec<Action>,
 ) {
     let replica = &assignment.replica;
@@ -182,8 +202,9 @@ fn plan_replica(
         let failed_recently = replica.status == ReplicaState::Failed
             && input.now.signed_duration_since(replica.updated_at).to_std().unwrap_or_default()
                 < input.failed_retry_after;
-        // Wait for the orchestrator to prepare the current generation's labels.
-        if assignment.prepared() && !failed_recently {
+        // Wait for the orchestrator to prepare the current generation's
+        // labels; a returned container is adopted instead.
+        if assignment.prepared() && !failed_recently && !returned {
             actions.push(Action::Create { replica: replica.id, previous: replica.container_id.clone() });
         }
         return;
@@ -323,6 +344,25 @@ mod tests {
 
     fn one(a: &Assignment) -> &[Assignment] {
         std::slice::from_ref(a)
+    }
+
+    #[test]
+    fn a_replica_placed_back_here_adopts_its_running_container_instead_of_a_second() {
+        let a = assignment(ReplicaState::Pending, None, None);
+        // The container of the row the health watch took off this node.
+        let mut returning = container("c1", Some(ReplicaId::new()), RunState::Running, 20000);
+        returning.labels.insert(labels::DEPLOYMENT_ID.to_owned(), a.deployment.id.to_string());
+        returning.labels.insert(labels::REPLICA_INDEX.to_owned(), "0".to_owned());
+        let containers = [returning.clone()];
+        assert_eq!(plan(one(&a), &containers), vec![Action::Orphan { container_id: "c1".into() }]);
+        // Another index, or a container no longer running, does not count.
+        returning.labels.insert(labels::REPLICA_INDEX.to_owned(), "1".to_owned());
+        assert!(
+            plan(one(&a), &[returning.clone()]).contains(&Action::Create { replica: a.replica.id, previous: None })
+        );
+        returning.labels.insert(labels::REPLICA_INDEX.to_owned(), "0".to_owned());
+        returning.state = RunState::Exited;
+        assert!(plan(one(&a), &[returning]).contains(&Action::Create { replica: a.replica.id, previous: None }));
     }
 
     #[test]

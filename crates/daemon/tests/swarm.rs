@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,8 +105,15 @@ impl Drop for SwarmFixture {
 /// test's `flotillad` (the script copies the libraries it links): nothing is
 /// pulled.
 fn build_flotillad_image(tag: &str) {
+    build_image(tag, Path::new(env!("CARGO_BIN_EXE_flotillad")));
+}
+
+/// The image script around another `binary` (one that is not flotillad
+/// makes an image that cannot run).
+fn build_image(tag: &str, binary: &Path) {
     let built = Command::new(root().join("scripts/build-flotillad-image.sh"))
-        .args(["--tag", tag, "--binary", env!("CARGO_BIN_EXE_flotillad")])
+        .args(["--tag", tag, "--binary"])
+        .arg(binary)
         .output()
         .expect("the image script runs");
     assert!(built.status.success(), "image build failed: {}", String::from_utf8_lossy(&built.stderr));
@@ -280,6 +287,11 @@ fn docker_cli(args: &[&str]) -> Result<String, String> {
     }
 }
 
+fn unix_now() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock");
+    i64::try_from(now.as_secs()).expect("seconds")
+}
+
 /// `url` with its host and port replaced by `address` (the test's proxies).
 fn rehost(url: &str, address: SocketAddr) -> String {
     let (scheme, rest) = url.split_once("://").expect("a URL");
@@ -378,15 +390,72 @@ impl Stack {
         .collect()
     }
 
-    fn update_state(&self, service: &str) -> String {
-        docker_cli(&[
-            "service",
-            "inspect",
-            &self.service(service),
-            "--format",
-            "{{if .UpdateStatus}}{{.UpdateStatus.State}} {{.UpdateStatus.Message}}{{end}}",
-        ])
-        .unwrap_or_else(|e| e)
+    /// Deploys the stack with `image` while the app at `endpoint` and the
+    /// API replicas are asked all the time, and waits until the update ends
+    /// in `done` with every task on `running`: how long that took, and what
+    /// the app and the API replicas answered meanwhile.
+    async fn update_watched(
+        &self,
+        http: &reqwest::Client,
+        endpoint: &str,
+        image: &str,
+        done: &str,
+        running: &str,
+    ) -> (Duration, AvailabilityReport, AvailabilityReport) {
+        let watch = Watch::start(http, endpoint, &self.service("api"));
+        let started = Instant::now();
+        let since = unix_now() - 1;
+        self.deploy(image);
+        self.wait_update(since, done, running).await;
+        let took = started.elapsed();
+        let (app, api) = watch.finish().await;
+        (took, app, api)
+    }
+
+    /// Waits until the update of every flotillad service that began after
+    /// `since` (Unix seconds) ended in `done` (`completed`,
+    /// `rollback_completed`) with all its tasks on `image`; fails on any
+    /// other end, or after five minutes.
+    async fn wait_update(&self, since: i64, done: &str, image: &str) {
+        let started = Instant::now();
+        for service in ["agent", "orchestrator", "api"] {
+            loop {
+                let (began, state) = self.update_state(service);
+                let current = began >= since;
+                let images = self.task_images(service);
+                if current && state.starts_with(done) && !images.is_empty() && images.iter().all(|i| i == image) {
+                    break;
+                }
+                let ended_otherwise = current
+                    && !state.starts_with(done)
+                    && ["completed", "paused", "rollback_completed", "rollback_paused"]
+                        .iter()
+                        .any(|end| state.starts_with(end));
+                let tasks =
+                    || docker_cli(&["service", "ps", "--no-trunc", &self.service(service)]).unwrap_or_else(|e| e);
+                assert!(!ended_otherwise, "{service}: the update ended in {state}, not {done}\n{}", tasks());
+                assert!(
+                    started.elapsed() < Duration::from_secs(300),
+                    "{service}: still {state}, not {done}\n{}",
+                    tasks()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    /// When the service's last update began (Unix seconds; 0: none yet), and
+    /// its state and message.
+    fn update_state(&self, service: &str) -> (i64, String) {
+        let format = "{{if .UpdateStatus}}{{.UpdateStatus.StartedAt.Unix}} {{.UpdateStatus.State}} {{.UpdateStatus.Message}}{{end}}";
+        let status =
+            docker_cli(&["service", "inspect", &self.service(service), "--format", format]).unwrap_or_else(|e| e);
+        match status.split_once(' ') {
+            Some((began, state)) if began.parse::<i64>().is_ok() => {
+                (began.parse().unwrap_or_default(), state.to_owned())
+            }
+            _ => (0, status),
+        }
     }
 }
 
@@ -526,9 +595,76 @@ impl Availability {
         }
     }
 
-    fn report(&self) -> (u64, u64, Vec<String>) {
-        let first = self.first_failures.lock().expect("lock").clone();
-        (self.answered.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), first)
+    fn report(&self) -> AvailabilityReport {
+        let (answered, failed) = (self.answered.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed));
+        let first_failures = self.first_failures.lock().expect("lock").clone();
+        AvailabilityReport { answered, asked: answered + failed, first_failures }
+    }
+}
+
+struct AvailabilityReport {
+    answered: u64,
+    asked: u64,
+    first_failures: Vec<String>,
+}
+
+impl AvailabilityReport {
+    fn assert_always(&self, what: &str) {
+        assert!(self.asked > 20, "{what}: asked throughout ({} times)", self.asked);
+        assert_eq!(self.answered, self.asked, "{what}: did not always answer: {:?}", self.first_failures);
+    }
+}
+
+/// The app (every 50 ms) and the API replicas (every 250 ms) asked until
+/// [`Watch::finish`].
+struct Watch {
+    stop: CancellationToken,
+    app: Arc<Availability>,
+    api: Arc<Availability>,
+    pollers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Watch {
+    fn start(http: &reqwest::Client, endpoint: &str, api_service: &str) -> Self {
+        let (stop, app, api) =
+            (CancellationToken::new(), Arc::new(Availability::default()), Arc::new(Availability::default()));
+        let started = Instant::now();
+        let app_poller = tokio::spawn({
+            let (stop, app, http, endpoint) = (stop.clone(), app.clone(), http.clone(), endpoint.to_owned());
+            async move {
+                while !stop.is_cancelled() {
+                    let result = match http.get(&endpoint).timeout(Duration::from_secs(2)).send().await {
+                        Ok(r) if r.status().is_success() => Ok(()),
+                        Ok(r) => Err(format!("{:?}: {}", started.elapsed(), r.status())),
+                        Err(e) => Err(format!("{:?}: {e}", started.elapsed())),
+                    };
+                    app.record(result);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        let api_poller = tokio::spawn({
+            let (stop, api, http, api_service) = (stop.clone(), api.clone(), http.clone(), api_service.to_owned());
+            async move {
+                while !stop.is_cancelled() {
+                    let answered = answering_api(&http, &api_service).await;
+                    api.record(
+                        answered.map(|_| ()).ok_or_else(|| format!("{:?}: no replica answered", started.elapsed())),
+                    );
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        });
+        Self { stop, app, api, pollers: vec![app_poller, api_poller] }
+    }
+
+    /// Stops asking: what the app and the API replicas answered.
+    async fn finish(self) -> (AvailabilityReport, AvailabilityReport) {
+        self.stop.cancel();
+        for poller in self.pollers {
+            poller.await.expect("a poller");
+        }
+        (self.app.report(), self.api.report())
     }
 }
 
@@ -669,76 +805,31 @@ async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
     // and the API are asked all the time.
     build_flotillad_image(&image_2);
     swarm.images.push(image_2.clone());
-    let stop = CancellationToken::new();
-    let app_availability = Arc::new(Availability::default());
-    let api_availability = Arc::new(Availability::default());
-    let app_poller = tokio::spawn({
-        let (stop, availability, http, endpoint) =
-            (stop.clone(), app_availability.clone(), http.clone(), endpoint.clone());
-        async move {
-            while !stop.is_cancelled() {
-                let answer = http.get(&endpoint).timeout(Duration::from_secs(2)).send().await;
-                let result = match answer {
-                    Ok(r) if r.status().is_success() => Ok(()),
-                    Ok(r) => Err(format!("{:?}: {}", started.elapsed(), r.status())),
-                    Err(e) => Err(format!("{:?}: {e}", started.elapsed())),
-                };
-                availability.record(result);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    });
-    let api_poller = tokio::spawn({
-        let (stop, availability, http, api_service) =
-            (stop.clone(), api_availability.clone(), http.clone(), stack.service("api"));
-        async move {
-            while !stop.is_cancelled() {
-                let answered = answering_api(&http, &api_service).await;
-                availability.record(
-                    answered.map(|_| ()).ok_or_else(|| format!("{:?}: no API replica answered", started.elapsed())),
-                );
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    });
-    let update_started = Instant::now();
-    stack.deploy(&image_2);
-    for service in ["agent", "orchestrator", "api"] {
-        loop {
-            let state = stack.update_state(service);
-            let images = stack.task_images(service);
-            if state.starts_with("completed") && !images.is_empty() && images.iter().all(|i| *i == image_2) {
-                break;
-            }
-            assert!(
-                !state.starts_with("rollback") && !state.starts_with("paused"),
-                "{service} update failed: {state}\n{}",
-                docker_cli(&["service", "ps", "--no-trunc", &stack.service(service)]).unwrap_or_else(|e| e)
-            );
-            assert!(
-                update_started.elapsed() < Duration::from_secs(300),
-                "{service} update never completed: {state}\n{}",
-                docker_cli(&["service", "ps", "--no-trunc", &stack.service(service)]).unwrap_or_else(|e| e)
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-    let update_took = update_started.elapsed();
-    stop.cancel();
-    app_poller.await.expect("app poller");
-    api_poller.await.expect("API poller");
-    let (app_answered, app_failed, app_failures) = app_availability.report();
-    let (api_answered, api_failed, api_failures) = api_availability.report();
+    let (update_took, app, api_replicas) =
+        stack.update_watched(&http, &endpoint, &image_2, "completed", &image_2).await;
     eprintln!(
         "stack: API healthy {api_up:?} after deploy, node registered {node_registered:?}, app running {app_running:?}; \
-         rolling update of agent, orchestrator and api took {update_took:?}: app answered {app_answered} of {} \
-         requests, an API replica answered {api_answered} of {} probes",
-        app_answered + app_failed,
-        api_answered + api_failed
+         rolling update of agent, orchestrator and api took {update_took:?}: app answered {} of {} requests, \
+         an API replica answered {} of {} probes",
+        app.answered, app.asked, api_replicas.answered, api_replicas.asked
     );
-    assert_eq!(app_failed, 0, "the app stopped answering during the update: {app_failures:?}");
-    assert!(app_answered > 50, "the app was asked throughout the update ({app_answered} answers)");
-    assert_eq!(api_failed, 0, "no API replica answered at times during the update: {api_failures:?}");
+    app.assert_always("the app, during the update");
+    api_replicas.assert_always("an API replica, during the update");
+
+    // An image that cannot run (busybox as flotillad: it exits at once) is
+    // rolled back on every service, the app answering throughout.
+    let broken = format!("flotilla/flotillad:test-{}-broken", docker.test_id);
+    build_image(&broken, Path::new("/bin/busybox"));
+    swarm.images.push(broken.clone());
+    let (rollback_took, app, api_replicas) =
+        stack.update_watched(&http, &endpoint, &broken, "rollback_completed", &image_2).await;
+    eprintln!(
+        "stack: update to a broken image rolled back in {rollback_took:?}: app answered {} of {} requests, \
+         an API replica answered {} of {} probes",
+        app.answered, app.asked, api_replicas.answered, api_replicas.asked
+    );
+    app.assert_always("the app, during the failed update and its rollback");
+    api_replicas.assert_always("an API replica, during the failed update and its rollback");
 
     // The app's container was left alone by the new agent.
     assert_eq!(app_container(), container_before, "the same container serves the app");
@@ -751,10 +842,8 @@ async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
     // second replica that the updated agent runs.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let node = db.store.list_nodes().await.expect("nodes").into_iter().find(|n| n.node_id.as_str() == swarm_node);
-    let heartbeat_age = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis()
-        as i64
-        - node.expect("the node").last_heartbeat.timestamp_millis();
-    assert!(heartbeat_age < 5_000, "the updated agent heartbeats (last {heartbeat_age} ms ago)");
+    let heartbeat_age = unix_now() - node.expect("the node").last_heartbeat.timestamp();
+    assert!(heartbeat_age <= 5, "the updated agent heartbeats (last {heartbeat_age} s ago)");
     let api = answering_api(&http, &stack.service("api")).await.expect("an API replica");
     let (status, scaled) = api_call(&http, &api, &token, "ScaleDeployment", json!({ "id": id, "replicas": 2 })).await;
     assert_eq!(status, 200, "{scaled}");

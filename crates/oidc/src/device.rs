@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use serde::Deserialize;
 
-use crate::http_client;
+use crate::{HttpsClient, http_client};
 
 const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 /// Added to the interval on each `slow_down` (RFC 8628, section 3.5).
@@ -97,10 +97,7 @@ pub async fn login_config(api: &str) -> Result<Option<LoginConfig>, DeviceFlowEr
 
 /// A provider's device flow for one client.
 pub struct DeviceFlow {
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
+    client: HttpsClient<Full<Bytes>>,
     client_id: String,
     device_endpoint: String,
     token_endpoint: String,
@@ -202,10 +199,7 @@ fn refusal(url: &str, status: u16, body: &[u8]) -> DeviceFlowError {
 }
 
 async fn exchange(
-    client: &hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
+    client: &HttpsClient<Full<Bytes>>,
     method: http::Method,
     url: &str,
     form: Option<String>,

@@ -466,11 +466,13 @@ fn token_error(error: ClaimsVerificationError) -> TokenError {
     }
 }
 
-type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+/// An HTTP(S) client sending request bodies of `B`.
+type HttpsClient<B> = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, B>;
+type HttpClient = HttpsClient<Empty<Bytes>>;
 
 /// An HTTP(S) client with ring and the system's trusted roots (none found:
 /// https fails with a clear error, http still works), sending bodies of `B`.
-fn http_client<B>() -> Result<hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, B>, TokenError>
+fn http_client<B>() -> Result<HttpsClient<B>, TokenError>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,

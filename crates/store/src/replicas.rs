@@ -189,6 +189,22 @@ impl Store {
     pub async fn adopt_replica(&self, node: &NodeId, adoption: &Adoption) -> Result<AdoptOutcome, StoreError> {
         let op = "adopting a container";
         let mut tx = self.pool().begin().await.map_err(StoreError::db(op))?;
+        // A row placed back on this very node for the same replica while the
+        // node was silent, with no container yet, is that replica returning:
+        // its running container takes the row's place (nothing is restarted,
+        // the app keeps its port) instead of a second container beside it.
+        let replaced = sqlx::query(
+            "DELETE FROM deployment_locations WHERE deployment_id = $1 AND replica_index = $2 AND node_id = $3 \
+             AND id <> $4 AND container_id IS NULL AND drain_state IS NULL",
+        )
+        .bind(adoption.deployment_id.as_uuid())
+        .bind(adoption.replica_index)
+        .bind(node.as_str())
+        .bind(adoption.replica_id.as_uuid())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(op))?
+        .rows_affected();
         let inserted = sqlx::query(
             "INSERT INTO deployment_locations (id, deployment_id, node_id, replica_index, generation, \
              target_generation, container_id, container_name, status, address, port, container_port, domain, \
@@ -213,12 +229,16 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(StoreError::db(op))?;
-        if inserted.rows_affected() == 1 {
-            sqlx::query("UPDATE node_metadata SET deployment_count = deployment_count + 1 WHERE node_id = $1")
-                .bind(node.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::db(op))?;
+        let count_change = inserted.rows_affected() as i64 - replaced as i64;
+        if count_change != 0 {
+            sqlx::query(
+                "UPDATE node_metadata SET deployment_count = greatest(deployment_count + $2, 0) WHERE node_id = $1",
+            )
+            .bind(node.as_str())
+            .bind(count_change as i32)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(op))?;
         }
         // Not adopted: is its replica index served by another live replica
         // (placed elsewhere while this node was down)?
