@@ -80,5 +80,12 @@ async fn a_unary_call_held_up_past_the_clients_deadline_answers_deadline_exceede
     // Without a deadline the same call goes through once the row is free.
     let (status, answer) = flotilla.call(Protocol::Grpc, UPDATE, &[], json!({"id": id, "replicas": 2})).await;
     assert_eq!(status, 200, "{answer}");
+    // The second replica runs before the test ends: a container still being
+    // created at shutdown could appear after the cleanup and be left behind.
+    let two_running = |status: u16, body: &Value| {
+        let replicas = body["deployment"]["replicas"].as_array().cloned().unwrap_or_default();
+        status == 200 && replicas.len() == 2 && replicas.iter().all(|r| r["status"] == "REPLICA_STATUS_RUNNING")
+    };
+    flotilla.wait_for(&id, Duration::from_secs(30), two_running).await;
     flotilla.stop().await;
 }
