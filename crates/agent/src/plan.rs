@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use flotilla_docker::{ManagedContainer, RunState};
 use flotilla_store::Assignment;
 use flotilla_types::status::Health;
-use flotilla_types::{DesiredState, HealthCheckKind, ReplicaId, ReplicaState, RestartPolicy, labels};
+use flotilla_types::{DeploymentId, DesiredState, HealthCheckKind, ReplicaId, ReplicaState, RestartPolicy};
 
 /// One step of a reconciliation pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,18 +102,17 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Action> {
         }
     }
 
-    // Running containers no row of this node names: a replica whose row was
-    // taken off this node while it was down (its agent silent) and placed
-    // again. One placed back here is not created a second time: the pass
-    // adopts the running container into that row instead (handle_orphan).
+    // Running containers of a replica no row of this node names: a replica
+    // whose row was taken off this node while it was down (its agent silent)
+    // and placed again. One placed back here is not created a second time:
+    // the pass adopts the running container into that row instead
+    // (handle_orphan, which needs the replica id to adopt).
     let rows: HashSet<ReplicaId> = input.assignments.iter().map(|a| a.replica.id).collect();
-    let returning: HashSet<(&str, &str)> = input
+    let returning: HashSet<(DeploymentId, i32)> = input
         .containers
         .iter()
-        .filter(|c| c.state.is_running() && c.replica_id().is_none_or(|id| !rows.contains(&id)))
-        .filter_map(|c| {
-            Some((c.labels.get(labels::DEPLOYMENT_ID)?.as_str(), c.labels.get(labels::REPLICA_INDEX)?.as_str()))
-        })
+        .filter(|c| c.state.is_running() && c.replica_id().is_some_and(|id| !rows.contains(&id)))
+        .filter_map(ManagedContainer::replica_slot)
         .collect();
 
     for assignment in input.assignments {
@@ -141,9 +140,7 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Action> {
                 reason: RemoveReason::Duplicate,
             });
         }
-        let deployment_id = assignment.deployment.id.to_string();
-        let returned = current.is_none()
-            && returning.contains(&(deployment_id.as_str(), replica.replica_index.to_string().as_str()));
+        let returned = current.is_none() && returning.contains(&(assignment.deployment.id, replica.replica_index));
         plan_replica(assignment, current, &input, returned, &mut actions);
     }
 
@@ -361,6 +358,12 @@ mod tests {
             plan(one(&a), &[returning.clone()]).contains(&Action::Create { replica: a.replica.id, previous: None })
         );
         returning.labels.insert(labels::REPLICA_INDEX.to_owned(), "0".to_owned());
+        let mut without_replica_id = returning.clone();
+        without_replica_id.labels.remove(labels::REPLICA_ID);
+        assert!(
+            plan(one(&a), &[without_replica_id]).contains(&Action::Create { replica: a.replica.id, previous: None }),
+            "a container that cannot be adopted does not hold the replica back"
+        );
         returning.state = RunState::Exited;
         assert!(plan(one(&a), &[returning]).contains(&Action::Create { replica: a.replica.id, previous: None }));
     }

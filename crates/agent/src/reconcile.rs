@@ -136,13 +136,15 @@ impl Agent {
 
         // A new agent container (after an update) joins the networks of the
         // replicas it finds before probing them.
-        let networks: BTreeSet<String> = assignments
-            .iter()
-            .filter(|a| a.deployment.desired_state != DesiredState::Deleted)
-            .map(|a| self.network_for(a))
-            .collect();
-        for network in &networks {
-            self.join_network(network).await;
+        if self.own_container.is_some() {
+            let networks: BTreeSet<String> = assignments
+                .iter()
+                .filter(|a| a.deployment.desired_state != DesiredState::Deleted)
+                .map(|a| self.network_for(a))
+                .collect();
+            for network in &networks {
+                self.join_network(network).await;
+            }
         }
         self.set_probe_targets(&assignments, &containers);
         let mut report = PassReport {
@@ -318,10 +320,7 @@ impl Agent {
     /// deployment lives and its replica index is free; otherwise removed once
     /// it has been an orphan for the grace period.
     async fn handle_orphan(&self, container: &ManagedContainer) -> Result<Outcome, AgentError> {
-        let deployment_id: Option<DeploymentId> =
-            container.labels.get(labels::DEPLOYMENT_ID).and_then(|id| id.parse().ok());
-        let index: Option<i32> = container.labels.get(labels::REPLICA_INDEX).and_then(|i| i.parse().ok());
-        if let (Some(deployment_id), Some(index), Some(replica_id)) = (deployment_id, index, container.replica_id()) {
+        if let (Some((deployment_id, index)), Some(replica_id)) = (container.replica_slot(), container.replica_id()) {
             let live = self
                 .store
                 .deployments_by_id(&[deployment_id])

@@ -123,15 +123,17 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-async fn call(http: &reqwest::Client, api: &str, method: &str, body: Value) -> Value {
-    http.post(format!("{api}/flotilla.v1.DeploymentService/{method}"))
-        .json(&body)
-        .send()
-        .await
-        .expect("API")
-        .json()
-        .await
-        .expect("JSON")
+/// A Connect JSON call of DeploymentService, with `token` as the bearer
+/// token (none: the development mode without authentication); the HTTP
+/// status and the answer.
+async fn call(http: &reqwest::Client, api: &str, token: Option<&str>, method: &str, body: Value) -> (u16, Value) {
+    let mut request = http.post(format!("{api}/flotilla.v1.DeploymentService/{method}")).json(&body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("the API answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 /// What a swarm test starts from: its turn, the engine in a swarm (`None`
@@ -243,10 +245,12 @@ async fn the_node_agent_runs_as_a_swarm_global_service() {
     // A deployment lands on the swarm node and serves.
     let http = reqwest::Client::new();
     let created =
-        call(&http, &api, "CreateDeployment", json!({ "name": "swarm", "image": DEMO_IMAGE, "port": 8080 })).await;
+        call(&http, &api, None, "CreateDeployment", json!({ "name": "swarm", "image": DEMO_IMAGE, "port": 8080 }))
+            .await
+            .1;
     let id = created["deployment"]["id"].as_str().expect("id").to_owned();
     let deployment = loop {
-        let got = call(&http, &api, "GetDeployment", json!({ "id": id })).await;
+        let (_, got) = call(&http, &api, None, "GetDeployment", json!({ "id": id })).await;
         if got["deployment"]["status"] == "DEPLOYMENT_STATUS_RUNNING" {
             break got["deployment"].clone();
         }
@@ -260,15 +264,9 @@ async fn the_node_agent_runs_as_a_swarm_global_service() {
     assert!(page.contains(&swarm_node), "the page names the swarm node: {page}");
 
     // Delete it while the agent still runs, so it removes the container.
-    call(&http, &api, "DeleteDeployment", json!({ "id": id })).await;
+    call(&http, &api, None, "DeleteDeployment", json!({ "id": id })).await;
     loop {
-        let got = http
-            .post(format!("{api}/flotilla.v1.DeploymentService/GetDeployment"))
-            .json(&json!({ "id": id }))
-            .send()
-            .await
-            .expect("API");
-        if got.status().as_u16() == 404 {
+        if call(&http, &api, None, "GetDeployment", json!({ "id": id })).await.0 == 404 {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(150), "never deleted");
@@ -292,13 +290,18 @@ fn unix_now() -> i64 {
     i64::try_from(now.as_secs()).expect("seconds")
 }
 
-/// `url` with its host and port replaced by `address` (the test's proxies).
-fn rehost(url: &str, address: SocketAddr) -> String {
+/// A proxy on `ip` to the service at `url` (`scheme://[user@]ip:port[/path]`),
+/// and `url` pointing at the proxy instead.
+async fn proxied(url: &str, ip: IpAddr) -> (Proxy, String) {
     let (scheme, rest) = url.split_once("://").expect("a URL");
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let userinfo = authority.rsplit_once('@').map(|(user, _)| format!("{user}@")).unwrap_or_default();
-    format!("{scheme}://{userinfo}{address}{path}")
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (userinfo, service) = match authority.rsplit_once('@') {
+        Some((user, service)) => (format!("{user}@"), service),
+        None => (String::new(), authority),
+    };
+    let proxy = Proxy::tcp_on(ip, service.parse().expect("an IP:port service address")).await;
+    let url = format!("{scheme}://{userinfo}{}{path}", proxy.tcp_address());
+    (proxy, url)
 }
 
 /// docker_gwbridge addresses of a service's running containers: how this
@@ -520,18 +523,6 @@ fn stack_override(suffix: &str, test_id: &str, redis_prefix: &str) -> String {
     yaml
 }
 
-async fn api_call(http: &reqwest::Client, api: &str, token: &str, method: &str, body: Value) -> (u16, Value) {
-    let response = http
-        .post(format!("{api}/flotilla.v1.DeploymentService/{method}"))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .expect("the API answers");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 /// The first replica of the API service `service` that answers `/health`,
 /// as `http://address:7800`.
 async fn answering_api(http: &reqwest::Client, service: &str) -> Option<String> {
@@ -552,7 +543,7 @@ async fn wait_running(http: &reqwest::Client, stack: &Stack, token: &str, id: &s
     let started = Instant::now();
     loop {
         if let Some(api) = answering_api(http, &stack.service("api")).await {
-            let (_, got) = api_call(http, &api, token, "GetDeployment", json!({ "id": id })).await;
+            let (_, got) = call(http, &api, Some(token), "GetDeployment", json!({ "id": id })).await;
             let deployment = &got["deployment"];
             let endpoints: Vec<String> = deployment["replicas"]
                 .as_array()
@@ -679,21 +670,15 @@ async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
             .expect("docker_gwbridge exists once the engine is in a swarm")
             .parse()
             .expect("the gateway's address");
-    let to_address = |url: &str| -> SocketAddr {
-        let rest = url.split_once("://").expect("URL").1;
-        let authority = rest.split('/').next().expect("authority");
-        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-        host_port.parse().expect("an IP:port service address")
-    };
-    let postgres = Proxy::tcp_on(gateway, to_address(&db.url)).await;
-    let redis_proxy = Proxy::tcp_on(gateway, to_address(&redis.url)).await;
+    let (_postgres_proxy, database_url) = proxied(&db.url, gateway).await;
+    let (_redis_proxy, redis_url) = proxied(&redis.url, gateway).await;
     let provider = TestOidcProvider::start_on(&gateway.to_string(), 3600);
 
     let suffix = format!("_{}", docker.test_id);
     let secrets = Command::new(root().join("stack/create-secrets.sh"))
         .args(["--suffix", &suffix])
-        .env("FLOTILLA_DATABASE_URL", rehost(&db.url, postgres.tcp_address()))
-        .env("FLOTILLA_REDIS_URL", rehost(&redis.url, redis_proxy.tcp_address()))
+        .env("FLOTILLA_DATABASE_URL", &database_url)
+        .env("FLOTILLA_REDIS_URL", &redis_url)
         .env("FLOTILLA_GRAFANA_PASSWORD", "not-used-in-this-test")
         .output()
         .expect("stack/create-secrets.sh runs");
@@ -772,10 +757,10 @@ async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
 
     // A user deploys an app through the stack's API with a provider's token.
     let token = provider.sign_in("stack-user", "stack-user@example.com").await.id_token;
-    let (status, created) = api_call(
+    let (status, created) = call(
         &http,
         &api,
-        &token,
+        Some(&token),
         "CreateDeployment",
         json!({ "name": "stacked", "image": DEMO_IMAGE, "port": 8080, "domain": "stacked.example.test" }),
     )
@@ -845,7 +830,7 @@ async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
     let heartbeat_age = unix_now() - node.expect("the node").last_heartbeat.timestamp();
     assert!(heartbeat_age <= 5, "the updated agent heartbeats (last {heartbeat_age} s ago)");
     let api = answering_api(&http, &stack.service("api")).await.expect("an API replica");
-    let (status, scaled) = api_call(&http, &api, &token, "ScaleDeployment", json!({ "id": id, "replicas": 2 })).await;
+    let (status, scaled) = call(&http, &api, Some(&token), "ScaleDeployment", json!({ "id": id, "replicas": 2 })).await;
     assert_eq!(status, 200, "{scaled}");
     let endpoints = wait_running(&http, &stack, &token, &id, 2).await;
     for endpoint in &endpoints {
@@ -854,7 +839,7 @@ async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
     }
 
     // Deleted through the API, the agent removes the containers.
-    let (status, deleted) = api_call(&http, &api, &token, "DeleteDeployment", json!({ "id": id })).await;
+    let (status, deleted) = call(&http, &api, Some(&token), "DeleteDeployment", json!({ "id": id })).await;
     assert_eq!(status, 200, "{deleted}");
     let deleting = Instant::now();
     while !docker.containers().await.is_empty() {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use flotilla_types::{ReplicaId, RestartPolicy, labels};
+use flotilla_types::{DeploymentId, ReplicaId, RestartPolicy, labels};
 
 /// Where to reach the engine: a Unix socket path, or the default
 /// (`$DOCKER_HOST` or `/var/run/docker.sock`).
@@ -84,6 +84,12 @@ impl ManagedContainer {
     /// The replica this container runs, from its label.
     pub fn replica_id(&self) -> Option<ReplicaId> {
         self.labels.get(labels::REPLICA_ID)?.parse().ok()
+    }
+
+    /// The deployment and replica index it was made for, from its labels.
+    pub fn replica_slot(&self) -> Option<(DeploymentId, i32)> {
+        let deployment = self.labels.get(labels::DEPLOYMENT_ID)?.parse().ok()?;
+        Some((deployment, self.labels.get(labels::REPLICA_INDEX)?.parse().ok()?))
     }
 
     /// The generation of the spec it was made from, from its label.
