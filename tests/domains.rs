@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_acme::{AcmeSettings, CertificateManager, Sealer};
 use flotilla_e2e::{TestFlotilla, is_running};
+use flotilla_edge::Tls;
 use flotilla_test_utils::{DEMO_IMAGE, TestDnsServer, TestPebble, free_port, unique_suffix};
-use flotilla_types::routing::Tls;
 use serde_json::{Value, json};
 
 fn custom_domain(name: &str) -> String {

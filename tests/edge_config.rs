@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use flotilla_types::routing::EdgeSettings;
+use flotilla_edge::EdgeSettings;
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -48,7 +48,7 @@ fn the_static_configuration_is_valid_and_matches_the_platform() {
 
     let http = &config["providers"]["http"]["endpoint"];
     assert!(
-        http.as_str().is_some_and(|e| e.ends_with(flotilla_daemon::edge::ROUTE_TABLE_PATH)),
+        http.as_str().is_some_and(|e| e.ends_with(flotilla_edge::ROUTE_TABLE_PATH)),
         "Traefik polls the route table the orchestrators serve: {http}"
     );
     let swarm = &config["providers"]["swarm"];

@@ -354,7 +354,6 @@ async fn looping_client(
 async fn a_drained_node_hands_its_replicas_over_with_no_failed_request() {
     let mut flotilla = TestFlotilla::start_with(|s| {
         s.orchestrator.interval = Duration::from_secs(1);
-        s.orchestrator.drain_delay = Duration::from_secs(2);
     })
     .await;
     flotilla.add_agent(1, |_| {}).await;

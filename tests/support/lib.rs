@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 use flotilla_agent::{Agent, AgentConfig};
 use flotilla_daemon::{Daemon, DaemonSettings, MetricsSettings, RateLimitSettings, Roles};
 use flotilla_docker::{DockerClient, DockerConfig};
+use flotilla_edge::EdgeSettings;
 use flotilla_orchestrator::OrchestratorConfig;
 use flotilla_redis::WakeBus;
 use flotilla_telemetry::Telemetry;
 use flotilla_test_utils::{TestDb, TestDocker, TestRedis, init_tracing};
 use flotilla_types::NodeId;
-use flotilla_types::routing::EdgeSettings;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -74,6 +74,7 @@ fn test_settings(db: &TestDb, redis: &TestRedis, docker: &TestDocker, state_dir:
         internal_token: None,
         domains: flotilla_daemon::DomainSettings::default(),
         certificates: None,
+        route_table: flotilla_edge::ServeConfig::default(),
     }
 }
 
@@ -90,7 +91,6 @@ fn test_agent_config(docker: &TestDocker, state_dir: &TempDir, n: usize) -> Agen
         publish_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         heartbeat_interval: Duration::from_secs(1),
         stop_grace: Duration::from_secs(5),
-        rollout_drain: Duration::from_secs(2),
         extra_container_labels: docker.labels().into_iter().collect::<BTreeMap<_, _>>(),
         ..AgentConfig::default()
     }

@@ -12,6 +12,7 @@
 //! the certificate (error, count, next attempt with exponential backoff),
 //! where the deployment's owner sees it.
 
+pub mod challenge;
 pub mod metrics;
 pub mod seal;
 

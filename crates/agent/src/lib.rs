@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use flotilla_docker::{DockerClient, EngineInfo, LogOptions, LogStream};
+use flotilla_edge::{EdgeSync, EdgeSyncConfig};
 use flotilla_redis::{ORCHESTRATOR_TOPIC, WakeBus, agent_topic};
 use flotilla_runtime::{Next, PeriodicTask, run_periodically};
 use flotilla_store::{NodeHeartbeat, Store};
@@ -87,10 +88,10 @@ pub struct AgentConfig {
     /// A managed container without a row and without a live deployment is
     /// removed after this long.
     pub orphan_grace: Duration,
-    /// In a rolling update, how long the old container keeps serving after
-    /// traffic moved to the new one (clients and proxies still holding the
-    /// old endpoint finish).
-    pub rollout_drain: Duration,
+    /// Before a container that served is stopped (stop, delete, scale-down,
+    /// drain, the old container of a rolling update): how long to wait for
+    /// the edge proxies to take in a route table without it.
+    pub edge: EdgeSyncConfig,
     /// How often due health probes are looked for.
     pub probe_tick: Duration,
     /// Node labels reported in the heartbeat (placement constraints); Swarm
@@ -117,7 +118,7 @@ impl Default for AgentConfig {
             pull_timeout: Duration::from_secs(300),
             failed_retry_after: Duration::from_secs(10),
             orphan_grace: Duration::from_secs(60),
-            rollout_drain: Duration::from_secs(5),
+            edge: EdgeSyncConfig::default(),
             probe_tick: Duration::from_millis(250),
             node_labels: BTreeMap::new(),
             extra_container_labels: BTreeMap::new(),
@@ -161,6 +162,8 @@ pub struct Agent {
     own_container: Option<String>,
     /// App networks the own container has joined.
     joined_networks: Mutex<HashSet<String>>,
+    /// Waits for the edge proxies before a container that served stops.
+    edge: Arc<EdgeSync>,
 }
 
 impl Agent {
@@ -186,6 +189,9 @@ impl Agent {
         let stats = Arc::new(metrics::AgentStats::default());
         let events = Arc::new(EventFeed::new(started_nanos));
         telemetry.register(Box::new(metrics::collector(&stats, &events)));
+        let edge_stats = Arc::new(flotilla_edge::metrics::EdgeStats::default());
+        telemetry.register(Box::new(flotilla_edge::metrics::sync_collector(&edge_stats)));
+        let edge = EdgeSync::new(store.clone(), config.edge, edge_stats);
         tracing::info!(
             node.id = %node_id,
             engine = %engine.server_version,
@@ -219,6 +225,7 @@ impl Agent {
             networks: Mutex::new(HashMap::new()),
             own_container,
             joined_networks: Mutex::new(HashSet::new()),
+            edge,
         }))
     }
 

@@ -12,6 +12,7 @@ pub const RECONCILE_FAILURES_TOTAL: &str = "flotilla_agent_reconcile_failures_to
 pub const RECONCILE_LAST_DURATION_SECONDS: &str = "flotilla_agent_reconcile_last_duration_seconds";
 pub const CONTAINERS_CREATED_TOTAL: &str = "flotilla_agent_containers_created_total";
 pub const CONTAINERS_REMOVED_TOTAL: &str = "flotilla_agent_containers_removed_total";
+pub const CONTAINERS_STOPPED_TOTAL: &str = "flotilla_agent_containers_stopped_total";
 pub const REPLICA_FAILURES_TOTAL: &str = "flotilla_agent_replica_failures_total";
 pub const HEARTBEATS_TOTAL: &str = "flotilla_agent_heartbeats_total";
 pub const ROLLOUTS_TOTAL: &str = "flotilla_agent_rollouts_total";
@@ -31,6 +32,7 @@ pub struct AgentStats {
     pub last_pass_micros: AtomicU64,
     pub containers_created: AtomicU64,
     pub containers_removed: AtomicU64,
+    pub containers_stopped: AtomicU64,
     pub replica_failures: AtomicU64,
     pub heartbeats: AtomicU64,
     pub heartbeat_failures: AtomicU64,
@@ -69,6 +71,11 @@ pub fn collector(stats: &Arc<AgentStats>, events: &Arc<EventFeed>) -> FnCollecto
             CONTAINERS_REMOVED_TOTAL,
             "Containers stopped and removed.",
             read(|s| &s.containers_removed),
+        ),
+        MetricSpec::counter(
+            CONTAINERS_STOPPED_TOTAL,
+            "Containers of stopped deployments stopped (and kept).",
+            read(|s| &s.containers_stopped),
         ),
         MetricSpec::counter(
             REPLICA_FAILURES_TOTAL,

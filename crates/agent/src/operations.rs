@@ -1,12 +1,16 @@
-//! The two long operations on a replica, run beside the passes (at most
-//! `max_parallel_starts` at a time) so a pass never waits for a container to
-//! become healthy:
+//! The long operations on a replica, run beside the passes so a pass never
+//! waits for a container to become healthy or for the edge:
 //! - **create**: a container for a replica that has none;
 //! - **rollout**: start-first replacement by a container of the current
 //!   generation. The new container must become healthy before the row (and
-//!   with it every route) switches to it; the old one keeps serving for the
-//!   drain period, then stops. A new container that never becomes healthy is
-//!   removed, the old one keeps running, and the row says why.
+//!   with it every route) switches to it; the old one stops once every edge
+//!   proxy has taken in the switch. A new container that never becomes
+//!   healthy is removed, the old one keeps running, and the row says why;
+//! - **retire**: stopping (or removing) a container that served, once every
+//!   edge proxy has taken in a route table without it.
+//!
+//! Creates and rollouts start at most `max_parallel_starts` containers at a
+//! time; retirements are not limited (they only wait and stop).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -29,6 +33,15 @@ use crate::{Agent, AgentError, probe};
 /// How often a starting container is probed.
 const STARTUP_PROBE_INTERVAL: Duration = Duration::from_millis(50);
 
+/// What a retirement does once the edge no longer sends the container requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retire {
+    /// Stop it and keep it (the deployment is stopped).
+    Stop,
+    /// Remove it and its replica row.
+    Remove { reason: RemoveReason },
+}
+
 /// A container started for a replica.
 struct Launched {
     container_id: String,
@@ -39,19 +52,32 @@ struct Launched {
 impl Agent {
     pub(crate) fn spawn_create(self: &Arc<Self>, assignment: Assignment, in_use: HashSet<u16>) {
         let replica = assignment.replica.id;
-        self.spawn_operation(replica, "create", move |agent| async move { agent.create(&assignment, &in_use).await });
+        self.spawn_operation(
+            replica,
+            "create",
+            true,
+            move |agent| async move { agent.create(&assignment, &in_use).await },
+        );
     }
 
     pub(crate) fn spawn_rollout(self: &Arc<Self>, assignment: Assignment, old: ManagedContainer, in_use: HashSet<u16>) {
         let replica = assignment.replica.id;
-        self.spawn_operation(replica, "rollout", move |agent| async move {
+        self.spawn_operation(replica, "rollout", true, move |agent| async move {
             agent.rollout(&assignment, &old, &in_use).await
         });
     }
 
+    pub(crate) fn spawn_retire(self: &Arc<Self>, assignment: Assignment, container: ManagedContainer, how: Retire) {
+        let replica = assignment.replica.id;
+        self.spawn_operation(replica, "retire", false, move |agent| async move {
+            agent.retire(&assignment, &container, how).await
+        });
+    }
+
     /// Runs `operation` for `replica` unless one is under way already; when
-    /// it ends, a pass looks at the result.
-    fn spawn_operation<F, Fut>(self: &Arc<Self>, replica: ReplicaId, kind: &'static str, operation: F)
+    /// it ends, a pass looks at the result. `starts` operations wait for one
+    /// of the `max_parallel_starts` permits.
+    fn spawn_operation<F, Fut>(self: &Arc<Self>, replica: ReplicaId, kind: &'static str, starts: bool, operation: F)
     where
         F: FnOnce(Arc<Agent>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
@@ -67,7 +93,10 @@ impl Agent {
                 let result = tokio::select! {
                     () = cancel.cancelled() => None,
                     result = async {
-                        let _permit = agent.start_permits.acquire().await;
+                        let _permit = match starts {
+                            true => agent.start_permits.acquire().await.ok(),
+                            false => None,
+                        };
                         operation(agent.clone()).await
                     } => Some(result),
                 };
@@ -144,11 +173,38 @@ impl Agent {
         tracing::info!(
             container.id = %launched.container_id,
             port = launched.port,
-            drain = ?self.config.rollout_drain,
-            "traffic moved to the new container; the old one drains"
+            "traffic moves to the new container; the old one stops once the edge has taken that in"
         );
-        tokio::time::sleep(self.config.rollout_drain).await;
+        let edge = self.edge.unrouted().await?;
+        tracing::info!(?edge, container.id = %old.id, "the edge sends the old container nothing more");
         self.remove(&old.id, RemoveReason::Duplicate).await?;
+        Ok(())
+    }
+
+    /// Stops (`Retire::Stop`) or removes a container that served, once every
+    /// edge proxy holds a route table without it.
+    async fn retire(
+        &self,
+        assignment: &Assignment,
+        container: &ManagedContainer,
+        how: Retire,
+    ) -> Result<(), AgentError> {
+        let edge = self.edge.unrouted().await?;
+        tracing::info!(?edge, container.id = %container.id, ?how, "the edge sends the container nothing more");
+        match how {
+            Retire::Stop => {
+                self.docker.stop_container(&container.id, self.config.stop_grace).await?;
+                self.stats.containers_stopped.fetch_add(1, Ordering::Relaxed);
+                let stopped = ManagedContainer { state: RunState::Exited, ..container.clone() };
+                self.record(assignment, &stopped, ReplicaState::Stopped, Some("stopped on request".to_owned())).await?;
+            }
+            Retire::Remove { reason } => {
+                self.remove(&container.id, reason).await?;
+                if self.store.delete_replica(&self.node_id, assignment.replica.id).await? {
+                    self.wake.wake(flotilla_redis::ORCHESTRATOR_TOPIC).await;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -308,14 +364,14 @@ impl Agent {
         }
     }
 
-    /// The container for `assignment`: its image, limits, the port, the
-    /// orchestrator's labels (routing) and the labels that make it ours.
+    /// The container for `assignment`: its image, limits, the port and the
+    /// labels that make it ours.
     fn container_spec(&self, assignment: &Assignment, host_port: u16, network: &str) -> ContainerSpec {
         let replica = &assignment.replica;
         let deployment = &assignment.deployment;
         let spec = &deployment.spec;
-        let mut container_labels: HashMap<String, String> = assignment.labels.clone().into_iter().collect();
-        container_labels.extend(self.config.extra_container_labels.clone());
+        let mut container_labels: HashMap<String, String> =
+            self.config.extra_container_labels.clone().into_iter().collect();
         for (key, value) in [
             (labels::MANAGED, "true".to_owned()),
             (labels::NODE_ID, self.node_id.to_string()),

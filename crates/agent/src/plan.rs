@@ -48,10 +48,18 @@ pub enum RemoveReason {
     Duplicate,
     /// Dead: cannot be started again, only replaced.
     Dead,
-    /// Moved to another node (drain); its stop time has come.
+    /// Moved to another node (drain): its replacement serves.
     Moved,
     /// Its replica was placed on another node while this one was down.
     Superseded,
+}
+
+impl RemoveReason {
+    /// Whether the container may still be in an edge proxy's route table:
+    /// its removal first waits for the proxies to take in a table without it.
+    pub fn was_routed(self) -> bool {
+        matches!(self, Self::Deleted | Self::ScaledDown | Self::Moved)
+    }
 }
 
 /// What one pass looks at.
@@ -169,7 +177,7 @@ fn plan_replica(
         DesiredState::Deleted => Some(RemoveReason::Deleted),
         _ if replica.replica_index >= deployment.spec.replicas as i32 => Some(RemoveReason::ScaledDown),
         // Moved off this node (drain): its replacement serves elsewhere.
-        _ if replica.retire_due || (replica.retiring && current.is_none()) => Some(RemoveReason::Moved),
+        _ if replica.retiring => Some(RemoveReason::Moved),
         _ => None,
     };
     if let Some(reason) = gone {
@@ -253,7 +261,6 @@ mod tests {
     use flotilla_types::{
         DeploymentId, DeploymentSpec, DeploymentSpecInput, NodeId, OrganizationId, ProjectId, labels,
     };
-    use std::collections::BTreeMap;
 
     fn assignment(status: ReplicaState, container: Option<&str>, port: Option<u16>) -> Assignment {
         let spec = DeploymentSpec::validate(DeploymentSpecInput {
@@ -286,7 +293,7 @@ mod tests {
                 placement_reason: None,
                 moving: false,
                 retiring: false,
-                retire_due: false,
+                node_ready: true,
                 updated_at: Utc::now(),
             },
             deployment: DeploymentRecord {
@@ -300,7 +307,6 @@ mod tests {
                 created_at: Utc::now(),
                 updated_at: Utc::now(),
             },
-            labels: BTreeMap::new(),
         }
     }
 

@@ -1,6 +1,6 @@
 //! One reconciliation pass: list, diff, act.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,6 +16,7 @@ use flotilla_types::{DeploymentId, DesiredState, HealthCheckKind, NetworkMode, R
 use futures::StreamExt;
 use serde::Serialize;
 
+use crate::operations::Retire;
 use crate::plan::{self, Action, PlanInput, RemoveReason};
 use crate::probe::ProbeTarget;
 use crate::{Agent, AgentError, SHARED_NETWORK};
@@ -31,8 +32,10 @@ pub struct PassReport {
     pub events: usize,
     pub creates_started: usize,
     pub rollouts_started: usize,
+    /// Containers that served, to be stopped or removed once the edge
+    /// proxies no longer send them requests.
+    pub retirements_started: usize,
     pub started: usize,
-    pub stopped: usize,
     pub recorded: usize,
     pub removed: usize,
     pub rows_deleted: usize,
@@ -51,8 +54,8 @@ impl PassReport {
     pub fn changed_anything(&self) -> bool {
         self.creates_started
             + self.rollouts_started
+            + self.retirements_started
             + self.started
-            + self.stopped
             + self.recorded
             + self.removed
             + self.rows_deleted
@@ -67,8 +70,8 @@ impl PassReport {
 pub(crate) enum Outcome {
     CreateStarted,
     RolloutStarted,
+    RetirementStarted,
     Started,
-    Stopped,
     Recorded,
     Removed { orphan: bool, row_deleted: bool },
     RowDeleted,
@@ -158,8 +161,8 @@ impl Agent {
             match outcome {
                 Ok(Outcome::CreateStarted) => report.creates_started += 1,
                 Ok(Outcome::RolloutStarted) => report.rollouts_started += 1,
+                Ok(Outcome::RetirementStarted) => report.retirements_started += 1,
                 Ok(Outcome::Started) => report.started += 1,
-                Ok(Outcome::Stopped) => report.stopped += 1,
                 Ok(Outcome::Recorded) => report.recorded += 1,
                 Ok(Outcome::Removed { orphan, row_deleted }) => {
                     report.removed += 1;
@@ -181,7 +184,7 @@ impl Agent {
             self.remove_unused_networks(&assignments).await;
         }
         if report.rows_deleted > 0 || report.adopted > 0 {
-            // Deleted deployments may now be final; adopted rows need labels.
+            // Deleted deployments may now be final; adopted rows need preparing.
             self.wake.wake(ORCHESTRATOR_TOPIC).await;
         }
         if let Some(error) = first_error {
@@ -191,8 +194,8 @@ impl Agent {
             tracing::info!(
                 creates = report.creates_started,
                 rollouts = report.rollouts_started,
+                retirements = report.retirements_started,
                 started = report.started,
-                stopped = report.stopped,
                 recorded = report.recorded,
                 removed = report.removed,
                 rows_deleted = report.rows_deleted,
@@ -262,10 +265,8 @@ impl Agent {
                 else {
                     return Ok(Outcome::Skipped);
                 };
-                self.docker.stop_container(&container.id, self.config.stop_grace).await?;
-                self.record(assignment, container, ReplicaState::Stopped, Some("stopped on request".to_owned()))
-                    .await?;
-                Ok(Outcome::Stopped)
+                self.spawn_retire((*assignment).clone(), (*container).clone(), Retire::Stop);
+                Ok(Outcome::RetirementStarted)
             }
             Action::Record { replica, container_id } => {
                 let (Some(assignment), Some(container)) =
@@ -286,6 +287,17 @@ impl Agent {
                 };
                 self.record(assignment, container, status, message).await?;
                 Ok(Outcome::Recorded)
+            }
+            Action::Remove { container_id, replica: Some(replica), delete_row: true, reason }
+                if reason.was_routed() =>
+            {
+                let (Some(assignment), Some(container)) =
+                    (cx.by_replica.get(&replica), cx.by_container.get(container_id.as_str()))
+                else {
+                    return Ok(Outcome::Skipped);
+                };
+                self.spawn_retire((*assignment).clone(), (*container).clone(), Retire::Remove { reason });
+                Ok(Outcome::RetirementStarted)
             }
             Action::Remove { container_id, replica, delete_row, reason } => {
                 self.remove(&container_id, reason).await?;
@@ -339,12 +351,6 @@ impl Agent {
                     container_name: container.name.clone(),
                     port: container.host_ports.first().copied(),
                     running: container.state.is_running(),
-                    labels: container
-                        .labels
-                        .iter()
-                        .filter(|(k, _)| !k.starts_with("flotilla.") || k.as_str() == labels::ROUTED)
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect::<BTreeMap<_, _>>(),
                 };
                 match self.store.adopt_replica(&self.node_id, &adoption).await? {
                     AdoptOutcome::Adopted => {

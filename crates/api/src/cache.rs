@@ -1,7 +1,7 @@
 //! Hot reads: GetDeployment's answers, kept in this process and dropped as
 //! soon as PostgreSQL announces a change of the deployment (NOTIFY from the
 //! writing transaction itself, so no writer can forget to invalidate; see
-//! `Store::announce_deployment_changes`). When listening restarts, changes
+//! `Store::announce_changes`). When listening restarts, changes
 //! may have been missed and everything is dropped. Entries also expire after
 //! [`VIEW_TTL`], a bound on staleness should a notice ever be lost anyway.
 //!
@@ -143,6 +143,7 @@ impl ViewCache {
             };
             match change {
                 Ok(Change::Deployment(id)) => self.invalidate(id),
+                Ok(Change::Routes) => {}
                 Ok(Change::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => self.clear(),
                 Err(broadcast::error::RecvError::Closed) => return,
             }

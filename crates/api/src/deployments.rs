@@ -11,7 +11,9 @@ use flotilla_redis::{ORCHESTRATOR_TOPIC, agent_topic};
 use flotilla_store::DeploymentView;
 use flotilla_store::changes::Change;
 use flotilla_store::tenant::{CreatedOnce, MAX_PAGE_SIZE};
-use flotilla_types::{DeploymentId, DeploymentSpec, DesiredState, EnvVar, FieldError, NodeId, ProjectId};
+use flotilla_types::{
+    DeploymentId, DeploymentSpec, DesiredState, EnvVar, FieldError, Hostname, NodeId, PathPrefix, ProjectId,
+};
 
 use crate::auth::Caller;
 use crate::convert::{self, parse_id, parse_optional_id};
@@ -253,24 +255,49 @@ pub async fn get_routings(
     api.observe("GetRoutings", async {
         let d = live_deployment(&api, &caller, parse_id("id", &request.id)?).await?.deployment;
         let rows = api.store.tenant(caller.organization_id).routings(d.id).await?;
+        let proxies = match rows.is_empty() {
+            true => 0,
+            false => {
+                api.store.live_edge_proxies(flotilla_edge::EdgeSyncConfig::default().proxy_gone_after).await?.len()
+            }
+        };
         Ok(pb::GetRoutingsResponse {
             domain: d.spec.domain.as_ref().map(ToString::to_string).unwrap_or_default(),
             path_prefix: d.spec.path_prefix.to_string(),
-            routings: rows
-                .into_iter()
-                .map(|r| pb::Routing {
-                    domain: r.domain,
-                    path_prefix: r.path_prefix,
-                    target_port: u32::try_from(r.target_port).unwrap_or_default(),
-                    protocol: r.protocol,
-                    tls_enabled: r.tls_enabled,
-                    router_name: r.router_name,
-                })
-                .collect(),
+            routings: rows.into_iter().map(|r| routing(&api, d.id, r, proxies)).collect(),
             generation: d.generation,
         })
     })
     .await
+}
+
+/// A routing row as users see it: served or why not.
+fn routing(api: &ApiState, id: DeploymentId, r: flotilla_store::routes::RoutingRecord, proxies: usize) -> pb::Routing {
+    let router_name = match (Hostname::parse("domain", &r.domain), PathPrefix::parse("path_prefix", &r.path_prefix)) {
+        (Ok(domain), Ok(path_prefix)) => flotilla_edge::Route { deployment_id: id, domain, path_prefix }.router_name(),
+        _ => String::new(),
+    };
+    let not_served_reason = if !r.domain_verified && api.domains.needs_proof_of(&r.domain) {
+        format!("{} is not proven yet: publish its TXT record (flo domains <app> --verify)", r.domain)
+    } else if r.serving_replicas == 0 {
+        "no replica serves yet: the edge answers 503".to_owned()
+    } else if proxies == 0 {
+        "no edge proxy (Traefik) takes the route table: nothing answers for this domain".to_owned()
+    } else {
+        String::new()
+    };
+    pb::Routing {
+        served: not_served_reason.is_empty(),
+        not_served_reason,
+        serving_replicas: u32::try_from(r.serving_replicas).unwrap_or_default(),
+        edge_proxies: u32::try_from(proxies).unwrap_or_default(),
+        domain: r.domain,
+        path_prefix: r.path_prefix,
+        target_port: u32::try_from(r.container_port).unwrap_or_default(),
+        protocol: "http".to_owned(),
+        tls_enabled: r.tls_enabled,
+        router_name,
+    }
 }
 
 pub async fn update_routings(
@@ -331,6 +358,7 @@ pub async fn stream_deployment_status(
                         () = tokio::time::sleep_until(deadline) => return None,
                         change = changes.recv() => match change {
                             Ok(Change::Deployment(changed)) if changed != id => continue,
+                            Ok(Change::Routes) => continue,
                             // Ours, or some lost: read.
                             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => {

@@ -42,7 +42,12 @@ impl std::fmt::Debug for DomainAccess {
 
 impl DomainAccess {
     fn needs_proof(&self, domain: &Hostname) -> bool {
-        !is_platform_domain(&self.platform_domains, domain.as_str())
+        self.needs_proof_of(domain.as_str())
+    }
+
+    /// Whether `domain` is routed only once its deployment proves it.
+    pub fn needs_proof_of(&self, domain: &str) -> bool {
+        !is_platform_domain(&self.platform_domains, domain)
     }
 }
 

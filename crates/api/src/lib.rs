@@ -76,7 +76,7 @@ pub struct ApiState {
     /// Fires at shutdown: live streams end.
     pub shutdown: CancellationToken,
     /// Ids of deployments that changed, fed by
-    /// [`Store::announce_deployment_changes`] (status streams wait on it).
+    /// [`Store::announce_changes`] (status streams wait on it).
     pub changes: tokio::sync::broadcast::Sender<flotilla_store::changes::Change>,
     /// GetDeployment's answers, dropped on change.
     pub views: Arc<cache::ViewCache>,
@@ -116,6 +116,13 @@ impl ApiState {
         telemetry.register(Box::new(metrics::view_cache_collector(&views)));
         let internal = logs::InternalClient::new(None);
         Self { store, wake, auth: Arc::new(auth), limits, stats, metrics, shutdown, changes, views, internal, domains }
+    }
+
+    /// Takes PostgreSQL's change notices from `changes` (shared with the
+    /// process's other parts) instead of a channel of its own.
+    pub fn with_changes(mut self, changes: tokio::sync::broadcast::Sender<flotilla_store::changes::Change>) -> Self {
+        self.changes = changes;
+        self
     }
 
     /// The token agents expect on their internal endpoints.
@@ -203,7 +210,7 @@ impl ApiState {
 /// runs the orchestrator) and the telemetry endpoints.
 pub fn service(
     state: ApiState,
-    telemetry: &Telemetry,
+    telemetry: Telemetry,
     extra: axum::Router,
 ) -> impl tower::Service<
     axum::http::Request<axum::body::Body>,

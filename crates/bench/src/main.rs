@@ -13,7 +13,7 @@ mod metrics;
 mod placement;
 mod stats;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -508,7 +508,7 @@ fn synthetic(size: usize) -> (Vec<Assignment>, Vec<ManagedContainer>) {
                 placement_reason: None,
                 moving: false,
                 retiring: false,
-                retire_due: false,
+                node_ready: true,
                 updated_at: now,
             },
             deployment: DeploymentRecord {
@@ -522,7 +522,6 @@ fn synthetic(size: usize) -> (Vec<Assignment>, Vec<ManagedContainer>) {
                 created_at: now,
                 updated_at: now,
             },
-            labels: BTreeMap::new(),
         });
         containers.push(ManagedContainer {
             id: container_id,

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flotilla_agent::AgentConfig;
+use flotilla_edge::{EdgeSettings, EdgeSyncConfig, ServeConfig, Tls};
 use flotilla_metrics::{BreakerConfig, MetricsConfig, SourceChoice};
 use flotilla_orchestrator::OrchestratorConfig;
 use flotilla_store::metrics::Retention;
-use flotilla_types::routing::{EdgeSettings, Tls};
 use flotilla_types::{NodeId, PlacementStrategy};
 
 #[derive(Debug, Parser)]
@@ -401,10 +401,21 @@ pub struct AgentArgs {
     #[arg(long, env = "FLOTILLA_ORPHAN_GRACE", default_value = "60s", value_parser = parse_duration)]
     pub orphan_grace: Duration,
 
-    /// In a rolling update, how long an old container keeps serving after
-    /// traffic moved to its replacement.
-    #[arg(long, env = "FLOTILLA_ROLLOUT_DRAIN", default_value = "5s", value_parser = parse_duration)]
-    pub rollout_drain: Duration,
+    /// Before stopping a container that served (stop, delete, scale-down,
+    /// drain, a rolling update's old container), wait at most this long for
+    /// every edge proxy to take in a route table without it.
+    #[arg(long, env = "FLOTILLA_EDGE_SYNC_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub edge_sync_timeout: Duration,
+
+    /// Once every edge proxy holds that table: time for it to switch over
+    /// and for requests it already sent to be answered, before SIGTERM.
+    #[arg(long, env = "FLOTILLA_EDGE_SETTLE", default_value = "250ms", value_parser = parse_duration)]
+    pub edge_settle: Duration,
+
+    /// An edge proxy not heard from for this long is taken for gone (it
+    /// holds up no stop). Longer than the proxies' poll wait.
+    #[arg(long, env = "FLOTILLA_EDGE_PROXY_GONE_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub edge_proxy_gone_after: Duration,
 
     /// A replica that failed to start is tried again after this long.
     #[arg(long, env = "FLOTILLA_FAILED_RETRY_AFTER", default_value = "10s", value_parser = parse_duration)]
@@ -454,9 +465,14 @@ pub struct OrchestratorArgs {
     #[arg(long, env = "FLOTILLA_LEADER_LEASE", default_value = "6s", value_parser = parse_duration)]
     pub leader_lease: Duration,
 
-    /// A drained replica leaves the route table this long before it is stopped.
-    #[arg(long, env = "FLOTILLA_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
-    pub drain_delay: Duration,
+    /// The longest a route table poll is held waiting for a change (the
+    /// proxy asks with `?wait=N`; see traefik/traefik.toml).
+    #[arg(long, env = "FLOTILLA_ROUTE_TABLE_MAX_WAIT", default_value = "5s", value_parser = parse_duration)]
+    pub route_table_max_wait: Duration,
+
+    /// The route table is rendered again at least this often, changes or not.
+    #[arg(long, env = "FLOTILLA_ROUTE_TABLE_REFRESH", default_value = "30s", value_parser = parse_duration)]
+    pub route_table_refresh: Duration,
 
     /// A placement round runs at least this often.
     #[arg(long, env = "FLOTILLA_PLACEMENT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -473,10 +489,6 @@ pub struct OrchestratorArgs {
     /// TLS for routes: `off`, `stored`, or `resolver:<name>` (an ACME resolver).
     #[arg(long, env = "FLOTILLA_EDGE_TLS", default_value = "off", value_parser = parse_tls)]
     pub edge_tls: Tls,
-
-    /// Docker network Traefik reaches apps on (label routing).
-    #[arg(long, env = "FLOTILLA_EDGE_NETWORK")]
-    pub edge_network: Option<String>,
 }
 
 impl DaemonConfig {
@@ -531,7 +543,12 @@ impl DaemonConfig {
             reconcile_interval: a.reconcile_interval,
             events: !a.no_docker_events,
             orphan_grace: a.orphan_grace,
-            rollout_drain: a.rollout_drain,
+            edge: EdgeSyncConfig {
+                timeout: a.edge_sync_timeout,
+                settle: a.edge_settle,
+                proxy_gone_after: a.edge_proxy_gone_after,
+                ..EdgeSyncConfig::default()
+            },
             failed_retry_after: a.failed_retry_after,
             pull_timeout: a.pull_timeout,
             max_parallel_starts: a.max_parallel_starts,
@@ -583,16 +600,23 @@ impl DaemonConfig {
             interval: o.placement_interval,
             default_strategy: o.placement_strategy,
             lease_ttl: o.leader_lease,
-            drain_delay: o.drain_delay,
-            edge: EdgeSettings {
-                http_entrypoint: o.edge_http_entrypoint.clone(),
-                https_entrypoint: o.edge_https_entrypoint.clone(),
-                tls: o.edge_tls.clone(),
-                network: o.edge_network.clone(),
-                platform_domains: self.domains.platform_domains.clone(),
-            },
+            edge: self.edge_settings(),
             ..OrchestratorConfig::default()
         }
+    }
+
+    pub fn edge_settings(&self) -> EdgeSettings {
+        let o = &self.orchestrator;
+        EdgeSettings {
+            http_entrypoint: o.edge_http_entrypoint.clone(),
+            https_entrypoint: o.edge_https_entrypoint.clone(),
+            tls: o.edge_tls.clone(),
+            platform_domains: self.domains.platform_domains.clone(),
+        }
+    }
+
+    pub fn route_table_serving(&self) -> ServeConfig {
+        ServeConfig { max_wait: self.orchestrator.route_table_max_wait, refresh: self.orchestrator.route_table_refresh }
     }
 }
 

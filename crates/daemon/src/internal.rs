@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flotilla_agent::Agent;
 use flotilla_docker::{LogOptions, LogSource};
+use flotilla_telemetry::internal_token::bearer_matches;
 use flotilla_types::ReplicaId;
 use futures::StreamExt as _;
 use serde::Deserialize;
@@ -32,18 +33,6 @@ pub fn router(agent: Arc<Agent>, token: Arc<str>) -> axum::Router {
     axum::Router::new()
         .route("/internal/v1/replicas/{replica}/logs", axum::routing::get(replica_logs))
         .with_state(Internal { agent, token })
-}
-
-/// Whether the request carries `Authorization: Bearer <token>`.
-pub(crate) fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    given.is_some_and(|given| same_token(given.as_bytes(), token.as_bytes()))
-}
-
-/// Compares without stopping at the first difference.
-fn same_token(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 async fn replica_logs(

@@ -3,7 +3,6 @@
 //! [`Daemon::start`]; the binary adds flags, logging and signals.
 
 pub mod config;
-pub mod edge;
 pub mod health;
 mod internal;
 
@@ -87,6 +86,8 @@ pub struct DaemonSettings {
     pub domains: DomainSettings,
     /// Certificates Flotilla orders itself (off when `None`).
     pub certificates: Option<CertificateSettings>,
+    /// How the orchestrator role serves the route table.
+    pub route_table: flotilla_edge::ServeConfig,
 }
 
 /// How custom domains are proven.
@@ -182,6 +183,7 @@ impl DaemonSettings {
             internal_token: config.internal_token.clone(),
             domains: config.domain_settings(),
             certificates: config.certificate_settings(),
+            route_table: config.route_table_serving(),
         }
     }
 }
@@ -228,6 +230,13 @@ impl Daemon {
         let tracker = TaskTracker::new();
         let roles = settings.roles;
         let mut topics = Vec::new();
+        // PostgreSQL's change notices: status streams and the view cache
+        // (API), the route table (orchestrator). One listening connection.
+        let (changes, _) = tokio::sync::broadcast::channel(4096);
+        if roles.api || roles.orchestrator {
+            let (store, changes, stop) = (store.clone(), changes.clone(), cancel.clone());
+            tracker.spawn(async move { store.announce_changes(changes, stop).await });
+        }
 
         let wants_metrics_store =
             roles.api || roles.orchestrator || (roles.agent && settings.metrics.pipeline.is_some());
@@ -330,6 +339,7 @@ impl Daemon {
             };
             Some(
                 ApiState::new(store.clone(), wake.clone(), auth, metrics, cancel.clone(), &telemetry, domains)
+                    .with_changes(changes.clone())
                     .with_rate_limits(limits, &telemetry)
                     .with_internal_token(internal_token.clone()),
             )
@@ -383,12 +393,18 @@ impl Daemon {
         };
         let shutdown = cancel.clone().cancelled_owned();
         let mut extra = match roles.orchestrator {
-            true => edge::router(
-                store.clone(),
-                settings.orchestrator.edge.clone(),
-                certificates.as_ref().map(|m| m.sealer()),
-                internal_token.clone(),
-            ),
+            true => flotilla_edge::start(flotilla_edge::EdgeStart {
+                store: store.clone(),
+                settings: settings.orchestrator.edge.clone(),
+                serve: settings.route_table,
+                sealer: certificates.as_ref().map(|m| m.sealer()),
+                internal_token: internal_token.clone(),
+                changes: &changes,
+                telemetry: &telemetry,
+                tracker: &tracker,
+                cancel: cancel.clone(),
+            })
+            .merge(flotilla_acme::challenge::router(store.clone())),
             false => axum::Router::new(),
         };
         if let (true, AuthSettings::Oidc { settings: oidc, .. }) = (roles.api, &settings.auth) {
@@ -405,24 +421,10 @@ impl Daemon {
             Some(state) => {
                 let (views, changes_for_cache) = (state.views.clone(), state.changes.subscribe());
                 tracker.spawn(views.follow(changes_for_cache, cancel.clone()));
-                let (store, changes, stop) = (store.clone(), state.changes.clone(), cancel.clone());
-                tracker.spawn(async move { store.announce_deployment_changes(changes, stop).await });
-                let service = flotilla_api::service(state, &telemetry, extra);
-                tracker.spawn(async move {
-                    let make = tower::make::Shared::new(service);
-                    if let Err(error) = axum::serve(listener, make).with_graceful_shutdown(shutdown).await {
-                        tracing::error!(%error, "HTTP server stopped");
-                    }
-                });
+                let service = flotilla_api::service(state, telemetry.clone(), extra);
+                serve(listener, axum::Router::new().fallback_service(service), shutdown, &tracker);
             }
-            None => {
-                let router = telemetry.router::<()>().merge(extra);
-                tracker.spawn(async move {
-                    if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
-                        tracing::error!(%error, "HTTP server stopped");
-                    }
-                });
-            }
+            None => serve(listener, telemetry.router::<()>().merge(extra), shutdown, &tracker),
         }
         tracker.close();
         tracing::info!(%local_addr, api = roles.api, orchestrator = roles.orchestrator, agent = roles.agent, "flotillad started");
@@ -469,6 +471,23 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
+}
+
+/// Serves `router` on `listener` until `shutdown`, with each connection's
+/// peer address known to handlers (the route table tells edge proxies
+/// apart by it).
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tracker: &TaskTracker,
+) {
+    tracker.spawn(async move {
+        let make = router.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(error) = axum::serve(listener, make).with_graceful_shutdown(shutdown).await {
+            tracing::error!(%error, "HTTP server stopped");
+        }
+    });
 }
 
 /// Applies migrations, retrying while the database is unreachable.

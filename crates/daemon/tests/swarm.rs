@@ -168,6 +168,7 @@ async fn the_node_agent_runs_as_a_swarm_global_service() {
         internal_token: None,
         domains: Default::default(),
         certificates: None,
+        route_table: Default::default(),
     };
     settings.orchestrator.interval = Duration::from_secs(1);
     let daemon = Daemon::start(settings, CancellationToken::new()).await.expect("API and orchestrator");

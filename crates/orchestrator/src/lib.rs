@@ -12,22 +12,21 @@
 //! wake-up and on a timer.
 
 pub mod metrics;
-pub mod route_table;
 pub mod select;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use flotilla_edge::EdgeSettings;
 use flotilla_redis::{ORCHESTRATOR_TOPIC, WakeBus, agent_topic};
 use flotilla_runtime::{Next, PeriodicTask, run_periodically};
-use flotilla_store::placement::{Lease, NewReplica, PlacementNeed, PlacementOutcome, PlacementPlan, RouteRecord};
+use flotilla_store::placement::{Lease, NewReplica, PlacementNeed, PlacementOutcome, PlacementPlan};
+use flotilla_store::routes::RouteRecord;
 use flotilla_store::{Store, StoreError};
 use flotilla_telemetry::Telemetry;
-use flotilla_types::domains::is_platform_domain;
-use flotilla_types::routing::{EdgeSettings, Route, Tls};
 use flotilla_types::{NodeId, PlacementStrategy, ReplicaId};
 use serde_json::json;
 use tokio::sync::watch;
@@ -57,9 +56,6 @@ pub struct OrchestratorConfig {
     pub holder: String,
     /// A leader not renewing its lease for this long is replaced.
     pub lease_ttl: Duration,
-    /// A drained replica leaves the route table this long before its
-    /// container is stopped, so requests under way finish.
-    pub drain_delay: Duration,
 }
 
 impl Default for OrchestratorConfig {
@@ -72,7 +68,6 @@ impl Default for OrchestratorConfig {
             default_strategy: PlacementStrategy::LeastLoaded,
             holder: format!("orchestrator-{}", uuid_like()),
             lease_ttl: Duration::from_secs(6),
-            drain_delay: Duration::from_secs(5),
         }
     }
 }
@@ -282,7 +277,7 @@ impl Orchestrator {
     async fn round(&self, lease: &Lease) -> Result<RoundReport, StoreError> {
         let mut report = RoundReport::default();
         self.watch_nodes(lease, &mut report).await?;
-        let drains = self.store.advance_drains(lease, self.config.drain_delay).await?;
+        let drains = self.store.advance_drains(lease).await?;
         report.drain_moving = drains.moving;
         report.drain_retired = drains.retiring.len();
         report.drain_in_flight = drains.in_flight;
@@ -293,11 +288,8 @@ impl Orchestrator {
         self.place(lease, &mut report).await?;
         for need in self.store.generations_to_prepare(self.config.batch_size).await? {
             let route = need.domain.clone().map(|domain| self.route_record(&need, domain));
-            let labels = self.labels_for(&need);
-            if let PlacementOutcome::Prepared(nodes) = self
-                .store
-                .prepare_generation(lease, need.deployment_id, need.generation, &labels, route.as_ref())
-                .await?
+            if let PlacementOutcome::Prepared(nodes) =
+                self.store.prepare_generation(lease, need.deployment_id, need.generation, route.as_ref()).await?
             {
                 report.generations_prepared += 1;
                 tracing::info!(deployment.id = %need.deployment_id, generation = need.generation, "generation prepared");
@@ -390,7 +382,6 @@ impl Orchestrator {
         let mut avoid: Vec<NodeId> = need.nodes.clone();
         let mut replicas = Vec::new();
         let mut unplaced = None;
-        let labels = self.labels_for(need);
         for index in (0..need.replicas as i32).filter(|i| !need.placed.contains(i)) {
             let request = Request {
                 strategy,
@@ -409,7 +400,6 @@ impl Orchestrator {
                         replica_index: index,
                         node_id: node.node_id.clone(),
                         address: node.address.clone(),
-                        labels: labels.clone(),
                         reason: choice.reason,
                     });
                 }
@@ -431,32 +421,14 @@ impl Orchestrator {
         }
     }
 
-    fn route_for(need: &PlacementNeed, domain: flotilla_types::Hostname) -> Route {
-        Route {
+    fn route_record(&self, need: &PlacementNeed, domain: flotilla_types::Hostname) -> RouteRecord {
+        let (tls_enabled, cert_resolver) = self.config.edge.route_tls();
+        RouteRecord {
             deployment_id: need.deployment_id,
             domain,
             path_prefix: need.path_prefix.clone(),
-            target_port: need.container_port,
+            tls_enabled,
+            cert_resolver,
         }
-    }
-
-    fn route_record(&self, need: &PlacementNeed, domain: flotilla_types::Hostname) -> RouteRecord {
-        let (tls_enabled, cert_resolver) = match &self.config.edge.tls {
-            Tls::Off => (false, None),
-            Tls::Resolver(resolver) => (true, Some(resolver.clone())),
-            Tls::Stored => (true, None),
-        };
-        RouteRecord { route: Self::route_for(need, domain), tls_enabled, cert_resolver }
-    }
-
-    /// Container labels the orchestrator chooses: Traefik's, when routed.
-    fn labels_for(&self, need: &PlacementNeed) -> BTreeMap<String, String> {
-        // Labels cannot wait for a domain to be proven: only the platform's
-        // own domains get them; custom ones go through the route table.
-        need.domain
-            .clone()
-            .filter(|domain| is_platform_domain(&self.config.edge.platform_domains, domain.as_str()))
-            .map(|domain| Self::route_for(need, domain).traefik_labels(&self.config.edge))
-            .unwrap_or_default()
     }
 }

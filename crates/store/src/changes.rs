@@ -1,6 +1,7 @@
-//! Deployment changes as PostgreSQL announces them (NOTIFY from triggers on
-//! `deployments` and `deployment_locations`): one listening connection per
-//! process, fanned out to whoever watches.
+//! Changes as PostgreSQL announces them (NOTIFY from triggers): of each
+//! deployment (on `deployments` and `deployment_locations`), and of anything
+//! the route table reads. One listening connection per process, fanned out
+//! to whoever watches.
 
 use std::time::Duration;
 
@@ -19,17 +20,19 @@ pub const CHANNEL: &str = "flotilla_deployment_changed";
 pub enum Change {
     /// This deployment (or one of its replicas) changed.
     Deployment(DeploymentId),
+    /// Something the route table reads changed.
+    Routes,
     /// Listening (re)started: changes since the last notice may have been
     /// missed, so anything may have changed.
     Resync,
 }
 
 impl Store {
-    /// Listens until `cancel`, sending each changed deployment's id to
-    /// `changes`. A lost connection is re-established (with a pause); what
-    /// changed meanwhile is not announced, so each (re)start of listening
-    /// sends [`Change::Resync`].
-    pub async fn announce_deployment_changes(&self, changes: broadcast::Sender<Change>, cancel: CancellationToken) {
+    /// Listens until `cancel`, sending each change to `changes`. A lost
+    /// connection is re-established (with a pause); what changed meanwhile
+    /// is not announced, so each (re)start of listening sends
+    /// [`Change::Resync`].
+    pub async fn announce_changes(&self, changes: broadcast::Sender<Change>, cancel: CancellationToken) {
         while !cancel.is_cancelled() {
             let mut listener = match PgListener::connect_with(&self.pool).await {
                 Ok(listener) => listener,
@@ -41,7 +44,7 @@ impl Store {
                     }
                 }
             };
-            if let Err(error) = listener.listen(CHANNEL).await {
+            if let Err(error) = listener.listen_all([CHANNEL, crate::routes::CHANNEL]).await {
                 tracing::warn!(%error, "LISTEN failed; retrying in 2 s");
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 continue;
@@ -53,9 +56,12 @@ impl Store {
                     notification = listener.try_recv() => notification,
                 };
                 match notification {
+                    // No receivers is fine: nobody watches now.
+                    Ok(Some(notification)) if notification.channel() == crate::routes::CHANNEL => {
+                        let _ = changes.send(Change::Routes);
+                    }
                     Ok(Some(notification)) => {
                         if let Ok(id) = notification.payload().parse::<DeploymentId>() {
-                            // No receivers is fine: nobody watches now.
                             let _ = changes.send(Change::Deployment(id));
                         }
                     }

@@ -18,6 +18,7 @@ pub mod organizations;
 pub mod placement;
 pub mod replicas;
 pub mod routes;
+pub mod serving;
 pub mod tenant;
 pub mod users;
 

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use flotilla_types::serving::{ServingFacts, is_serving};
 use flotilla_types::status::{Health, ReplicaGeneration, ReplicaView, Rollout, derive_rollout, derive_status};
 use flotilla_types::{
     Constraints, DeploymentId, DeploymentSpec, DeploymentStatus, DesiredState, EnvVar, HealthCheck, Hostname,
@@ -36,7 +37,7 @@ pub struct ReplicaRecord {
     pub replica_index: i32,
     /// The generation the replica's container was made from.
     pub generation: i64,
-    /// The generation the orchestrator prepared it for (labels, route).
+    /// The generation the orchestrator prepared it for (its route).
     pub target_generation: i64,
     /// A generation the replica could not be updated to (rolled back).
     pub failed_generation: Option<i64>,
@@ -54,13 +55,29 @@ pub struct ReplicaRecord {
     pub placement_reason: Option<String>,
     /// Being moved off its node: its replacement is starting elsewhere.
     pub moving: bool,
-    /// Its replacement serves: out of routing, stopped once `retire_due`.
+    /// Its replacement serves: out of routing, stopped once the edge
+    /// proxies have taken that in.
     pub retiring: bool,
-    pub retire_due: bool,
+    /// Its node is `ready` (not down or suspect).
+    pub node_ready: bool,
     pub updated_at: DateTime<Utc>,
 }
 
 impl ReplicaRecord {
+    /// Whether the edge may send it requests ([`flotilla_types::serving`]).
+    pub fn serving(&self, deployment: &DeploymentRecord) -> bool {
+        is_serving(&ServingFacts {
+            desired: deployment.desired_state,
+            wanted_replicas: deployment.spec.replicas,
+            replica_index: self.replica_index,
+            state: self.status,
+            health: self.health,
+            retiring: self.retiring,
+            has_endpoint: self.address.is_some() && self.port.is_some(),
+            node_ready: self.node_ready,
+        })
+    }
+
     /// `http://address:port`, once the replica has a published port.
     pub fn endpoint(&self) -> Option<String> {
         match (&self.address, self.port) {
@@ -82,7 +99,13 @@ impl DeploymentView {
         let views: Vec<ReplicaView<'_>> = self
             .replicas
             .iter()
-            .map(|r| ReplicaView { state: r.status, health: r.health, message: r.status_message.as_deref() })
+            .map(|r| ReplicaView {
+                state: r.status,
+                health: r.health,
+                message: r.status_message.as_deref(),
+                serving: r.serving(&self.deployment),
+                wanted: i64::from(r.replica_index) < i64::from(self.deployment.spec.replicas) && !r.retiring,
+            })
             .collect();
         derive_status(self.deployment.desired_state, self.deployment.spec.replicas, &views)
     }
@@ -108,8 +131,6 @@ impl DeploymentView {
 pub struct Assignment {
     pub replica: ReplicaRecord,
     pub deployment: DeploymentRecord,
-    /// The container labels the orchestrator chose for `replica.target_generation`.
-    pub labels: BTreeMap<String, String>,
 }
 
 impl Assignment {
@@ -199,7 +220,7 @@ pub(crate) fn stored_placement(
     })
 }
 
-fn corrupt(table: &'static str, id: impl std::fmt::Display, detail: impl std::fmt::Display) -> StoreError {
+pub(crate) fn corrupt(table: &'static str, id: impl std::fmt::Display, detail: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt { table, id: id.to_string(), detail: detail.to_string() }
 }
 
@@ -268,7 +289,7 @@ pub(crate) struct ReplicaRow {
     pub placement_reason: Option<String>,
     pub moving: bool,
     pub retiring: bool,
-    pub retire_due: bool,
+    pub node_ready: bool,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -276,7 +297,8 @@ pub(crate) const REPLICA_COLUMNS: &str = "l.id, l.deployment_id, l.replica_index
      l.failed_generation, l.rollout_message, l.node_id, l.container_id, l.container_name, l.status, l.health_status, \
      l.address, l.port, l.container_port, l.status_message, l.placement_reason, coalesce(l.drain_state = 'moving', false) AS moving, \
      coalesce(l.drain_state = 'retiring', false) AS retiring, \
-     coalesce(l.retire_at <= now(), false) AS retire_due, l.updated_at";
+     coalesce((SELECT n.status = 'ready' FROM node_metadata n WHERE n.node_id = l.node_id), false) AS node_ready, \
+     l.updated_at";
 
 impl TryFrom<ReplicaRow> for ReplicaRecord {
     type Error = StoreError;
@@ -303,7 +325,7 @@ impl TryFrom<ReplicaRow> for ReplicaRecord {
             placement_reason: row.placement_reason,
             moving: row.moving,
             retiring: row.retiring,
-            retire_due: row.retire_due,
+            node_ready: row.node_ready,
             updated_at: row.updated_at,
         })
     }

@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_types::routing::Route;
 use flotilla_types::{DeploymentId, Hostname, NodeId, PathPrefix, Placement, ReplicaId, ResourceLimits};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use crate::error::unique_violation;
 use crate::models::{NODE_COLUMNS, NodeRow, stored_placement};
+use crate::routes::{RouteRecord, replace_routes};
+use crate::serving::SERVING;
 use crate::{NodeRecord, Store, StoreError};
 
 /// A running deployment with fewer live replicas than it wants.
@@ -37,17 +37,8 @@ pub struct NewReplica {
     pub replica_index: i32,
     pub node_id: NodeId,
     pub address: String,
-    pub labels: BTreeMap<String, String>,
     /// Why this node.
     pub reason: String,
-}
-
-/// A route row as the orchestrator writes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteRecord {
-    pub route: Route,
-    pub tls_enabled: bool,
-    pub cert_resolver: Option<String>,
 }
 
 /// What a round decided for one deployment.
@@ -171,56 +162,6 @@ impl NeedRow {
 const NEED_COLUMNS: &str = "d.id, d.name, d.domain, d.path_prefix, d.container_port, d.memory_limit_bytes, d.cpu_limit_millis, \
      d.replicas, d.generation, d.placement_strategy, d.placement_constraints";
 
-/// Replaces the routes of `deployments` inside `tx` with `routes`: readers
-/// see the old set or the new one, never none in between.
-async fn replace_routes(
-    tx: &mut sqlx::PgTransaction<'_>,
-    deployments: &[Uuid],
-    routes: &[&RouteRecord],
-    op: &'static str,
-) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM deployment_routing WHERE deployment_id = ANY($1)")
-        .bind(deployments)
-        .execute(&mut **tx)
-        .await
-        .map_err(StoreError::db(op))?;
-    if routes.is_empty() {
-        return Ok(());
-    }
-    let column = |f: &dyn Fn(&RouteRecord) -> String| routes.iter().map(|r| f(r)).collect::<Vec<String>>();
-    sqlx::query(
-        "INSERT INTO deployment_routing (id, deployment_id, domain, path_prefix, target_port, \
-         tls_enabled, cert_resolver, router_name) \
-         SELECT t.id, t.deployment_id, t.domain, t.path_prefix, t.target_port, t.tls, nullif(t.resolver, ''), t.router \
-         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::bool[], $7::text[], $8::text[]) \
-         AS t(id, deployment_id, domain, path_prefix, target_port, tls, resolver, router)",
-    )
-    .bind(routes.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
-    .bind(routes.iter().map(|r| r.route.deployment_id.as_uuid()).collect::<Vec<_>>())
-    .bind(column(&|r| r.route.domain.to_string()))
-    .bind(column(&|r| r.route.path_prefix.to_string()))
-    .bind(routes.iter().map(|r| i32::from(r.route.target_port)).collect::<Vec<_>>())
-    .bind(routes.iter().map(|r| r.tls_enabled).collect::<Vec<_>>())
-    .bind(column(&|r| r.cert_resolver.clone().unwrap_or_default()))
-    .bind(column(&|r| r.route.router_name()))
-    .execute(&mut **tx)
-    .await
-    .map_err(|e| match unique_violation(&e) {
-        Some(_) => StoreError::AlreadyExists {
-            what: format!(
-                "a route for {}",
-                routes
-                    .iter()
-                    .map(|r| format!("{}{}", r.route.domain, r.route.path_prefix))
-                    .collect::<Vec<_>>()
-                    .join(" or ")
-            ),
-        },
-        None => StoreError::db(op)(e),
-    })?;
-    Ok(())
-}
-
 /// Inside `tx`: fails with `NotLeader` unless `lease` still holds. The row
 /// lock keeps another replica from taking the lease until `tx` ends.
 async fn fence(tx: &mut sqlx::PgTransaction<'_>, lease: &Lease, op: &'static str) -> Result<(), StoreError> {
@@ -340,11 +281,11 @@ impl Store {
         if !replicas.is_empty() {
             placed_on = sqlx::query_scalar(
                 "INSERT INTO deployment_locations (id, deployment_id, node_id, replica_index, generation, \
-                 target_generation, status, address, container_port, domain, labels, placement_reason) \
+                 target_generation, status, address, container_port, domain, placement_reason) \
                  SELECT t.id, t.deployment_id, t.node_id, t.replica_index, d.generation, d.generation, 'pending', \
-                 t.address, d.container_port, d.domain, t.labels, t.reason \
-                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::jsonb[], $7::text[]) \
-                 AS t(id, deployment_id, node_id, replica_index, address, labels, reason) \
+                 t.address, d.container_port, d.domain, t.reason \
+                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[]) \
+                 AS t(id, deployment_id, node_id, replica_index, address, reason) \
                  JOIN deployments d ON d.id = t.deployment_id \
                  ON CONFLICT (deployment_id, replica_index) WHERE drain_state IS NULL DO NOTHING \
                  RETURNING node_id",
@@ -354,7 +295,6 @@ impl Store {
             .bind(replicas.iter().map(|(_, r)| r.node_id.to_string()).collect::<Vec<_>>())
             .bind(replicas.iter().map(|(_, r)| r.replica_index).collect::<Vec<_>>())
             .bind(replicas.iter().map(|(_, r)| r.address.clone()).collect::<Vec<_>>())
-            .bind(replicas.iter().map(|(_, r)| Json(&r.labels)).collect::<Vec<_>>())
             .bind(replicas.iter().map(|(_, r)| r.reason.clone()).collect::<Vec<_>>())
             .fetch_all(&mut *tx)
             .await
@@ -397,7 +337,7 @@ impl Store {
     }
 
     /// Deployments whose replicas are not all prepared for the current
-    /// generation (their labels and route date from an older one).
+    /// generation (their route dates from an older one).
     pub async fn generations_to_prepare(&self, limit: i64) -> Result<Vec<PlacementNeed>, StoreError> {
         let sql = format!(
             "SELECT {NEED_COLUMNS}, '{{}}'::int[] AS placed, '{{}}'::text[] AS nodes \
@@ -412,17 +352,16 @@ impl Store {
         rows.into_iter().map(NeedRow::into_need).collect()
     }
 
-    /// Prepares every replica of a deployment for `generation`: their labels
-    /// and the route are replaced in one transaction, provided the deployment
-    /// is still at `generation`. Agents roll a replica over only once it is
-    /// prepared, so a container never gets one generation's spec with another
-    /// generation's labels.
+    /// Prepares every replica of a deployment for `generation`: the route is
+    /// replaced and the replicas marked in one transaction, provided the
+    /// deployment is still at `generation`. Agents roll a replica over only
+    /// once it is prepared, so the route (a new domain, say) is in place
+    /// before any container of the new generation serves.
     pub async fn prepare_generation(
         &self,
         lease: &Lease,
         deployment_id: DeploymentId,
         generation: i64,
-        labels: &BTreeMap<String, String>,
         route: Option<&RouteRecord>,
     ) -> Result<PlacementOutcome, StoreError> {
         let op = "preparing a generation";
@@ -439,13 +378,12 @@ impl Store {
             _ => return Ok(PlacementOutcome::Stale),
         }
         let nodes: Vec<String> = sqlx::query_scalar(
-            "UPDATE deployment_locations SET labels = $3, target_generation = $2, \
+            "UPDATE deployment_locations SET target_generation = $2, \
              domain = (SELECT domain FROM deployments WHERE id = $1), updated_at = now() \
              WHERE deployment_id = $1 AND target_generation < $2 RETURNING node_id",
         )
         .bind(deployment_id.as_uuid())
         .bind(generation)
-        .bind(Json(labels))
         .fetch_all(&mut *tx)
         .await
         .map_err(StoreError::db(op))?;
@@ -601,12 +539,12 @@ impl Store {
     /// One step of every drain under way, fenced by `lease`:
     /// - live replicas on drained nodes become `moving` (the next placement
     ///   finds their index missing and places a replacement elsewhere);
-    /// - a moving replica whose replacement runs and is healthy (or has no
-    ///   check) becomes `retiring`: out of the route table at once, stopped
-    ///   by its agent after `drain_delay`;
+    /// - a moving replica whose replacement serves becomes `retiring`: out
+    ///   of the route table at once, stopped by its agent once every edge
+    ///   proxy has taken that in;
     /// - moving replicas on nodes activated again, with no replacement yet,
     ///   are live again.
-    pub async fn advance_drains(&self, lease: &Lease, drain_delay: Duration) -> Result<DrainProgress, StoreError> {
+    pub async fn advance_drains(&self, lease: &Lease) -> Result<DrainProgress, StoreError> {
         let op = "advancing drains";
         let mut tx = self.pool().begin().await.map_err(StoreError::db(op))?;
         fence(&mut tx, lease, op).await?;
@@ -629,18 +567,14 @@ impl Store {
         .await
         .map_err(StoreError::db(op))?
         .rows_affected() as usize;
-        let retiring: Vec<String> = sqlx::query_scalar(
-            "UPDATE deployment_locations l SET drain_state = 'retiring', \
-             retire_at = now() + make_interval(secs => $1), updated_at = now() \
-             WHERE l.drain_state = 'moving' AND EXISTS (SELECT 1 FROM deployment_locations r \
-             WHERE r.deployment_id = l.deployment_id AND r.replica_index = l.replica_index \
-             AND r.drain_state IS NULL AND r.status = 'running' AND r.health_status IN ('healthy', 'none')) \
-             RETURNING l.node_id",
-        )
-        .bind(drain_delay.as_secs_f64())
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(StoreError::db(op))?;
+        let retire = format!(
+            "UPDATE deployment_locations m SET drain_state = 'retiring', retire_at = now(), updated_at = now() \
+             WHERE m.drain_state = 'moving' AND EXISTS (SELECT 1 FROM deployment_locations l \
+             JOIN deployments d ON d.id = l.deployment_id WHERE l.deployment_id = m.deployment_id \
+             AND l.replica_index = m.replica_index AND l.drain_state IS NULL AND {SERVING}) RETURNING m.node_id"
+        );
+        let retiring: Vec<String> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(retire)).fetch_all(&mut *tx).await.map_err(StoreError::db(op))?;
         let in_flight: i64 =
             sqlx::query_scalar("SELECT count(*) FROM deployment_locations WHERE drain_state IS NOT NULL")
                 .fetch_one(&mut *tx)

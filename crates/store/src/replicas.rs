@@ -1,12 +1,11 @@
 //! The node agent's queries: its assignments and what it observed. Every
 //! statement that writes is limited to the agent's own node.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use flotilla_types::status::Health;
 use flotilla_types::{DeploymentId, NodeId, ReplicaId, ReplicaState};
-use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::error::unique_violation;
@@ -54,36 +53,26 @@ pub struct Adoption {
     pub container_name: String,
     pub port: Option<u16>,
     pub running: bool,
-    pub labels: BTreeMap<String, String>,
-}
-
-#[derive(sqlx::FromRow)]
-struct AssignmentRow {
-    #[sqlx(flatten)]
-    replica: ReplicaRow,
-    labels: Json<BTreeMap<String, String>>,
 }
 
 impl Store {
     /// Every replica placed on `node`, with its deployment.
     pub async fn node_assignments(&self, node: &NodeId) -> Result<Vec<Assignment>, StoreError> {
-        let sql = format!(
-            "SELECT {REPLICA_COLUMNS}, l.labels FROM deployment_locations l WHERE l.node_id = $1 ORDER BY l.id"
-        );
-        let rows: Vec<AssignmentRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let sql = format!("SELECT {REPLICA_COLUMNS} FROM deployment_locations l WHERE l.node_id = $1 ORDER BY l.id");
+        let rows: Vec<ReplicaRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(node.as_str())
             .fetch_all(self.pool())
             .await
             .map_err(StoreError::db("reading a node's assignments"))?;
-        let ids: Vec<DeploymentId> = rows.iter().map(|r| r.replica.deployment_id.into()).collect();
+        let ids: Vec<DeploymentId> = rows.iter().map(|r| r.deployment_id.into()).collect();
         let deployments: HashMap<DeploymentId, DeploymentRecord> =
             self.deployments_by_id(&ids).await?.into_iter().map(|d| (d.id, d)).collect();
         let mut assignments = Vec::with_capacity(rows.len());
         for row in rows {
-            let replica = ReplicaRecord::try_from(row.replica)?;
+            let replica = ReplicaRecord::try_from(row)?;
             // A deployment removed between the two reads takes its rows with it.
             if let Some(deployment) = deployments.get(&replica.deployment_id) {
-                assignments.push(Assignment { replica, deployment: deployment.clone(), labels: row.labels.0 });
+                assignments.push(Assignment { replica, deployment: deployment.clone() });
             }
         }
         Ok(assignments)
@@ -208,8 +197,8 @@ impl Store {
         let inserted = sqlx::query(
             "INSERT INTO deployment_locations (id, deployment_id, node_id, replica_index, generation, \
              target_generation, container_id, container_name, status, address, port, container_port, domain, \
-             labels, status_message, started_at) \
-             SELECT $1, $2, $3, $4, $5, $5, $6, $7, $8, $9, $10, $11, d.domain, $12, \
+             status_message, started_at) \
+             SELECT $1, $2, $3, $4, $5, $5, $6, $7, $8, $9, $10, $11, d.domain, \
              'adopted: found running without its placement row', now() \
              FROM deployments d WHERE d.id = $2 AND d.desired_state <> 'deleted' \
              ON CONFLICT DO NOTHING",
@@ -225,7 +214,6 @@ impl Store {
         .bind(&adoption.address)
         .bind(adoption.port.map(i32::from))
         .bind(i32::from(adoption.container_port))
-        .bind(Json(&adoption.labels))
         .execute(&mut *tx)
         .await
         .map_err(StoreError::db(op))?;

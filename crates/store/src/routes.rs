@@ -1,57 +1,221 @@
-//! The cluster-wide route table: every route with the replicas that may
-//! receive traffic right now.
+//! Everything routing keeps in the database: the routes the orchestrator
+//! writes (`deployment_routing`), the route table the edge renders from
+//! them and from the replicas that serve, and the edge proxies that take it.
 
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use flotilla_types::{DbSnapshot, DeploymentId, Hostname, PathPrefix};
 use uuid::Uuid;
 
+use flotilla_types::snapshot::BadSnapshot;
+
+use crate::domains::StoredCertificate;
+use crate::error::unique_violation;
+use crate::models::corrupt;
+use crate::serving::SERVING;
 use crate::{Store, StoreError};
+
+/// The NOTIFY channel of the triggers on everything the route table reads
+/// (migration 20261206000001).
+pub const CHANNEL: &str = "flotilla_routes_changed";
+
+/// A route as the orchestrator writes it for a deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRecord {
+    pub deployment_id: DeploymentId,
+    pub domain: Hostname,
+    pub path_prefix: PathPrefix,
+    pub tls_enabled: bool,
+    /// The Traefik certificate resolver that gets its certificate.
+    pub cert_resolver: Option<String>,
+}
 
 /// One route and where its traffic goes.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct RouteTableRow {
     pub deployment_id: Uuid,
-    pub router_name: String,
     pub domain: String,
     pub path_prefix: String,
-    /// `http` or `h2c`.
-    pub protocol: String,
     pub tls_enabled: bool,
     pub cert_resolver: Option<String>,
-    pub middlewares: Vec<String>,
-    /// (address, host port) of every replica that serves: running, not
-    /// unhealthy or starting, not retiring, on a ready node.
+    /// (address, host port) of every replica that serves
+    /// ([`flotilla_types::serving`]).
     pub servers: Vec<String>,
     pub ports: Vec<i32>,
     /// Its deployment proved the domain (a custom domain is routed only then).
     pub domain_verified: bool,
 }
 
+/// The route table as of one snapshot of the database.
+#[derive(Debug, Clone)]
+pub struct RouteTableRead {
+    pub rows: Vec<RouteTableRow>,
+    /// Issued, unexpired certificates of routed domains (when asked for).
+    pub certificates: Vec<StoredCertificate>,
+    /// What the read saw: a proxy holding this table holds every change
+    /// committed in it.
+    pub snapshot: DbSnapshot,
+}
+
+/// What the edge saw of a proxy taking the route table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeProxySighting<'a> {
+    /// `name@address`: one proxy process.
+    pub id: &'a str,
+    pub name: &'a str,
+    pub address: &'a str,
+    /// The snapshot of the newest table it has taken in, when that changed.
+    pub holds: Option<&'a DbSnapshot>,
+}
+
+/// An edge proxy as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeProxyRecord {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    /// The snapshot of the newest table it has taken in (none yet: `None`).
+    pub holds: Option<DbSnapshot>,
+    pub applied_at: Option<DateTime<Utc>>,
+    pub seen_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct EdgeProxyRow {
+    id: String,
+    name: String,
+    address: String,
+    snapshot: Option<String>,
+    applied_at: Option<DateTime<Utc>>,
+    seen_at: DateTime<Utc>,
+}
+
 impl Store {
-    /// Read in one statement, so it is one consistent snapshot of
-    /// `deployment_routing` and `deployment_locations`: a replica that
-    /// stopped, failed, moved or whose node went down is not in it.
-    pub async fn route_table(&self) -> Result<Vec<RouteTableRow>, StoreError> {
-        sqlx::query_as(
-            "SELECT r.deployment_id, r.router_name, r.domain, r.path_prefix, r.protocol, r.tls_enabled, r.cert_resolver, \
-             r.middlewares, \
-             coalesce(array_agg(l.address ORDER BY l.replica_index, l.id) FILTER (WHERE l.id IS NOT NULL), '{}') \
+    /// The route table, read in one snapshot that it reports: every route
+    /// of a running deployment with the replicas that serve, and (when
+    /// `with_certificates`) the certificates of routed domains.
+    pub async fn read_route_table(&self, with_certificates: bool) -> Result<RouteTableRead, StoreError> {
+        let op = "reading the route table";
+        let mut tx = self.pool().begin().await.map_err(StoreError::db(op))?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(op))?;
+        // The first statement takes the transaction's snapshot: this one.
+        let snapshot: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::db(op))?;
+        let sql = format!(
+            "SELECT r.deployment_id, r.domain, r.path_prefix, r.tls_enabled, r.cert_resolver, \
+             coalesce(array_agg(l.address ORDER BY l.replica_index, l.id) FILTER (WHERE l.id IS NOT NULL), '{{}}') \
              AS servers, \
-             coalesce(array_agg(l.port ORDER BY l.replica_index, l.id) FILTER (WHERE l.id IS NOT NULL), '{}') \
+             coalesce(array_agg(l.port ORDER BY l.replica_index, l.id) FILTER (WHERE l.id IS NOT NULL), '{{}}') \
              AS ports, \
              EXISTS (SELECT 1 FROM domain_verifications v WHERE v.deployment_id = r.deployment_id \
                      AND v.domain = r.domain AND v.verified_at IS NOT NULL) AS domain_verified \
              FROM deployment_routing r JOIN deployments d ON d.id = r.deployment_id \
-             LEFT JOIN deployment_locations l ON l.deployment_id = r.deployment_id AND l.status = 'running' \
-             AND l.address IS NOT NULL AND l.port IS NOT NULL \
-             AND l.health_status NOT IN ('unhealthy', 'starting') \
-             AND l.drain_state IS DISTINCT FROM 'retiring' \
-             AND EXISTS (SELECT 1 FROM node_metadata n WHERE n.node_id = l.node_id AND n.status = 'ready') \
+             LEFT JOIN deployment_locations l ON l.deployment_id = r.deployment_id AND {SERVING} \
              WHERE d.desired_state = 'running' \
-             GROUP BY r.id ORDER BY r.router_name, r.path_prefix",
+             GROUP BY r.id ORDER BY r.deployment_id, r.path_prefix"
+        );
+        let rows: Vec<RouteTableRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await.map_err(StoreError::db(op))?;
+        let certificates = if with_certificates {
+            sqlx::query_as(
+                "SELECT c.domain, c.chain_pem, c.key_sealed, c.not_after FROM certificates c \
+                 WHERE c.chain_pem IS NOT NULL AND c.key_sealed IS NOT NULL AND c.not_after > now() \
+                 AND EXISTS (SELECT 1 FROM deployment_routing r JOIN deployments d ON d.id = r.deployment_id \
+                             WHERE r.domain = c.domain AND d.desired_state = 'running') \
+                 ORDER BY c.domain",
+            )
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::db(op))?
+        } else {
+            Vec::new()
+        };
+        tx.commit().await.map_err(StoreError::db(op))?;
+        let snapshot = parse_snapshot(&snapshot)?;
+        Ok(RouteTableRead { rows, certificates, snapshot })
+    }
+
+    /// A snapshot taken now: it holds every change committed so far.
+    pub async fn current_snapshot(&self) -> Result<DbSnapshot, StoreError> {
+        let op = "taking a snapshot";
+        let text: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+            .fetch_one(self.pool())
+            .await
+            .map_err(StoreError::db(op))?;
+        parse_snapshot(&text)
+    }
+
+    /// Records that an edge proxy was heard from, and what table it holds
+    /// when that is given.
+    pub async fn record_edge_proxy(&self, seen: &EdgeProxySighting<'_>) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO edge_proxies (id, name, address, snapshot, applied_at) \
+             VALUES ($1, $2, $3, $4, CASE WHEN $4 IS NULL THEN NULL ELSE now() END) \
+             ON CONFLICT (id) DO UPDATE SET seen_at = now(), name = EXCLUDED.name, address = EXCLUDED.address, \
+             snapshot = coalesce(EXCLUDED.snapshot, edge_proxies.snapshot), \
+             applied_at = coalesce(EXCLUDED.applied_at, edge_proxies.applied_at)",
         )
+        .bind(seen.id)
+        .bind(seen.name)
+        .bind(seen.address)
+        .bind(seen.holds.map(ToString::to_string))
+        .execute(self.pool())
+        .await
+        .map_err(StoreError::db("recording an edge proxy"))?;
+        Ok(())
+    }
+
+    /// The edge proxies heard from within `within` (the others are taken
+    /// for gone), newest first.
+    pub async fn live_edge_proxies(&self, within: Duration) -> Result<Vec<EdgeProxyRecord>, StoreError> {
+        let rows: Vec<EdgeProxyRow> = sqlx::query_as(
+            "SELECT id, name, address, snapshot, applied_at, seen_at FROM edge_proxies \
+             WHERE seen_at > now() - make_interval(secs => $1) ORDER BY seen_at DESC, id",
+        )
+        .bind(within.as_secs_f64())
         .fetch_all(self.pool())
         .await
-        .map_err(StoreError::db("reading the route table"))
+        .map_err(StoreError::db("reading the edge proxies"))?;
+        rows.into_iter()
+            .map(|row| {
+                let holds = row
+                    .snapshot
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()
+                    .map_err(|e: BadSnapshot| corrupt("edge_proxies", &row.id, e))?;
+                Ok(EdgeProxyRecord {
+                    id: row.id,
+                    name: row.name,
+                    address: row.address,
+                    holds,
+                    applied_at: row.applied_at,
+                    seen_at: row.seen_at,
+                })
+            })
+            .collect()
     }
+
+    /// Forgets proxies not heard from for `older_than`; returns how many.
+    pub async fn forget_edge_proxies(&self, older_than: Duration) -> Result<u64, StoreError> {
+        let deleted = sqlx::query("DELETE FROM edge_proxies WHERE seen_at < now() - make_interval(secs => $1)")
+            .bind(older_than.as_secs_f64())
+            .execute(self.pool())
+            .await
+            .map_err(StoreError::db("forgetting edge proxies"))?;
+        Ok(deleted.rows_affected())
+    }
+}
+
+/// PostgreSQL's own text for a snapshot; anything else is a bug.
+fn parse_snapshot(text: &str) -> Result<DbSnapshot, StoreError> {
+    text.parse().map_err(|e: BadSnapshot| corrupt("pg_current_snapshot()", text, e))
 }
 
 /// A deployment's routing row, as the edge serves it.
@@ -59,24 +223,74 @@ impl Store {
 pub struct RoutingRecord {
     pub domain: String,
     pub path_prefix: String,
-    pub target_port: i32,
-    pub protocol: String,
     pub tls_enabled: bool,
-    pub router_name: String,
+    /// The deployment's container port (where its replicas listen).
+    pub container_port: i32,
+    /// Replicas that serve now ([`flotilla_types::serving`]).
+    pub serving_replicas: i64,
+    /// Its deployment proved the domain.
+    pub domain_verified: bool,
 }
 
 impl crate::Tenant<'_> {
     /// The routing rows of one of the organization's deployments.
-    pub async fn routings(&self, deployment: flotilla_types::DeploymentId) -> Result<Vec<RoutingRecord>, StoreError> {
-        sqlx::query_as(
-            "SELECT r.domain, r.path_prefix, r.target_port, r.protocol, r.tls_enabled, r.router_name \
+    pub async fn routings(&self, deployment: DeploymentId) -> Result<Vec<RoutingRecord>, StoreError> {
+        let sql = format!(
+            "SELECT r.domain, r.path_prefix, r.tls_enabled, d.container_port, \
+             (SELECT count(*) FROM deployment_locations l WHERE l.deployment_id = d.id AND {SERVING}) \
+             AS serving_replicas, \
+             EXISTS (SELECT 1 FROM domain_verifications v WHERE v.deployment_id = r.deployment_id \
+                     AND v.domain = r.domain AND v.verified_at IS NOT NULL) AS domain_verified \
              FROM deployment_routing r JOIN deployments d ON d.id = r.deployment_id \
-             WHERE d.organization_id = $1 AND d.id = $2 ORDER BY r.domain, r.path_prefix",
-        )
-        .bind(self.organization_id.as_uuid())
-        .bind(deployment.as_uuid())
-        .fetch_all(self.pool)
-        .await
-        .map_err(StoreError::db("reading routings"))
+             WHERE d.organization_id = $1 AND d.id = $2 ORDER BY r.domain, r.path_prefix"
+        );
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(self.organization_id.as_uuid())
+            .bind(deployment.as_uuid())
+            .fetch_all(self.pool)
+            .await
+            .map_err(StoreError::db("reading routings"))
     }
+}
+
+/// Replaces the routes of `deployments` inside `tx` with `routes`: readers
+/// see the old set or the new one, never none in between.
+pub(crate) async fn replace_routes(
+    tx: &mut sqlx::PgTransaction<'_>,
+    deployments: &[Uuid],
+    routes: &[&RouteRecord],
+    op: &'static str,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM deployment_routing WHERE deployment_id = ANY($1)")
+        .bind(deployments)
+        .execute(&mut **tx)
+        .await
+        .map_err(StoreError::db(op))?;
+    if routes.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO deployment_routing (id, deployment_id, domain, path_prefix, tls_enabled, cert_resolver) \
+         SELECT t.id, t.deployment_id, t.domain, t.path_prefix, t.tls, nullif(t.resolver, '') \
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bool[], $6::text[]) \
+         AS t(id, deployment_id, domain, path_prefix, tls, resolver)",
+    )
+    .bind(routes.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(routes.iter().map(|r| r.deployment_id.as_uuid()).collect::<Vec<_>>())
+    .bind(routes.iter().map(|r| r.domain.to_string()).collect::<Vec<_>>())
+    .bind(routes.iter().map(|r| r.path_prefix.to_string()).collect::<Vec<_>>())
+    .bind(routes.iter().map(|r| r.tls_enabled).collect::<Vec<_>>())
+    .bind(routes.iter().map(|r| r.cert_resolver.clone().unwrap_or_default()).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| match unique_violation(&e) {
+        Some(_) => StoreError::AlreadyExists {
+            what: format!(
+                "a route for {}",
+                routes.iter().map(|r| format!("{}{}", r.domain, r.path_prefix)).collect::<Vec<_>>().join(" or ")
+            ),
+        },
+        None => StoreError::db(op)(e),
+    })?;
+    Ok(())
 }

@@ -1,7 +1,6 @@
 //! Desired state, placement and observed state through the store's queries,
 //! against a real PostgreSQL.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla_store::Store;
@@ -105,7 +104,6 @@ async fn placement_then_observation_then_deletion() {
         replica_index: 0,
         node_id: node.clone(),
         address: "127.0.0.1".into(),
-        labels: BTreeMap::from([("a".to_owned(), "b".to_owned())]),
         reason: "test".into(),
     };
     let outcome = place(store, deployment.id, deployment.generation, std::slice::from_ref(&replica)).await;
@@ -124,7 +122,6 @@ async fn placement_then_observation_then_deletion() {
     let work = store.node_assignments(&node).await.unwrap();
     assert_eq!(work.len(), 1);
     assert_eq!(work[0].replica.id, replica.id);
-    assert_eq!(work[0].labels["a"], "b");
     assert!(store.node_assignments(&NodeId::parse("other").unwrap()).await.unwrap().is_empty());
 
     let seen = ReplicaObservation {
@@ -167,7 +164,6 @@ async fn a_deleted_deployment_on_a_silent_node_is_finalized_without_its_agent() 
         replica_index: 0,
         node_id: node.clone(),
         address: "127.0.0.1".into(),
-        labels: BTreeMap::new(),
         reason: "test".into(),
     };
     place(store, deployment.id, deployment.generation, &[replica]).await;

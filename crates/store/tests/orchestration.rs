@@ -2,18 +2,18 @@
 //! leader lease and its fencing, the node health watch, drains and the route
 //! table.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_store::placement::{Lease, NewReplica, PlacementPlan, RouteRecord};
+use flotilla_store::placement::{Lease, NewReplica, PlacementPlan};
 use flotilla_store::replicas::ReplicaObservation;
+use flotilla_store::routes::RouteRecord;
 use flotilla_store::tenant::{CreatedOnce, ensure_organization};
 use flotilla_store::{Store, StoreError};
 use flotilla_test_utils::{TestDb, node_heartbeat};
-use flotilla_types::routing::{PathPrefix, Route};
 use flotilla_types::status::Health;
 use flotilla_types::{
-    DeploymentId, DeploymentSpec, DeploymentSpecInput, Hostname, NodeId, OrganizationId, ReplicaId, ReplicaState,
+    DeploymentId, DeploymentSpec, DeploymentSpecInput, Hostname, NodeId, OrganizationId, PathPrefix, ReplicaId,
+    ReplicaState,
 };
 
 const TTL: Duration = Duration::from_secs(30);
@@ -37,19 +37,15 @@ fn replica(node: &str, index: i32) -> NewReplica {
         replica_index: index,
         node_id: NodeId::parse(node).unwrap(),
         address: format!("10.0.0.{}", node.len()),
-        labels: BTreeMap::new(),
         reason: format!("test: {node}"),
     }
 }
 
 fn plan(deployment: DeploymentId, generation: i64, replicas: Vec<NewReplica>, domain: &str) -> PlacementPlan {
     let route = (!domain.is_empty()).then(|| RouteRecord {
-        route: Route {
-            deployment_id: deployment,
-            domain: Hostname::parse("domain", domain).unwrap(),
-            path_prefix: PathPrefix::root(),
-            target_port: 8080,
-        },
+        deployment_id: deployment,
+        domain: Hostname::parse("domain", domain).unwrap(),
+        path_prefix: PathPrefix::root(),
         tls_enabled: false,
         cert_resolver: None,
     });
@@ -73,8 +69,9 @@ async fn running(store: &Store, node: &str, id: ReplicaId, port: u16) {
 
 /// The route table's servers for `domain`, as "address:port".
 async fn servers(store: &Store, domain: &str) -> Vec<String> {
-    let table = store.route_table().await.unwrap();
+    let table = store.read_route_table(false).await.unwrap();
     table
+        .rows
         .iter()
         .filter(|r| r.domain == domain)
         .flat_map(|r| r.servers.iter().zip(&r.ports).map(|(a, p)| format!("{a}:{p}")))
@@ -180,11 +177,10 @@ async fn a_drained_replica_keeps_serving_until_its_replacement_does() {
     let old = replica("n1", 0);
     store.commit_placements(&lease, &[plan(d, generation, vec![old.clone()], "web.example.com")], None).await.unwrap();
     running(store, "n1", old.id, 30001).await;
-    let delay = Duration::from_secs(3600);
 
     assert!(store.set_node_availability(&NodeId::parse("n1").unwrap(), "drain", false).await.unwrap());
     assert!(!store.set_node_availability(&NodeId::parse("nope").unwrap(), "drain", false).await.unwrap());
-    let step = store.advance_drains(&lease, delay).await.unwrap();
+    let step = store.advance_drains(&lease).await.unwrap();
     assert_eq!((step.moving, step.retiring.len(), step.in_flight), (1, 0, 1));
     assert_eq!(servers(store, "web.example.com").await, ["10.0.0.2:30001"], "moving still serves");
     let needs = store.deployments_to_place(10).await.unwrap();
@@ -193,21 +189,15 @@ async fn a_drained_replica_keeps_serving_until_its_replacement_does() {
     let new = replica("n22", 0);
     store.commit_placements(&lease, &[plan(d, generation, vec![new.clone()], "web.example.com")], None).await.unwrap();
     // Not healthy yet: the old one keeps serving.
-    assert!(store.advance_drains(&lease, delay).await.unwrap().retiring.is_empty());
+    assert!(store.advance_drains(&lease).await.unwrap().retiring.is_empty());
     running(store, "n22", new.id, 30002).await;
     assert_eq!(servers(store, "web.example.com").await, ["10.0.0.2:30001", "10.0.0.3:30002"]);
-    let step = store.advance_drains(&lease, delay).await.unwrap();
+    let step = store.advance_drains(&lease).await.unwrap();
     assert_eq!(step.retiring, [NodeId::parse("n1").unwrap()]);
     assert_eq!(step.in_flight, 1, "retiring until its agent removes it");
     assert_eq!(servers(store, "web.example.com").await, ["10.0.0.3:30002"], "retiring is out of routing");
     let on_n1 = store.node_assignments(&NodeId::parse("n1").unwrap()).await.unwrap();
-    assert!(on_n1[0].replica.retiring && !on_n1[0].replica.retire_due, "stopped only after the delay");
-    assert!(store.nodes_with_due_retirements().await.unwrap().is_empty());
-    sqlx::query("UPDATE deployment_locations SET retire_at = now() WHERE drain_state = 'retiring'")
-        .execute(db.pool())
-        .await
-        .unwrap();
-    assert!(store.node_assignments(&NodeId::parse("n1").unwrap()).await.unwrap()[0].replica.retire_due);
+    assert!(on_n1[0].replica.retiring, "its agent stops it once the edge has taken that in");
     assert_eq!(store.nodes_with_due_retirements().await.unwrap(), [NodeId::parse("n1").unwrap()]);
     assert!(store.deployments_to_place(10).await.unwrap().is_empty());
 }
@@ -231,17 +221,17 @@ async fn drain_now_retires_at_once_and_activate_restores_what_has_not_moved() {
 
     // Graceful drain with nowhere to go: moving, still serving...
     store.set_node_availability(&NodeId::parse("n1").unwrap(), "drain", false).await.unwrap();
-    assert_eq!(store.advance_drains(&lease, TTL).await.unwrap().moving, 2);
+    assert_eq!(store.advance_drains(&lease).await.unwrap().moving, 2);
     // ...and activated again before any replacement: live again.
     store.set_node_availability(&NodeId::parse("n1").unwrap(), "active", false).await.unwrap();
-    assert_eq!(store.advance_drains(&lease, TTL).await.unwrap().restored, 2);
+    assert_eq!(store.advance_drains(&lease).await.unwrap().restored, 2);
     assert!(store.deployments_to_place(10).await.unwrap().is_empty());
 
     // drain --now: out of routing and due at once.
     store.set_node_availability(&NodeId::parse("n1").unwrap(), "drain", true).await.unwrap();
     assert!(servers(store, "a.example.com").await.is_empty());
     let rows = store.node_assignments(&NodeId::parse("n1").unwrap()).await.unwrap();
-    assert!(rows.iter().all(|r| r.replica.retire_due), "{rows:?}");
+    assert!(rows.iter().all(|r| r.replica.retiring), "{rows:?}");
     assert_eq!(store.deployments_to_place(10).await.unwrap().len(), 2, "both need a new node");
 }
 

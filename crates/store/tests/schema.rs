@@ -58,7 +58,6 @@ async fn migrations_apply_to_an_empty_database_and_create_the_control_schema() {
                 "health_status",
                 "resource_usage",
                 "replica_index",
-                "labels",
                 "address",
             ],
         ),
@@ -82,21 +81,8 @@ async fn migrations_apply_to_an_empty_database_and_create_the_control_schema() {
                 "last_heartbeat",
             ],
         ),
-        (
-            "deployment_routing",
-            &[
-                "deployment_id",
-                "domain",
-                "path_prefix",
-                "target_port",
-                "protocol",
-                "tls_enabled",
-                "cert_resolver",
-                "middlewares",
-                "load_balancer_algo",
-                "router_name",
-            ],
-        ),
+        ("deployment_routing", &["deployment_id", "domain", "path_prefix", "tls_enabled", "cert_resolver"]),
+        ("edge_proxies", &["id", "name", "address", "snapshot", "applied_at", "seen_at"]),
     ];
     for (table, wanted) in expected {
         let have = columns(&db, table).await;
@@ -104,6 +90,85 @@ async fn migrations_apply_to_an_empty_database_and_create_the_control_schema() {
             assert!(have.iter().any(|c| c == column), "{table}.{column} missing; have {have:?}");
         }
     }
+    // Written and never read, or never written: dropped (one road to the edge).
+    let gone: &[(&str, &[&str])] = &[
+        ("deployment_routing", &["router_name", "target_port", "protocol", "middlewares", "load_balancer_algo"]),
+        ("deployment_locations", &["labels"]),
+    ];
+    for (table, dropped) in gone {
+        let have = columns(&db, table).await;
+        for column in *dropped {
+            assert!(!have.iter().any(|c| c == column), "{table}.{column} should be gone");
+        }
+    }
+}
+
+/// `flotilla_types::serving::is_serving` and its SQL twin agree on every
+/// combination of the facts they look at: one replica row (of a deployment
+/// of its own) per combination, then one query.
+#[tokio::test]
+async fn the_serving_rule_and_its_sql_twin_agree() {
+    use flotilla_types::serving::{all_combinations, is_serving};
+    let db = TestDb::new().await;
+    let (org, project) = flotilla_store::tenant::ensure_organization(db.pool(), "twins", "Twins").await.unwrap();
+    for (node, status) in [("ready-node", "ready"), ("down-node", "down")] {
+        sqlx::query(
+            "INSERT INTO node_metadata (node_id, hostname, address, status, last_heartbeat) VALUES ($1, $1, '10.0.0.1', $2, now())",
+        )
+        .bind(node)
+        .bind(status)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    }
+    let facts = all_combinations();
+    let deployments: Vec<uuid::Uuid> = facts.iter().map(|_| uuid::Uuid::now_v7()).collect();
+    let replicas: Vec<uuid::Uuid> = facts.iter().map(|_| uuid::Uuid::now_v7()).collect();
+    sqlx::query(
+        "INSERT INTO deployments (id, organization_id, project_id, name, image, container_port, replicas, desired_state) \
+         SELECT t.id, $1, $2, 'd' || t.n, 'busybox', 80, t.replicas, t.desired \
+         FROM unnest($3::uuid[], $4::int[], $5::int[], $6::text[]) AS t(id, n, replicas, desired)",
+    )
+    .bind(org.as_uuid())
+    .bind(project.as_uuid())
+    .bind(&deployments)
+    .bind((0..facts.len() as i32).collect::<Vec<_>>())
+    .bind(facts.iter().map(|f| f.wanted_replicas as i32).collect::<Vec<_>>())
+    .bind(facts.iter().map(|f| f.desired.as_str().to_owned()).collect::<Vec<_>>())
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO deployment_locations (id, deployment_id, node_id, replica_index, generation, target_generation, \
+         status, health_status, drain_state, retire_at, address, port, container_port) \
+         SELECT t.id, t.deployment, t.node, t.index, 1, 1, t.status, t.health, \
+         CASE WHEN t.retiring THEN 'retiring' END, CASE WHEN t.retiring THEN now() END, \
+         CASE WHEN t.endpoint THEN '10.0.0.1' END, CASE WHEN t.endpoint THEN t.n END, 80 \
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[], $7::bool[], $8::bool[], $9::int[]) \
+         AS t(id, deployment, node, index, status, health, retiring, endpoint, n)",
+    )
+    .bind(&replicas)
+    .bind(&deployments)
+    .bind(facts.iter().map(|f| if f.node_ready { "ready-node" } else { "down-node" }.to_owned()).collect::<Vec<_>>())
+    .bind(facts.iter().map(|f| f.replica_index).collect::<Vec<_>>())
+    .bind(facts.iter().map(|f| f.state.as_str().to_owned()).collect::<Vec<_>>())
+    .bind(facts.iter().map(|f| f.health.as_str().to_owned()).collect::<Vec<_>>())
+    .bind(facts.iter().map(|f| f.retiring).collect::<Vec<_>>())
+    .bind(facts.iter().map(|f| f.has_endpoint).collect::<Vec<_>>())
+    .bind((1..=facts.len() as i32).collect::<Vec<_>>())
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let serving: std::collections::HashSet<flotilla_types::ReplicaId> =
+        db.store.serving_replica_ids().await.unwrap().into_iter().collect();
+    let mut disagree = Vec::new();
+    for (fact, id) in facts.iter().zip(&replicas) {
+        if is_serving(fact) != serving.contains(&flotilla_types::ReplicaId::from(*id)) {
+            disagree.push(fact);
+        }
+    }
+    assert!(disagree.is_empty(), "{} of {} combinations disagree: {disagree:#?}", disagree.len(), facts.len());
+    assert!(!serving.is_empty() && serving.len() < facts.len());
 }
 
 #[tokio::test]

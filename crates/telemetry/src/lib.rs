@@ -11,6 +11,7 @@
 //! done (atomics) and are read at scrape time by [`FnCollector`].
 
 mod collector;
+pub mod internal_token;
 pub mod logging;
 
 use std::collections::BTreeMap;

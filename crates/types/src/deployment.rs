@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::health::{HealthCheck, NetworkMode, RestartPolicy};
 use crate::placement::{Constraints, PlacementStrategy};
-use crate::routing::PathPrefix;
+use crate::validate::PathPrefix;
 use crate::validate::{self, FieldError, Hostname, ImageReference};
 
 /// Docker refuses memory limits under 6 MiB.

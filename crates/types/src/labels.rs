@@ -10,9 +10,6 @@ pub const NODE_ID: &str = "flotilla.node.id";
 pub const REPLICA_ID: &str = "flotilla.replica.id";
 pub const REPLICA_INDEX: &str = "flotilla.replica.index";
 pub const GENERATION: &str = "flotilla.generation";
-/// Marks containers the edge proxy may route to; Traefik's Docker/Swarm
-/// provider is constrained to it, so nothing else is ever exposed.
-pub const ROUTED: &str = "flotilla.routed";
 
 /// Label filter (`key=value`) selecting the managed containers of one node.
 pub fn node_filter(node_id: &str) -> [String; 2] {

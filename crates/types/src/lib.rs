@@ -1,5 +1,6 @@
 //! Flotilla's domain vocabulary: identifiers, the validated deployment spec,
-//! replica and deployment states, container labels and Traefik routing labels.
+//! replica and deployment states, what "serving" means, container labels and
+//! database snapshots.
 //!
 //! Nothing here does I/O, so every rule can be unit-tested directly and shared
 //! by the API, the orchestrator and the node agent.
@@ -11,7 +12,8 @@ pub mod ids;
 pub mod labels;
 pub mod metrics;
 pub mod placement;
-pub mod routing;
+pub mod serving;
+pub mod snapshot;
 pub mod status;
 pub mod validate;
 
@@ -19,6 +21,6 @@ pub use deployment::{DeploymentSpec, DeploymentSpecInput, EnvVar, Placement, Res
 pub use health::{HealthCheck, HealthCheckKind, NetworkMode, RestartPolicy};
 pub use ids::{DeploymentId, NodeId, OrganizationId, ProjectId, ReplicaId};
 pub use placement::{Constraints, PlacementStrategy};
-pub use routing::PathPrefix;
+pub use snapshot::DbSnapshot;
 pub use status::{DeploymentStatus, DesiredState, ReplicaState};
-pub use validate::{FieldError, Hostname, ImageReference};
+pub use validate::{FieldError, Hostname, ImageReference, PathPrefix};

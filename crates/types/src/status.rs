@@ -101,12 +101,26 @@ pub struct ReplicaView<'a> {
     pub state: ReplicaState,
     pub health: Health,
     pub message: Option<&'a str>,
+    /// It takes traffic ([`crate::serving::is_serving`]).
+    pub serving: bool,
+    /// Its index is below the replica count: a replica being scaled away
+    /// neither helps nor hurts the status.
+    pub wanted: bool,
 }
 
 impl ReplicaView<'_> {
-    /// Running and not known to be unwell: it can take traffic.
-    pub fn serving(&self) -> bool {
-        self.state == ReplicaState::Running && !matches!(self.health, Health::Starting | Health::Unhealthy)
+    /// Failed, unhealthy, or exited and not restarted while its deployment
+    /// should run: why the deployment is not (fully) running.
+    fn failure(&self) -> Option<String> {
+        let message = self.message.map(str::to_owned);
+        match (self.state, self.health) {
+            (ReplicaState::Failed, _) => Some(message.unwrap_or_else(|| "a replica failed".to_owned())),
+            (ReplicaState::Running, Health::Unhealthy) => {
+                Some(message.unwrap_or_else(|| "a replica is unhealthy".to_owned()))
+            }
+            (ReplicaState::Stopped, _) => Some(message.unwrap_or_else(|| "a replica exited".to_owned())),
+            _ => None,
+        }
     }
 }
 
@@ -126,20 +140,20 @@ pub fn derive_status(
         }
         DesiredState::Running => {}
     }
-    if replicas.is_empty() {
+    if wanted_replicas == 0 {
+        let still = replicas.iter().filter(|r| r.state == ReplicaState::Running).count();
+        let message = match still {
+            0 => "scaled to 0 replicas: nothing runs; requests are answered 503 until it is scaled up".to_owned(),
+            n => format!("scaling to 0 replicas: {n} still running"),
+        };
+        return (DeploymentStatus::Running, Some(message));
+    }
+    let wanted: Vec<&ReplicaView<'_>> = replicas.iter().filter(|r| r.wanted).collect();
+    if wanted.is_empty() {
         return (DeploymentStatus::Pending, Some("waiting to be placed on a node".to_owned()));
     }
-    let running = replicas.iter().filter(|r| r.serving()).count() as u32;
-    let first_failure = replicas
-        .iter()
-        .find(|r| {
-            r.state == ReplicaState::Failed || (r.state == ReplicaState::Running && r.health == Health::Unhealthy)
-        })
-        .map(|r| match (r.state, r.message) {
-            (_, Some(message)) => message.to_owned(),
-            (ReplicaState::Failed, None) => "a replica failed".to_owned(),
-            _ => "a replica is unhealthy".to_owned(),
-        });
+    let running = wanted.iter().filter(|r| r.serving).count() as u32;
+    let first_failure = wanted.iter().find_map(|r| r.failure());
     match running {
         n if n >= wanted_replicas => (DeploymentStatus::Running, None),
         0 if first_failure.is_some() => (DeploymentStatus::Failed, first_failure),
@@ -186,7 +200,13 @@ mod tests {
     use super::*;
 
     fn view(state: ReplicaState) -> ReplicaView<'static> {
-        ReplicaView { state, health: Health::Healthy, message: None }
+        checked(state, Health::Healthy, None)
+    }
+
+    /// A wanted replica, serving exactly when running and not starting or unhealthy.
+    fn checked(state: ReplicaState, health: Health, message: Option<&'static str>) -> ReplicaView<'static> {
+        let serving = state == ReplicaState::Running && !matches!(health, Health::Starting | Health::Unhealthy);
+        ReplicaView { state, health, message, serving, wanted: true }
     }
 
     #[test]
@@ -210,13 +230,12 @@ mod tests {
     fn health_decides_whether_a_running_replica_serves() {
         use DeploymentStatus as D;
         let run = DesiredState::Running;
-        let starting = ReplicaView { state: ReplicaState::Running, health: Health::Starting, message: None };
+        let starting = checked(ReplicaState::Running, Health::Starting, None);
         assert_eq!(derive_status(run, 1, &[starting]).0, D::Deploying);
-        let sick =
-            ReplicaView { state: ReplicaState::Running, health: Health::Unhealthy, message: Some("TCP refused") };
+        let sick = checked(ReplicaState::Running, Health::Unhealthy, Some("TCP refused"));
         assert_eq!(derive_status(run, 1, &[sick]), (D::Failed, Some("TCP refused".to_owned())));
         assert_eq!(derive_status(run, 2, &[view(ReplicaState::Running), sick]).0, D::Degraded);
-        let unchecked = ReplicaView { state: ReplicaState::Running, health: Health::None, message: None };
+        let unchecked = checked(ReplicaState::Running, Health::None, None);
         assert_eq!(derive_status(run, 1, &[unchecked]).0, D::Running);
     }
 
@@ -248,7 +267,7 @@ mod tests {
         assert_eq!(derive_status(run, 1, &[view(R::Pending)]).0, D::Deploying);
         assert_eq!(derive_status(run, 1, &[view(R::Running)]).0, D::Running);
         assert_eq!(derive_status(run, 2, &[view(R::Running), view(R::Creating)]).0, D::Degraded);
-        let failed = ReplicaView { state: R::Failed, health: Health::Unknown, message: Some("image not found") };
+        let failed = checked(R::Failed, Health::Unknown, Some("image not found"));
         let (status, message) = derive_status(run, 1, &[failed]);
         assert_eq!(status, D::Failed);
         assert_eq!(message.as_deref(), Some("image not found"));
@@ -256,5 +275,24 @@ mod tests {
         assert_eq!(status, D::Degraded);
         assert_eq!(message.as_deref(), Some("image not found"));
         assert_eq!(derive_status(DesiredState::Deleted, 1, &[view(R::Running)]).0, D::Deleting);
+    }
+
+    #[test]
+    fn an_exit_that_is_not_restarted_fails_the_deployment() {
+        let exited = checked(ReplicaState::Stopped, Health::Unknown, Some("exited with code 3"));
+        let run = DesiredState::Running;
+        assert_eq!(derive_status(run, 1, &[exited]), (DeploymentStatus::Failed, Some("exited with code 3".into())));
+        assert_eq!(derive_status(run, 2, &[view(ReplicaState::Running), exited]).0, DeploymentStatus::Degraded);
+    }
+
+    #[test]
+    fn replicas_being_scaled_away_do_not_count_and_zero_is_a_state() {
+        let run = DesiredState::Running;
+        let leaving = ReplicaView { wanted: false, serving: false, ..view(ReplicaState::Running) };
+        assert_eq!(derive_status(run, 1, &[view(ReplicaState::Running), leaving]), (DeploymentStatus::Running, None));
+        let (status, message) = derive_status(run, 0, &[]);
+        assert_eq!(status, DeploymentStatus::Running);
+        assert!(message.unwrap().starts_with("scaled to 0 replicas"));
+        assert!(derive_status(run, 0, &[leaving]).1.unwrap().contains("1 still running"));
     }
 }

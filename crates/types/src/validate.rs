@@ -347,6 +347,71 @@ pub fn email(field: &str, value: &str) -> Result<String, FieldError> {
     Ok(format!("{}@{domain}", local.to_ascii_lowercase()))
 }
 
+/// A URL path prefix: starts with `/`, then segments of unreserved URL
+/// characters; no empty, `.` or `..` segments.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PathPrefix(String);
+
+impl PathPrefix {
+    pub const MAX_LEN: usize = 256;
+
+    pub fn root() -> Self {
+        Self("/".to_owned())
+    }
+
+    pub fn parse(field: &str, value: &str) -> Result<Self, FieldError> {
+        let bad = |why: &str| FieldError::new(field, format!("{value:?} is not a valid path prefix: {why}"));
+        if value.is_empty() || value == "/" {
+            return Ok(Self::root());
+        }
+        if !value.starts_with('/') {
+            return Err(bad("must start with '/'"));
+        }
+        if value.len() > Self::MAX_LEN {
+            return Err(bad("longer than 256 characters"));
+        }
+        let trimmed = value.strip_suffix('/').unwrap_or(value);
+        for segment in trimmed[1..].split('/') {
+            if segment.is_empty() || segment == "." || segment == ".." {
+                return Err(bad("empty, '.' and '..' segments are not allowed"));
+            }
+            if !segment.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')) {
+                return Err(bad("only letters, digits, '-', '.', '_' and '~' are allowed in a segment"));
+            }
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.0 == "/"
+    }
+}
+
+impl fmt::Display for PathPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for PathPrefix {
+    type Error = FieldError;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse("path_prefix", &value)
+    }
+}
+
+impl From<PathPrefix> for String {
+    fn from(value: PathPrefix) -> Self {
+        value.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,5 +544,16 @@ mod tests {
             assert_eq!(error.field, "email", "{bad}");
         }
         assert!(email("email", &format!("{}@example.com", "a".repeat(65))).is_err());
+    }
+
+    #[test]
+    fn hostile_path_prefixes_are_refused() {
+        for bad in
+            ["api", "/a b", "/a`)", "/a||b", "/a&&b", "/(a)", "/a//b", "/../x", "/a\n", "/a?x=1", "/a#f", "/%2e%2e"]
+        {
+            assert!(PathPrefix::parse("path_prefix", bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(PathPrefix::parse("p", "").unwrap().as_str(), "/");
+        assert_eq!(PathPrefix::parse("p", "/a/b/").unwrap().as_str(), "/a/b");
     }
 }

@@ -1,0 +1,352 @@
+//! Renders the route table as Traefik v3 dynamic configuration. Pure: the
+//! rows come from one read of the database ([`flotilla_store::routes`]).
+//!
+//! Every rule is rebuilt from a [`Hostname`] and a [`PathPrefix`] parsed
+//! again here, so even a row that got into the database some other way
+//! cannot add a matcher to a rule; such a row is left out and counted.
+//!
+//! What Traefik does with the output shaped these choices (each checked
+//! against a real Traefik 3.7 in `tests/edge.rs`):
+//! - a running deployment with no replica serving keeps its router with an
+//!   empty server list: Traefik answers 503 (an app that is down), not 404
+//!   (an app that does not exist);
+//! - a stopped or deleted deployment has no router: 404;
+//! - no routes at all is `{}`: Traefik refuses `{"http":{}}` ("http cannot
+//!   be a standalone element") and would keep serving the last routes;
+//! - every router retries a request whose connection failed before it was
+//!   sent (Traefik's retry middleware never resends a request it wrote), so
+//!   a replica that crashed between two tables costs no request while
+//!   another replica serves.
+
+use std::net::IpAddr;
+
+use flotilla_store::routes::RouteTableRow;
+use flotilla_types::domains::is_platform_domain;
+use flotilla_types::{Hostname, PathPrefix};
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+
+use crate::EdgeSettings;
+use crate::rules::Route;
+
+/// The middleware every router uses: retries connections that failed
+/// before the request was written, on another server.
+pub const RETRY_MIDDLEWARE: &str = "flo-retry";
+
+/// A certificate and its key, in PEM, for `tls.certificates`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsCertificate {
+    pub domain: String,
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TlsCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("TlsCertificate").field("domain", &self.domain).finish_non_exhaustive()
+    }
+}
+
+/// The rendered configuration and what was left out of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RenderedTable {
+    /// For anyone: routes only.
+    pub public: Vec<u8>,
+    /// For callers with the internal token: routes and certificates.
+    pub internal: Vec<u8>,
+    pub routers: usize,
+    pub servers: usize,
+    /// Routes of running deployments with no replica serving right now
+    /// (kept, with no server: Traefik answers 503).
+    pub without_servers: usize,
+    /// Rows that failed validation (left out, and logged by the caller).
+    pub invalid: Vec<String>,
+    /// Routes of custom domains not proven yet (left out).
+    pub unverified: usize,
+    /// Certificates served in `tls.certificates`.
+    pub certificates: usize,
+}
+
+#[derive(Serialize)]
+struct Router<'a> {
+    rule: String,
+    service: String,
+    priority: usize,
+    #[serde(rename = "entryPoints")]
+    entry_points: [&'a str; 1],
+    middlewares: [&'static str; 1],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<RouterTls<'a>>,
+}
+
+#[derive(Serialize)]
+struct RouterTls<'a> {
+    #[serde(rename = "certResolver", skip_serializing_if = "Option::is_none")]
+    cert_resolver: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Service {
+    #[serde(rename = "loadBalancer")]
+    load_balancer: LoadBalancer,
+}
+
+#[derive(Serialize)]
+struct LoadBalancer {
+    servers: Vec<Server>,
+    #[serde(rename = "passHostHeader")]
+    pass_host_header: bool,
+}
+
+#[derive(Serialize)]
+struct Server {
+    url: String,
+}
+
+struct Entry<'a> {
+    name: String,
+    router: Router<'a>,
+    service: Service,
+}
+
+/// `{"routers": {...}, "services": {...}, "middlewares": {...}}`, written
+/// straight from the entries (the table can hold 100,000 routes).
+struct Http<'e, 'a>(&'e [Entry<'a>]);
+
+impl Serialize for Http<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Routers<'e, 'a>(&'e [Entry<'a>]);
+        impl Serialize for Routers<'_, '_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_map(self.0.iter().map(|e| (&e.name, &e.router)))
+            }
+        }
+        struct Services<'e, 'a>(&'e [Entry<'a>]);
+        impl Serialize for Services<'_, '_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_map(self.0.iter().map(|e| (&e.name, &e.service)))
+            }
+        }
+        let retry = serde_json::json!({ RETRY_MIDDLEWARE: { "retry": { "attempts": 3, "initialInterval": "10ms" } } });
+        let mut map = serializer.serialize_map(Some(3))?;
+        map.serialize_entry("routers", &Routers(self.0))?;
+        map.serialize_entry("services", &Services(self.0))?;
+        map.serialize_entry("middlewares", &retry)?;
+        map.end()
+    }
+}
+
+fn server_url(address: &str, port: i32) -> Option<String> {
+    let port = u16::try_from(port).ok().filter(|p| *p > 0)?;
+    match address.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => Some(format!("http://[{v6}]:{port}")),
+        Ok(IpAddr::V4(v4)) => Some(format!("http://{v4}:{port}")),
+        Err(_) => Hostname::parse("address", address).ok().map(|h| format!("http://{h}:{port}")),
+    }
+}
+
+/// A certificate resolver's name: letters, digits, '-' and '_' only.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Renders `rows`, and `certificates` (those of routed domains) for the
+/// internal variant. A route of a custom domain its deployment has not
+/// proven is left out.
+pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings, certificates: &[TlsCertificate]) -> RenderedTable {
+    let mut table = RenderedTable::default();
+    let mut entries = Vec::with_capacity(rows.len());
+    for row in rows {
+        let parsed = Hostname::parse("domain", &row.domain).map_err(|e| e.to_string()).and_then(|domain| {
+            PathPrefix::parse("path_prefix", &row.path_prefix).map(|p| (domain, p)).map_err(|e| e.to_string())
+        });
+        let (domain, path_prefix) = match parsed {
+            Ok(parsed) => parsed,
+            Err(why) => {
+                table.invalid.push(format!("route of deployment {}: {why}", row.deployment_id));
+                continue;
+            }
+        };
+        if !row.domain_verified && !is_platform_domain(&edge.platform_domains, domain.as_str()) {
+            table.unverified += 1;
+            continue;
+        }
+        let route = Route { deployment_id: row.deployment_id.into(), domain, path_prefix };
+        let servers: Vec<Server> = row
+            .servers
+            .iter()
+            .zip(&row.ports)
+            .filter_map(|(address, port)| server_url(address, *port))
+            .map(|url| Server { url })
+            .collect();
+        if servers.is_empty() {
+            table.without_servers += 1;
+        }
+        let tls = row.tls_enabled.then(|| {
+            // A certificate Flotilla holds is chosen by SNI from tls.certificates.
+            let stored = certificates.iter().any(|c| c.domain == row.domain);
+            RouterTls { cert_resolver: row.cert_resolver.as_deref().filter(|r| is_plain_name(r) && !stored) }
+        });
+        let entry_point = if row.tls_enabled { edge.https_entrypoint.as_str() } else { edge.http_entrypoint.as_str() };
+        table.routers += 1;
+        table.servers += servers.len();
+        let name = route.router_name();
+        entries.push(Entry {
+            router: Router {
+                rule: route.rule(),
+                service: name.clone(),
+                priority: route.priority(),
+                entry_points: [entry_point],
+                middlewares: [RETRY_MIDDLEWARE],
+                tls,
+            },
+            service: Service { load_balancer: LoadBalancer { servers, pass_host_header: true } },
+            name,
+        });
+    }
+    let http = (!entries.is_empty()).then(|| serde_json::to_vec(&Http(&entries)).expect("the route table serializes"));
+    let served: Vec<serde_json::Value> = certificates
+        .iter()
+        .filter(|c| Hostname::parse("domain", &c.domain).is_ok())
+        .map(|c| serde_json::json!({ "certFile": c.chain_pem, "keyFile": c.key_pem }))
+        .collect();
+    table.certificates = served.len();
+    let tls = (!served.is_empty())
+        .then(|| serde_json::to_vec(&serde_json::json!({ "certificates": served })).expect("certificates serialize"));
+    table.public = document(http.as_deref(), None);
+    table.internal = document(http.as_deref(), tls.as_deref());
+    table
+}
+
+/// `{"http": ..., "tls": ...}` with only the sections that have something.
+fn document(http: Option<&[u8]>, tls: Option<&[u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(http.map_or(0, <[u8]>::len) + tls.map_or(0, <[u8]>::len) + 20);
+    out.push(b'{');
+    if let Some(http) = http {
+        out.extend_from_slice(b"\"http\":");
+        out.extend_from_slice(http);
+    }
+    if let Some(tls) = tls {
+        if http.is_some() {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"tls\":");
+        out.extend_from_slice(tls);
+    }
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+    use uuid::Uuid;
+
+    fn row(domain: &str, path: &str, servers: &[(&str, i32)]) -> RouteTableRow {
+        RouteTableRow {
+            deployment_id: Uuid::from_u128(0xabc),
+            domain: domain.into(),
+            path_prefix: path.into(),
+            tls_enabled: false,
+            cert_resolver: None,
+            servers: servers.iter().map(|s| s.0.to_owned()).collect(),
+            ports: servers.iter().map(|s| s.1).collect(),
+            domain_verified: true,
+        }
+    }
+
+    fn json(bytes: &[u8]) -> Value {
+        serde_json::from_slice(bytes).unwrap()
+    }
+
+    const R: &str = "flo-00000000000000000000000000000abc";
+
+    #[test]
+    fn one_server_per_serving_replica() {
+        let table = render(
+            &[row("app.example.com", "/", &[("10.0.0.1", 30001), ("fd00::2", 30002)])],
+            &EdgeSettings::default(),
+            &[],
+        );
+        let config = json(&table.public);
+        assert_eq!(config["http"]["routers"][R]["rule"], "Host(`app.example.com`)");
+        assert_eq!(config["http"]["routers"][R]["service"], R);
+        assert_eq!(config["http"]["routers"][R]["entryPoints"][0], "web");
+        assert_eq!(config["http"]["routers"][R]["middlewares"], json!([RETRY_MIDDLEWARE]));
+        assert_eq!(config["http"]["middlewares"][RETRY_MIDDLEWARE]["retry"]["attempts"], 3);
+        let servers = &config["http"]["services"][R]["loadBalancer"]["servers"];
+        assert_eq!(servers[0]["url"], "http://10.0.0.1:30001");
+        assert_eq!(servers[1]["url"], "http://[fd00::2]:30002");
+        assert_eq!((table.routers, table.servers), (1, 2));
+        assert_eq!(table.public, table.internal, "no certificates: one body");
+    }
+
+    #[test]
+    fn a_route_with_no_serving_replica_keeps_its_router_with_no_server() {
+        let table = render(&[row("app.example.com", "/", &[])], &EdgeSettings::default(), &[]);
+        let config = json(&table.public);
+        assert_eq!(config["http"]["services"][R]["loadBalancer"]["servers"], json!([]));
+        assert_eq!((table.routers, table.without_servers), (1, 1));
+    }
+
+    #[test]
+    fn no_routes_is_an_empty_object() {
+        let table = render(&[], &EdgeSettings::default(), &[]);
+        assert_eq!(table.public, b"{}");
+        assert_eq!(table.internal, b"{}");
+    }
+
+    #[test]
+    fn hostile_rows_never_reach_a_rule() {
+        let mut bad_resolver = row("ok.example.com", "/", &[("10.0.0.1", 1)]);
+        bad_resolver.tls_enabled = true;
+        bad_resolver.cert_resolver = Some("le\"}".into());
+        let rows = [
+            row("a.example.com`) || Host(`evil.com", "/", &[("10.0.0.1", 1)]),
+            row("a.example.com", "/x`) || PathPrefix(`/", &[("10.0.0.1", 1)]),
+            row("b.example.com", "/b", &[("10.0.0.1/evil", 1)]),
+            bad_resolver,
+        ];
+        let table = render(&rows, &EdgeSettings::default(), &[]);
+        assert_eq!(table.invalid.len(), 2, "{:?}", table.invalid);
+        assert_eq!(table.without_servers, 1, "an address that is not one is no server");
+        let text = String::from_utf8(table.public.clone()).unwrap();
+        assert!(!text.contains("evil"), "{text}");
+        assert_eq!(json(&table.public)["http"]["routers"][R]["tls"], json!({}));
+    }
+
+    #[test]
+    fn custom_domains_are_routed_only_when_proven_and_certificates_only_to_insiders() {
+        let edge = EdgeSettings {
+            platform_domains: vec![Hostname::parse("domain", "apps.example.com").unwrap()],
+            ..EdgeSettings::default()
+        };
+        let mut platform = row("web.apps.example.com", "/", &[("10.0.0.1", 1)]);
+        platform.domain_verified = false;
+        let mut unproven = row("shop.example.org", "/", &[("10.0.0.1", 1)]);
+        unproven.domain_verified = false;
+        unproven.deployment_id = Uuid::from_u128(0xdef);
+        let mut proven = row("blog.example.org", "/", &[("10.0.0.1", 1)]);
+        proven.deployment_id = Uuid::from_u128(0x123);
+        proven.tls_enabled = true;
+        proven.cert_resolver = Some("platform".into());
+        let certificate = TlsCertificate {
+            domain: "blog.example.org".into(),
+            chain_pem: "-----BEGIN CERTIFICATE-----".into(),
+            key_pem: "-----BEGIN PRIVATE KEY-----".into(),
+        };
+        let table = render(&[platform, unproven, proven], &edge, std::slice::from_ref(&certificate));
+        assert_eq!((table.routers, table.unverified, table.certificates), (2, 1, 1));
+        let internal = json(&table.internal);
+        assert!(!internal.to_string().contains("shop.example.org"));
+        let proven_router = &internal["http"]["routers"]["flo-00000000000000000000000000000123"];
+        assert_eq!(proven_router["tls"], json!({}), "the stored certificate, not the resolver: {proven_router}");
+        assert_eq!(proven_router["entryPoints"][0], "websecure");
+        assert_eq!(internal["tls"]["certificates"][0]["certFile"], "-----BEGIN CERTIFICATE-----");
+        let public = String::from_utf8(table.public).unwrap();
+        assert!(!public.contains("PRIVATE KEY") && !public.contains("\"tls\":{\"certificates"), "{public}");
+        assert!(!format!("{certificate:?}").contains("PRIVATE"), "Debug never shows the key");
+    }
+}

@@ -1,0 +1,24 @@
+//! The SQL twin of [`flotilla_types::serving::is_serving`]: which replica
+//! rows the edge may send requests to. `tests/schema.rs` checks the two
+//! agree on every combination of the facts they look at.
+
+/// A condition over a replica row `l` and its deployment `d`.
+pub(crate) const SERVING: &str = "(d.desired_state = 'running' AND l.replica_index < d.replicas \
+     AND l.status = 'running' AND l.health_status NOT IN ('starting', 'unhealthy') \
+     AND l.drain_state IS DISTINCT FROM 'retiring' AND l.address IS NOT NULL AND l.port IS NOT NULL \
+     AND EXISTS (SELECT 1 FROM node_metadata n WHERE n.node_id = l.node_id AND n.status = 'ready'))";
+
+impl crate::Store {
+    /// Every replica for which [`SERVING`] holds (for the test of the twins).
+    #[doc(hidden)]
+    pub async fn serving_replica_ids(&self) -> Result<Vec<flotilla_types::ReplicaId>, crate::StoreError> {
+        let sql = format!(
+            "SELECT l.id FROM deployment_locations l JOIN deployments d ON d.id = l.deployment_id WHERE {SERVING}"
+        );
+        let ids: Vec<uuid::Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_all(self.pool())
+            .await
+            .map_err(crate::StoreError::db("reading which replicas serve"))?;
+        Ok(ids.into_iter().map(Into::into).collect())
+    }
+}
