@@ -20,6 +20,8 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::probe::HealthMonitor;
+
 /// Events kept between passes at most.
 pub const EVENT_BUFFER: usize = 4096;
 
@@ -85,12 +87,15 @@ impl EventFeed {
     }
 
     /// Follows `node`'s container events until `cancel`, waking `wake` on
-    /// each one.
+    /// each one. A container that dies is no longer probed from this moment
+    /// (`monitor`): its address may be handed to another container before
+    /// the pass that follows.
     pub async fn run(
         self: Arc<Self>,
         docker: DockerClient,
         node: NodeId,
         wake: Arc<Notify>,
+        monitor: Arc<HealthMonitor>,
         cancel: CancellationToken,
     ) {
         let mut delays = flotilla_runtime::retry::delays(Duration::from_millis(100), Duration::from_secs(5));
@@ -105,6 +110,9 @@ impl EventFeed {
                         Some(Ok(event)) => {
                             delays = flotilla_runtime::retry::delays(Duration::from_millis(100), Duration::from_secs(5));
                             tracing::debug!(action = %event.action, container.id = %event.container_id, "container event");
+                            if event.action == "die" {
+                                monitor.forget_container(&event.container_id);
+                            }
                             self.push(event);
                             wake.notify_one();
                         }

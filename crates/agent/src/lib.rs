@@ -15,6 +15,7 @@
 
 mod error;
 mod events;
+pub mod exits;
 mod host;
 mod identity;
 pub mod metrics;
@@ -145,7 +146,9 @@ pub struct Agent {
     registered: AtomicBool,
     host: host::HostUsage,
     events: Arc<EventFeed>,
-    monitor: probe::HealthMonitor,
+    monitor: Arc<probe::HealthMonitor>,
+    /// Recent exits of each replica (crash loops).
+    exits: exits::ExitHistory,
     /// Replicas with a create or rollout under way.
     busy: Mutex<HashSet<ReplicaId>>,
     start_permits: Semaphore,
@@ -216,7 +219,8 @@ impl Agent {
             registered: AtomicBool::new(false),
             host: host::HostUsage::default(),
             events,
-            monitor: probe::HealthMonitor::default(),
+            monitor: Arc::new(probe::HealthMonitor::default()),
+            exits: exits::ExitHistory::default(),
             busy: Mutex::new(HashSet::new()),
             operations: TaskTracker::new(),
             operations_cancel: CancellationToken::new(),
@@ -266,8 +270,14 @@ impl Agent {
         if self.config.events {
             let feed = self.events.clone();
             tracker.spawn(
-                feed.run(self.docker.clone(), self.node_id.clone(), self.reconcile_wake.clone(), cancel.clone())
-                    .instrument(span.clone()),
+                feed.run(
+                    self.docker.clone(),
+                    self.node_id.clone(),
+                    self.reconcile_wake.clone(),
+                    self.monitor.clone(),
+                    cancel.clone(),
+                )
+                .instrument(span.clone()),
             );
         }
         let agent = self.clone();
@@ -427,7 +437,10 @@ impl Agent {
                 tracing::info!(replica.id = %change.replica, health = %change.health, "replica health changed");
             }
             let reason = if change.health == Health::Unhealthy { change.error.as_deref() } else { None };
-            if let Err(error) = self.store.record_health(&self.node_id, change.replica, change.health, reason).await {
+            let container = Some(change.container_id.as_str());
+            if let Err(error) =
+                self.store.record_health(&self.node_id, change.replica, container, change.health, reason).await
+            {
                 tracing::warn!(%error, "could not record a replica's health");
             }
         }

@@ -131,7 +131,7 @@ impl Agent {
         tracing::info!(container.id = %launched.container_id, port = launched.port, "replica running");
         match self.wait_healthy(assignment, &launched.container_id).await? {
             Ok(health) => {
-                self.store.record_health(&self.node_id, replica.id, health, None).await?;
+                self.store.record_health(&self.node_id, replica.id, Some(&launched.container_id), health, None).await?;
             }
             Err(why) => {
                 tracing::warn!(%why, "new replica did not become healthy");
@@ -196,7 +196,8 @@ impl Agent {
                 self.docker.stop_container(&container.id, self.config.stop_grace).await?;
                 self.stats.containers_stopped.fetch_add(1, Ordering::Relaxed);
                 let stopped = ManagedContainer { state: RunState::Exited, ..container.clone() };
-                self.record(assignment, &stopped, ReplicaState::Stopped, Some("stopped on request".to_owned())).await?;
+                self.record(assignment, &stopped, ReplicaState::Stopped, Some("stopped on request".to_owned()), false)
+                    .await?;
             }
             Retire::Remove { reason } => {
                 self.remove(&container.id, reason).await?;

@@ -69,6 +69,8 @@ pub struct PlanInput<'a> {
     pub containers: &'a [ManagedContainer],
     /// Replicas with a create or rollout under way: left alone.
     pub busy: &'a HashSet<ReplicaId>,
+    /// Crash-looping replicas whose container is not started again yet.
+    pub held: &'a HashSet<ReplicaId>,
     pub now: DateTime<Utc>,
     /// A replica that failed is tried again after this long.
     pub failed_retry_after: Duration,
@@ -245,7 +247,9 @@ fn plan_replica(
         // Docker restarts it by its restart policy; look at it next pass.
         RunState::Restarting => {}
         RunState::Created | RunState::Exited | RunState::Paused | RunState::Unknown => {
-            if restart_allowed(deployment.spec.restart_policy, c.exit_code) {
+            if input.held.contains(&replica.id) {
+                // Crash looping: started again once its backoff has passed.
+            } else if restart_allowed(deployment.spec.restart_policy, c.exit_code) {
                 actions.push(Action::StartExisting { replica: replica.id, container_id: c.id.clone() });
             } else if replica.status != ReplicaState::Stopped {
                 actions.push(Action::Record { replica: replica.id, container_id: c.id.clone() });
@@ -294,6 +298,9 @@ mod tests {
                 moving: false,
                 retiring: false,
                 node_ready: true,
+                restart_count: 0,
+                last_exit_code: None,
+                last_exit_at: None,
                 updated_at: Utc::now(),
             },
             deployment: DeploymentRecord {
@@ -336,6 +343,7 @@ mod tests {
             assignments,
             containers,
             busy,
+            held: &HashSet::new(),
             now: Utc::now(),
             failed_retry_after: Duration::from_secs(10),
         })

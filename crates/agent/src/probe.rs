@@ -58,6 +58,10 @@ async fn http_get(address: SocketAddr, path: &str) -> Result<(), String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeTarget {
     pub check: HealthCheck,
+    /// The container probed: a result is recorded only while the replica's
+    /// row still names it, and a container that dies is dropped at once
+    /// (its address may soon be another container's).
+    pub container_id: String,
     pub address: SocketAddr,
     /// The health the row shows, so only changes are written.
     pub recorded: Health,
@@ -65,6 +69,10 @@ pub struct ProbeTarget {
 
 #[derive(Debug)]
 struct Tracked {
+    /// Tells this target apart from an earlier one of the same replica: a
+    /// probe that was under way when its container stopped or was replaced
+    /// says nothing of the next one.
+    incarnation: u64,
     target: ProbeTarget,
     due: Instant,
     failures: u32,
@@ -76,12 +84,14 @@ struct Tracked {
 #[derive(Debug, Default)]
 pub struct HealthMonitor {
     tracked: Mutex<HashMap<ReplicaId, Tracked>>,
+    incarnations: std::sync::atomic::AtomicU64,
 }
 
 /// A change of a replica's health.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthChange {
     pub replica: ReplicaId,
+    pub container_id: String,
     pub health: Health,
     pub error: Option<String>,
 }
@@ -90,7 +100,11 @@ impl HealthMonitor {
     /// Replaces the set of targets, keeping the state of those that stay.
     pub fn set_targets(&self, targets: HashMap<ReplicaId, ProbeTarget>) {
         let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        tracked.retain(|id, t| targets.get(id).is_some_and(|new| new.address == t.target.address));
+        tracked.retain(|id, t| {
+            targets
+                .get(id)
+                .is_some_and(|new| new.address == t.target.address && new.container_id == t.target.container_id)
+        });
         let now = Instant::now();
         for (id, target) in targets {
             match tracked.get_mut(&id) {
@@ -99,10 +113,17 @@ impl HealthMonitor {
                 }
                 None => {
                     let health = target.recorded;
-                    tracked.insert(id, Tracked { target, due: now, failures: 0, health });
+                    let incarnation = self.incarnations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracked.insert(id, Tracked { incarnation, target, due: now, failures: 0, health });
                 }
             }
         }
+    }
+
+    /// Stops probing `container` (it died): until a pass sets it again, no
+    /// probe goes to its address, which another container may take.
+    pub fn forget_container(&self, container: &str) {
+        self.tracked.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, t| t.target.container_id != container);
     }
 
     pub fn len(&self) -> usize {
@@ -116,18 +137,18 @@ impl HealthMonitor {
     /// Probes every due target once and returns the health changes.
     pub async fn probe_due(&self) -> Vec<HealthChange> {
         let now = Instant::now();
-        let due: Vec<(ReplicaId, ProbeTarget)> = {
+        let due: Vec<(ReplicaId, u64, ProbeTarget)> = {
             let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-            tracked.iter().filter(|(_, t)| t.due <= now).map(|(id, t)| (*id, t.target.clone())).collect()
+            tracked.iter().filter(|(_, t)| t.due <= now).map(|(id, t)| (*id, t.incarnation, t.target.clone())).collect()
         };
-        let results = futures::future::join_all(
-            due.iter().map(|(id, target)| async move { (*id, probe(&target.check, target.address).await) }),
-        )
+        let results = futures::future::join_all(due.iter().map(|(id, incarnation, target)| async move {
+            (*id, *incarnation, probe(&target.check, target.address).await)
+        }))
         .await;
         let mut changes = Vec::new();
         let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        for (id, result) in results {
-            let Some(t) = tracked.get_mut(&id) else { continue };
+        for (id, incarnation, result) in results {
+            let Some(t) = tracked.get_mut(&id).filter(|t| t.incarnation == incarnation) else { continue };
             t.due = Instant::now() + Duration::from_millis(u64::from(t.target.check.interval_ms));
             let before = t.health;
             let error = match result {
@@ -146,7 +167,12 @@ impl HealthMonitor {
             };
             if t.health != before || t.health != t.target.recorded {
                 t.target.recorded = t.health;
-                changes.push(HealthChange { replica: id, health: t.health, error });
+                changes.push(HealthChange {
+                    replica: id,
+                    container_id: t.target.container_id.clone(),
+                    health: t.health,
+                    error,
+                });
             }
         }
         changes
@@ -191,13 +217,66 @@ mod tests {
         let monitor = HealthMonitor::default();
         let replica = ReplicaId::new();
         let check = HealthCheck { interval_ms: 100, unhealthy_threshold: 2, ..HealthCheck::default() };
-        monitor
-            .set_targets(HashMap::from([(replica, ProbeTarget { check, address: closed, recorded: Health::Healthy })]));
+        monitor.set_targets(HashMap::from([(replica, target(check.clone(), closed))]));
         assert!(monitor.probe_due().await.is_empty(), "one failure is below the threshold");
         tokio::time::sleep(Duration::from_millis(120)).await;
         let changes = monitor.probe_due().await;
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].health, Health::Unhealthy);
         assert!(changes[0].error.is_some());
+        assert_eq!(changes[0].container_id, "c1");
+    }
+
+    fn target(check: HealthCheck, address: SocketAddr) -> ProbeTarget {
+        ProbeTarget { check, container_id: "c1".into(), address, recorded: Health::Healthy }
+    }
+
+    #[tokio::test]
+    async fn a_dead_container_is_never_probed_again_and_a_new_one_starts_over() {
+        let ok = http_server("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+        let monitor = HealthMonitor::default();
+        let replica = ReplicaId::new();
+        let check = HealthCheck { interval_ms: 10, ..HealthCheck::default() };
+        let mut probed = target(check, ok);
+        probed.recorded = Health::Starting;
+        monitor.set_targets(HashMap::from([(replica, probed.clone())]));
+        monitor.forget_container("c1");
+        assert!(monitor.is_empty() && monitor.probe_due().await.is_empty(), "nothing probes a dead container");
+        // The same address, another container: its own health, not the old one's.
+        monitor.set_targets(HashMap::from([(replica, ProbeTarget { container_id: "c2".into(), ..probed.clone() })]));
+        let changes = monitor.probe_due().await;
+        assert_eq!((changes[0].container_id.as_str(), changes[0].health), ("c2", Health::Healthy));
+
+        // A probe under way while its container stops and starts again (the
+        // same id and address) is not taken for the new run's health.
+        let slow = slow_server().await;
+        let http = HealthCheck { interval_ms: 10, ..HealthCheck::of(HealthCheckKind::Http) };
+        let restarted = ProbeTarget { container_id: "c3".into(), address: slow, check: http, ..probed };
+        monitor.set_targets(HashMap::from([(replica, restarted.clone())]));
+        let under_way = monitor.probe_due();
+        let meanwhile = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            monitor.forget_container("c3");
+            monitor.set_targets(HashMap::from([(replica, restarted.clone())]));
+        };
+        let (changes, ()) = tokio::join!(under_way, meanwhile);
+        assert!(changes.is_empty(), "a stale probe's result was recorded: {changes:?}");
+    }
+
+    /// Answers 200, 100 ms after each request.
+    async fn slow_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = socket.read(&mut buf).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = socket.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+                });
+            }
+        });
+        address
     }
 }

@@ -16,6 +16,7 @@ use flotilla_types::{DeploymentId, DesiredState, HealthCheckKind, NetworkMode, R
 use futures::StreamExt;
 use serde::Serialize;
 
+use crate::exits;
 use crate::operations::Retire;
 use crate::plan::{self, Action, PlanInput, RemoveReason};
 use crate::probe::ProbeTarget;
@@ -94,7 +95,8 @@ impl Agent {
     #[tracing::instrument(skip_all, fields(node.id = %self.node_id), err)]
     pub async fn reconcile(self: &Arc<Self>) -> Result<PassReport, AgentError> {
         let _one_at_a_time = self.pass_lock.lock().await;
-        let events = self.events.take().len();
+        let events = self.events.take();
+        let deaths = exits::deaths(&events);
         // Busy replicas first: an operation writes its results before it
         // leaves the busy set, so a replica not busy now has them in the reads
         // below; read the other way round, a pass could see an operation's
@@ -103,12 +105,26 @@ impl Agent {
         // Containers before rows: one created after this list has its row
         // already (rows are written before containers), so it is never taken
         // for an orphan.
-        let containers = self.docker.list_managed(&self.node_id).await?;
-        let assignments = self.store.node_assignments(&self.node_id).await?;
+        let mut containers = self.docker.list_managed(&self.node_id).await?;
+        // The list can still show a container running a moment after its
+        // `die` event: the engine answers an inspect only once it has
+        // recorded the exit.
+        for container in containers.iter_mut().filter(|c| deaths.contains_key(&c.id) && c.state.is_running()) {
+            if let Some(status) = self.docker.status(&container.id).await? {
+                container.state = status.state;
+                container.exit_code = status.exit_code;
+                container.ip_address = status.ip_address;
+                container.docker_health = status.docker_health;
+            }
+        }
+        let mut assignments = self.store.node_assignments(&self.node_id).await?;
+        self.record_exits(&mut assignments, &containers, &deaths, &busy).await?;
+        let held = self.restarts_held(&assignments);
         let actions = plan::plan(PlanInput {
             assignments: &assignments,
             containers: &containers,
             busy: &busy,
+            held: &held,
             now: Utc::now(),
             failed_retry_after: self.config.failed_retry_after,
         });
@@ -153,7 +169,7 @@ impl Agent {
         let mut report = PassReport {
             containers: containers.len(),
             assignments: assignments.len(),
-            events,
+            events: events.len(),
             ..PassReport::default()
         };
         let mut first_error = None;
@@ -238,7 +254,7 @@ impl Agent {
                 match self.docker.start_container(&container.id).await {
                     Ok(()) => {
                         tracing::info!(replica.id = %replica, container.id = %container.id, "stopped container started again");
-                        self.record(assignment, container, ReplicaState::Running, None).await?;
+                        self.record(assignment, container, ReplicaState::Running, None, true).await?;
                         Ok(Outcome::Started)
                     }
                     Err(error) if error.is_unreachable() => Err(error.into()),
@@ -285,7 +301,7 @@ impl Agent {
                         Some(format!("exited with code {code}; its restart policy does not restart it")),
                     )
                 };
-                self.record(assignment, container, status, message).await?;
+                self.record(assignment, container, status, message, false).await?;
                 Ok(Outcome::Recorded)
             }
             Action::Remove { container_id, replica: Some(replica), delete_row: true, reason }
@@ -402,20 +418,29 @@ impl Agent {
     }
 
     /// Records a container as the replica's, with the health it shows.
+    /// `started` (the agent just started it again): a probed replica is
+    /// `starting` until its probe passes, whatever it was before it stopped.
+    /// A crash-looping replica is unhealthy and says so while it runs.
     pub(crate) async fn record(
         &self,
         assignment: &Assignment,
         container: &ManagedContainer,
         status: ReplicaState,
         message: Option<String>,
+        started: bool,
     ) -> Result<bool, AgentError> {
         let check = assignment.deployment.spec.health_check.kind;
+        let looping =
+            (status == ReplicaState::Running).then(|| self.exits.crash_looping(assignment.replica.id)).flatten();
         let health = match plan::observed_health(check, container) {
+            _ if looping.is_some() => Health::Unhealthy,
             Some(health) => health,
+            None if started => Health::Starting,
             // Probed: keep what the prober recorded for this container.
             None if assignment.replica.container_id.as_deref() == Some(&container.id) => assignment.replica.health,
             None => Health::Unknown,
         };
+        let message = looping.or(message);
         let seen = ReplicaObservation {
             id: assignment.replica.id,
             status,
@@ -454,6 +479,81 @@ impl Agent {
         Ok(())
     }
 
+    /// Records, on each replica whose container died since the last pass
+    /// (while it should run), the exit: its code and count, out of the
+    /// route table (unhealthy, or starting when it runs again already), and
+    /// whether it is crash looping. `assignments` are updated to match.
+    async fn record_exits(
+        &self,
+        assignments: &mut [Assignment],
+        containers: &[ManagedContainer],
+        deaths: &HashMap<String, exits::Deaths>,
+        busy: &HashSet<ReplicaId>,
+    ) -> Result<(), AgentError> {
+        for assignment in assignments.iter_mut() {
+            let replica = &assignment.replica;
+            let Some(container_id) = replica.container_id.clone() else { continue };
+            let Some(died) = deaths.get(&container_id) else { continue };
+            // Stopped by the agent (on request, being removed or replaced):
+            // not an exit to report.
+            if assignment.deployment.desired_state != DesiredState::Running
+                || replica.status != ReplicaState::Running
+                || replica.retiring
+                || busy.contains(&replica.id)
+            {
+                continue;
+            }
+            let container = containers.iter().find(|c| c.id == container_id);
+            let running_again = container.is_some_and(|c| c.state.is_running());
+            let code = died
+                .codes
+                .last()
+                .copied()
+                .flatten()
+                .or_else(|| container.and_then(|c| c.exit_code).and_then(|c| i32::try_from(c).ok()));
+            self.exits.record(replica.id, died.codes.len(), code);
+            let (health, message) = match self.exits.crash_looping(replica.id) {
+                Some(looping) => (Health::Unhealthy, looping),
+                None if running_again => {
+                    let health = match assignment.deployment.spec.health_check.kind {
+                        HealthCheckKind::None => Health::None,
+                        _ => Health::Starting,
+                    };
+                    (health, exits::exit_message(code, true))
+                }
+                None => (Health::Unhealthy, exits::exit_message(code, false)),
+            };
+            tracing::warn!(replica.id = %replica.id, container.id = %container_id, ?code, %message, "replica's container exited");
+            if self.store.record_exit(&self.node_id, replica.id, &container_id, code, health, &message).await? {
+                assignment.replica.health = health;
+                assignment.replica.status_message = Some(message);
+                assignment.replica.restart_count += died.codes.len() as u32;
+                assignment.replica.last_exit_code = code;
+            }
+        }
+        self.exits.retain(|id| assignments.iter().any(|a| a.replica.id == *id));
+        Ok(())
+    }
+
+    /// Crash-looping replicas the agent does not start again yet; a pass is
+    /// woken when the first of them may be.
+    fn restarts_held(self: &Arc<Self>, assignments: &[Assignment]) -> HashSet<ReplicaId> {
+        let now = Instant::now();
+        let waits: Vec<(ReplicaId, Instant)> = assignments
+            .iter()
+            .filter_map(|a| self.exits.restart_not_before(a.replica.id).map(|at| (a.replica.id, at)))
+            .filter(|(_, at)| *at > now)
+            .collect();
+        if let Some(first) = waits.iter().map(|(_, at)| *at).min() {
+            let wake = self.reconcile_wake.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(first.into()).await;
+                wake.notify_one();
+            });
+        }
+        waits.into_iter().map(|(id, _)| id).collect()
+    }
+
     /// The replicas whose TCP/HTTP health the prober checks: the running
     /// ones with an address.
     fn set_probe_targets(&self, assignments: &[Assignment], containers: &[ManagedContainer]) {
@@ -469,6 +569,7 @@ impl Agent {
                     a.replica.id,
                     ProbeTarget {
                         check: a.deployment.spec.health_check.clone(),
+                        container_id: container.id.clone(),
                         address: SocketAddr::new(ip, port),
                         recorded: a.replica.health,
                     },

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use flotilla_proto::v1 as pb;
-use flotilla_store::{DeploymentView, ReplicaRecord};
+use flotilla_store::{DeploymentRecord, DeploymentView, ReplicaRecord};
 use flotilla_types::status::{Health, Rollout};
 use flotilla_types::{
     DeploymentSpecInput, DeploymentStatus, EnvVar, FieldError, HealthCheck, HealthCheckKind, NetworkMode, ReplicaState,
@@ -159,8 +159,12 @@ fn replica_health(health: Health) -> pb::ReplicaHealth {
     }
 }
 
-fn replica(r: &ReplicaRecord) -> pb::Replica {
+fn replica(r: &ReplicaRecord, deployment: &DeploymentRecord) -> pb::Replica {
     pb::Replica {
+        restart_count: r.restart_count,
+        last_exit_code: r.last_exit_code,
+        last_exit_at: r.last_exit_at.map(timestamp),
+        serving: r.serving(deployment),
         index: r.replica_index as u32,
         node_id: r.node_id.to_string(),
         container_id: r.container_id.clone().unwrap_or_default(),
@@ -249,7 +253,7 @@ pub fn deployment(view: &DeploymentView) -> pb::Deployment {
         replica_count: d.spec.replicas,
         status: deployment_status(status) as i32,
         status_message: message.unwrap_or_default(),
-        replicas: view.replicas.iter().map(replica).collect(),
+        replicas: view.replicas.iter().map(|r| replica(r, &view.deployment)).collect(),
         generation: d.generation,
         created_at: Some(timestamp(d.created_at)),
         updated_at: Some(timestamp(d.updated_at)),

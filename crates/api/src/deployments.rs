@@ -279,8 +279,10 @@ fn routing(api: &ApiState, id: DeploymentId, r: flotilla_store::routes::RoutingR
     };
     let not_served_reason = if !r.domain_verified && api.domains.needs_proof_of(&r.domain) {
         format!("{} is not proven yet: publish its TXT record (flo domains <app> --verify)", r.domain)
+    } else if r.serving_replicas == 0 && r.down {
+        "no replica serves: the app is down, and the edge answers 503".to_owned()
     } else if r.serving_replicas == 0 {
-        "no replica serves yet: the edge answers 503".to_owned()
+        "no replica serves yet: the edge answers 404 until one does".to_owned()
     } else if proxies == 0 {
         "no edge proxy (Traefik) takes the route table: nothing answers for this domain".to_owned()
     } else {

@@ -509,6 +509,9 @@ fn synthetic(size: usize) -> (Vec<Assignment>, Vec<ManagedContainer>) {
                 moving: false,
                 retiring: false,
                 node_ready: true,
+                restart_count: 0,
+                last_exit_code: None,
+                last_exit_at: None,
                 updated_at: now,
             },
             deployment: DeploymentRecord {
@@ -555,6 +558,7 @@ fn diff(size: usize, runs: usize) {
                 assignments: &assignments,
                 containers: &containers,
                 busy: &busy,
+                held: &busy,
                 now: chrono::Utc::now(),
                 failed_retry_after: Duration::from_secs(10),
             });

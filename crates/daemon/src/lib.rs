@@ -475,13 +475,21 @@ impl Drop for Daemon {
 
 /// Serves `router` on `listener` until `shutdown`, with each connection's
 /// peer address known to handlers (the route table tells edge proxies
-/// apart by it).
+/// apart by it). Small answers leave at once (TCP_NODELAY): a route table
+/// answer held back by Nagle's algorithm would wait for the proxy's
+/// delayed ACK, some 40 ms.
 fn serve(
     listener: TcpListener,
     router: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     tracker: &TaskTracker,
 ) {
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     tracker.spawn(async move {
         let make = router.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(error) = axum::serve(listener, make).with_graceful_shutdown(shutdown).await {

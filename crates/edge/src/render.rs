@@ -7,16 +7,20 @@
 //!
 //! What Traefik does with the output shaped these choices (each checked
 //! against a real Traefik 3.7 in `tests/edge.rs`):
-//! - a running deployment with no replica serving keeps its router with an
-//!   empty server list: Traefik answers 503 (an app that is down), not 404
-//!   (an app that does not exist);
-//! - a stopped or deleted deployment has no router: 404;
+//! - a deployment that is down (a replica it wants crashed or exited, or it
+//!   is scaled to zero) keeps its router with an empty server list: Traefik
+//!   answers 503, an app that is down;
+//! - one with no replica serving yet (being deployed or started), a stopped
+//!   or a deleted one has no router: 404, an app that is not there;
 //! - no routes at all is `{}`: Traefik refuses `{"http":{}}` ("http cannot
 //!   be a standalone element") and would keep serving the last routes;
 //! - every router retries a request whose connection failed before it was
 //!   sent (Traefik's retry middleware never resends a request it wrote), so
 //!   a replica that crashed between two tables costs no request while
-//!   another replica serves.
+//!   another replica serves;
+//! - a route with TLS has a twin on the plain-HTTP entry point that
+//!   redirects to HTTPS; the entry point itself redirects nothing, so a
+//!   host nobody routes is a 404 on both.
 
 use std::net::IpAddr;
 
@@ -32,6 +36,10 @@ use crate::rules::Route;
 /// The middleware every router uses: retries connections that failed
 /// before the request was written, on another server.
 pub const RETRY_MIDDLEWARE: &str = "flo-retry";
+
+/// The middleware of the plain-HTTP twin of a TLS route: a permanent
+/// redirect to HTTPS.
+pub const REDIRECT_MIDDLEWARE: &str = "flo-redirect-https";
 
 /// A certificate and its key, in PEM, for `tls.certificates`.
 #[derive(Clone, PartialEq, Eq)]
@@ -57,8 +65,9 @@ pub struct RenderedTable {
     pub internal: Vec<u8>,
     pub routers: usize,
     pub servers: usize,
-    /// Routes of running deployments with no replica serving right now
-    /// (kept, with no server: Traefik answers 503).
+    /// Routes of running deployments with no replica serving right now:
+    /// kept with no server when the app is down (Traefik answers 503),
+    /// left out while it is being deployed or started (404).
     pub without_servers: usize,
     /// Rows that failed validation (left out, and logged by the caller).
     pub invalid: Vec<String>,
@@ -107,6 +116,8 @@ struct Server {
 struct Entry<'a> {
     name: String,
     router: Router<'a>,
+    /// The plain-HTTP twin of a TLS route, redirecting to HTTPS.
+    redirect: Option<Router<'a>>,
     service: Service,
 }
 
@@ -119,7 +130,14 @@ impl Serialize for Http<'_, '_> {
         struct Routers<'e, 'a>(&'e [Entry<'a>]);
         impl Serialize for Routers<'_, '_> {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.collect_map(self.0.iter().map(|e| (&e.name, &e.router)))
+                let mut map = serializer.serialize_map(None)?;
+                for entry in self.0 {
+                    map.serialize_entry(&entry.name, &entry.router)?;
+                    if let Some(redirect) = &entry.redirect {
+                        map.serialize_entry(&format!("{}-http", entry.name), redirect)?;
+                    }
+                }
+                map.end()
             }
         }
         struct Services<'e, 'a>(&'e [Entry<'a>]);
@@ -128,11 +146,14 @@ impl Serialize for Http<'_, '_> {
                 serializer.collect_map(self.0.iter().map(|e| (&e.name, &e.service)))
             }
         }
-        let retry = serde_json::json!({ RETRY_MIDDLEWARE: { "retry": { "attempts": 3, "initialInterval": "10ms" } } });
+        let middlewares = serde_json::json!({
+            RETRY_MIDDLEWARE: { "retry": { "attempts": 3, "initialInterval": "10ms" } },
+            REDIRECT_MIDDLEWARE: { "redirectScheme": { "scheme": "https", "permanent": true } },
+        });
         let mut map = serializer.serialize_map(Some(3))?;
         map.serialize_entry("routers", &Routers(self.0))?;
         map.serialize_entry("services", &Services(self.0))?;
-        map.serialize_entry("middlewares", &retry)?;
+        map.serialize_entry("middlewares", &middlewares)?;
         map.end()
     }
 }
@@ -182,6 +203,9 @@ pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings, certificates: &[TlsCe
             .collect();
         if servers.is_empty() {
             table.without_servers += 1;
+            if !row.down {
+                continue;
+            }
         }
         let tls = row.tls_enabled.then(|| {
             // A certificate Flotilla holds is chosen by SNI from tls.certificates.
@@ -192,6 +216,14 @@ pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings, certificates: &[TlsCe
         table.routers += 1;
         table.servers += servers.len();
         let name = route.router_name();
+        let redirect = row.tls_enabled.then(|| Router {
+            rule: route.rule(),
+            service: name.clone(),
+            priority: route.priority(),
+            entry_points: [edge.http_entrypoint.as_str()],
+            middlewares: [REDIRECT_MIDDLEWARE],
+            tls: None,
+        });
         entries.push(Entry {
             router: Router {
                 rule: route.rule(),
@@ -201,6 +233,7 @@ pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings, certificates: &[TlsCe
                 middlewares: [RETRY_MIDDLEWARE],
                 tls,
             },
+            redirect,
             service: Service { load_balancer: LoadBalancer { servers, pass_host_header: true } },
             name,
         });
@@ -254,6 +287,7 @@ mod tests {
             servers: servers.iter().map(|s| s.0.to_owned()).collect(),
             ports: servers.iter().map(|s| s.1).collect(),
             domain_verified: true,
+            down: false,
         }
     }
 
@@ -284,11 +318,15 @@ mod tests {
     }
 
     #[test]
-    fn a_route_with_no_serving_replica_keeps_its_router_with_no_server() {
-        let table = render(&[row("app.example.com", "/", &[])], &EdgeSettings::default(), &[]);
+    fn an_app_that_is_down_keeps_its_router_with_no_server_and_one_not_up_yet_has_none() {
+        let mut down = row("app.example.com", "/", &[]);
+        down.down = true;
+        let table = render(&[down], &EdgeSettings::default(), &[]);
         let config = json(&table.public);
         assert_eq!(config["http"]["services"][R]["loadBalancer"]["servers"], json!([]));
         assert_eq!((table.routers, table.without_servers), (1, 1));
+        let table = render(&[row("app.example.com", "/", &[])], &EdgeSettings::default(), &[]);
+        assert_eq!((table.public.as_slice(), table.without_servers), (b"{}".as_slice(), 1));
     }
 
     #[test]
@@ -344,6 +382,10 @@ mod tests {
         let proven_router = &internal["http"]["routers"]["flo-00000000000000000000000000000123"];
         assert_eq!(proven_router["tls"], json!({}), "the stored certificate, not the resolver: {proven_router}");
         assert_eq!(proven_router["entryPoints"][0], "websecure");
+        let twin = &internal["http"]["routers"]["flo-00000000000000000000000000000123-http"];
+        assert_eq!((&twin["entryPoints"][0], &twin["rule"]), (&json!("web"), &proven_router["rule"]));
+        assert_eq!(twin["middlewares"], json!([REDIRECT_MIDDLEWARE]));
+        assert_eq!(internal["http"]["middlewares"][REDIRECT_MIDDLEWARE]["redirectScheme"]["scheme"], "https");
         assert_eq!(internal["tls"]["certificates"][0]["certFile"], "-----BEGIN CERTIFICATE-----");
         let public = String::from_utf8(table.public).unwrap();
         assert!(!public.contains("PRIVATE KEY") && !public.contains("\"tls\":{\"certificates"), "{public}");

@@ -145,8 +145,8 @@ fn proxy_id(name: &str, address: IpAddr) -> String {
     format!("{name}@{address}")
 }
 
-fn proxy_name(headers: &HeaderMap) -> &str {
-    headers.get(PROXY_NAME_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("proxy")
+fn proxy_name(headers: &HeaderMap) -> Option<&str> {
+    headers.get(PROXY_NAME_HEADER).and_then(|v| v.to_str().ok())
 }
 
 /// `wait=N` in seconds (fractions allowed), capped.
@@ -175,11 +175,14 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
         Some(_) => requested_wait(request.uri().query(), server.max_wait),
         None => Duration::ZERO,
     };
+    let named = proxy_name(headers).map(str::to_owned);
     let (proxy, mut sent) = match peer {
         Some(peer) => {
-            let name = proxy_name(headers).to_owned();
+            let name = named.clone().unwrap_or_default();
             let (proxy, sent) = server.arrive(peer, &name);
-            server.recorder.seen(&proxy, &name, peer.ip(), sent.as_ref().map(|s| s.snapshot.clone()));
+            if named.is_some() {
+                server.recorder.seen(&proxy, &name, peer.ip(), sent.as_ref().map(|s| s.snapshot.clone()));
+            }
             (Some((proxy, name, peer)), sent)
         }
         None => (None, None),
@@ -206,7 +209,9 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
         {
             sent.snapshot = current.snapshot.clone();
             server.remember(*peer, sent.clone());
-            server.recorder.seen(proxy, name, peer.ip(), Some(sent.snapshot.clone()));
+            if named.is_some() {
+                server.recorder.seen(proxy, name, peer.ip(), Some(sent.snapshot.clone()));
+            }
         }
         if !held {
             held = true;

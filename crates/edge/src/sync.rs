@@ -86,7 +86,7 @@ impl EdgeSync {
     /// route table, and before stopping the container.
     #[tracing::instrument(name = "edge.wait_for_proxies", skip_all)]
     pub async fn unrouted(&self) -> Result<SyncOutcome, StoreError> {
-        let snapshot = self.store.current_snapshot().await?;
+        let snapshot = self.store.snapshot_for_edge().await?;
         let outcome = self.wait_for(&snapshot).await?;
         match &outcome {
             SyncOutcome::NoProxies => {}

@@ -60,6 +60,11 @@ pub struct ReplicaRecord {
     pub retiring: bool,
     /// Its node is `ready` (not down or suspect).
     pub node_ready: bool,
+    /// Times its container exited since it was made (crashes, kills).
+    pub restart_count: u32,
+    /// The exit code of the last exit.
+    pub last_exit_code: Option<i32>,
+    pub last_exit_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -290,6 +295,9 @@ pub(crate) struct ReplicaRow {
     pub moving: bool,
     pub retiring: bool,
     pub node_ready: bool,
+    pub restart_count: i32,
+    pub last_exit_code: Option<i32>,
+    pub last_exit_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -298,7 +306,7 @@ pub(crate) const REPLICA_COLUMNS: &str = "l.id, l.deployment_id, l.replica_index
      l.address, l.port, l.container_port, l.status_message, l.placement_reason, coalesce(l.drain_state = 'moving', false) AS moving, \
      coalesce(l.drain_state = 'retiring', false) AS retiring, \
      coalesce((SELECT n.status = 'ready' FROM node_metadata n WHERE n.node_id = l.node_id), false) AS node_ready, \
-     l.updated_at";
+     l.restart_count, l.last_exit_code, l.last_exit_at, l.updated_at";
 
 impl TryFrom<ReplicaRow> for ReplicaRecord {
     type Error = StoreError;
@@ -326,6 +334,9 @@ impl TryFrom<ReplicaRow> for ReplicaRecord {
             moving: row.moving,
             retiring: row.retiring,
             node_ready: row.node_ready,
+            restart_count: u32::try_from(row.restart_count).unwrap_or_default(),
+            last_exit_code: row.last_exit_code,
+            last_exit_at: row.last_exit_at,
             updated_at: row.updated_at,
         })
     }

@@ -97,10 +97,14 @@ impl Store {
     /// Records what the agent of `node` observed. Returns false when the row
     /// no longer exists (the replica was removed meanwhile).
     pub async fn record_replica(&self, node: &NodeId, seen: &ReplicaObservation) -> Result<bool, StoreError> {
+        // A new container starts its exit count again.
         let updated = sqlx::query(
             "UPDATE deployment_locations SET status = $3, health_status = $4, container_id = $5, \
              container_name = $6, port = $7, generation = coalesce($8, generation), status_message = $9, \
-             started_at = coalesce($10, started_at), health_checked_at = now(), updated_at = now() \
+             started_at = coalesce($10, started_at), health_checked_at = now(), updated_at = now(), \
+             restart_count = CASE WHEN container_id IS DISTINCT FROM $5 THEN 0 ELSE restart_count END, \
+             last_exit_code = CASE WHEN container_id IS DISTINCT FROM $5 THEN NULL ELSE last_exit_code END, \
+             last_exit_at = CASE WHEN container_id IS DISTINCT FROM $5 THEN NULL ELSE last_exit_at END \
              WHERE id = $1 AND node_id = $2",
         )
         .bind(seen.id.as_uuid())
@@ -125,11 +129,14 @@ impl Store {
     }
 
     /// Records a running replica's health and, when it is unhealthy, why
-    /// (`reason`); a healthy replica's reason is cleared.
+    /// (`reason`); a healthy replica's reason is cleared. Only while the row
+    /// names `container` (when given): a probe of a container that has been
+    /// replaced says nothing of the replica.
     pub async fn record_health(
         &self,
         node: &NodeId,
         id: ReplicaId,
+        container: Option<&str>,
         health: Health,
         reason: Option<&str>,
     ) -> Result<bool, StoreError> {
@@ -137,15 +144,46 @@ impl Store {
             "UPDATE deployment_locations SET health_status = $3, health_checked_at = now(), \
              status_message = CASE WHEN status = 'running' THEN $4 ELSE status_message END, \
              updated_at = CASE WHEN health_status = $3 THEN updated_at ELSE now() END \
-             WHERE id = $1 AND node_id = $2",
+             WHERE id = $1 AND node_id = $2 AND ($5::text IS NULL OR container_id = $5)",
         )
         .bind(id.as_uuid())
         .bind(node.as_str())
         .bind(health.as_str())
         .bind(reason.map(|r| format!("unhealthy: {r}")))
+        .bind(container)
         .execute(self.pool())
         .await
         .map_err(StoreError::db("recording a replica's health"))?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Records that the replica's container `container` exited with `code`:
+    /// one more exit, its health (unhealthy, or starting when it already
+    /// runs again) and what users are told. Only while the row names that
+    /// container.
+    pub async fn record_exit(
+        &self,
+        node: &NodeId,
+        id: ReplicaId,
+        container: &str,
+        code: Option<i32>,
+        health: Health,
+        message: &str,
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE deployment_locations SET restart_count = restart_count + 1, last_exit_code = $4, \
+             last_exit_at = now(), health_status = $5, status_message = $6, health_checked_at = now(), \
+             updated_at = now() WHERE id = $1 AND node_id = $2 AND container_id = $3",
+        )
+        .bind(id.as_uuid())
+        .bind(node.as_str())
+        .bind(container)
+        .bind(code)
+        .bind(health.as_str())
+        .bind(message)
+        .execute(self.pool())
+        .await
+        .map_err(StoreError::db("recording a replica's exit"))?;
         Ok(updated.rows_affected() == 1)
     }
 

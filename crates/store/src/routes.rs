@@ -13,7 +13,7 @@ use flotilla_types::snapshot::BadSnapshot;
 use crate::domains::StoredCertificate;
 use crate::error::unique_violation;
 use crate::models::corrupt;
-use crate::serving::SERVING;
+use crate::serving::{APP_DOWN, SERVING};
 use crate::{Store, StoreError};
 
 /// The NOTIFY channel of the triggers on everything the route table reads
@@ -45,6 +45,9 @@ pub struct RouteTableRow {
     pub ports: Vec<i32>,
     /// Its deployment proved the domain (a custom domain is routed only then).
     pub domain_verified: bool,
+    /// The app is down rather than not there yet: scaled to zero, or a
+    /// replica it wants crashed or exited (the edge answers 503, not 404).
+    pub down: bool,
 }
 
 /// The route table as of one snapshot of the database.
@@ -114,11 +117,12 @@ impl Store {
              coalesce(array_agg(l.port ORDER BY l.replica_index, l.id) FILTER (WHERE l.id IS NOT NULL), '{{}}') \
              AS ports, \
              EXISTS (SELECT 1 FROM domain_verifications v WHERE v.deployment_id = r.deployment_id \
-                     AND v.domain = r.domain AND v.verified_at IS NOT NULL) AS domain_verified \
+                     AND v.domain = r.domain AND v.verified_at IS NOT NULL) AS domain_verified, \
+             {APP_DOWN} AS down \
              FROM deployment_routing r JOIN deployments d ON d.id = r.deployment_id \
              LEFT JOIN deployment_locations l ON l.deployment_id = r.deployment_id AND {SERVING} \
              WHERE d.desired_state = 'running' \
-             GROUP BY r.id ORDER BY r.deployment_id, r.path_prefix"
+             GROUP BY r.id, d.id ORDER BY r.deployment_id, r.path_prefix"
         );
         let rows: Vec<RouteTableRow> =
             sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await.map_err(StoreError::db(op))?;
@@ -143,11 +147,25 @@ impl Store {
 
     /// A snapshot taken now: it holds every change committed so far.
     pub async fn current_snapshot(&self) -> Result<DbSnapshot, StoreError> {
-        let op = "taking a snapshot";
         let text: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
             .fetch_one(self.pool())
             .await
-            .map_err(StoreError::db(op))?;
+            .map_err(StoreError::db("taking a snapshot"))?;
+        parse_snapshot(&text)
+    }
+
+    /// A snapshot taken now, and a route table notice: every process
+    /// serving the table renders it again in a later snapshot, so a proxy
+    /// already holding the same table is known to hold this snapshot with no
+    /// round trip (writes elsewhere, heartbeats say, would otherwise leave
+    /// this snapshot newer than every table until the next route change).
+    pub async fn snapshot_for_edge(&self) -> Result<DbSnapshot, StoreError> {
+        let text: String =
+            sqlx::query_scalar("SELECT pg_current_snapshot()::text FROM (SELECT pg_notify($1, 'sync')) AS notice")
+                .bind(CHANNEL)
+                .fetch_one(self.pool())
+                .await
+                .map_err(StoreError::db("taking a snapshot for the edge"))?;
         parse_snapshot(&text)
     }
 
@@ -230,6 +248,8 @@ pub struct RoutingRecord {
     pub serving_replicas: i64,
     /// Its deployment proved the domain.
     pub domain_verified: bool,
+    /// Down rather than not up yet (see [`RouteTableRow::down`]).
+    pub down: bool,
 }
 
 impl crate::Tenant<'_> {
@@ -240,7 +260,8 @@ impl crate::Tenant<'_> {
              (SELECT count(*) FROM deployment_locations l WHERE l.deployment_id = d.id AND {SERVING}) \
              AS serving_replicas, \
              EXISTS (SELECT 1 FROM domain_verifications v WHERE v.deployment_id = r.deployment_id \
-                     AND v.domain = r.domain AND v.verified_at IS NOT NULL) AS domain_verified \
+                     AND v.domain = r.domain AND v.verified_at IS NOT NULL) AS domain_verified, \
+             {APP_DOWN} AS down \
              FROM deployment_routing r JOIN deployments d ON d.id = r.deployment_id \
              WHERE d.organization_id = $1 AND d.id = $2 ORDER BY r.domain, r.path_prefix"
         );

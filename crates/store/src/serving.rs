@@ -8,6 +8,16 @@ pub(crate) const SERVING: &str = "(d.desired_state = 'running' AND l.replica_ind
      AND l.drain_state IS DISTINCT FROM 'retiring' AND l.address IS NOT NULL AND l.port IS NOT NULL \
      AND EXISTS (SELECT 1 FROM node_metadata n WHERE n.node_id = l.node_id AND n.status = 'ready'))";
 
+/// A deployment `d` that is down rather than not up yet: scaled to zero, or
+/// a replica it wants is unhealthy or exited by itself since it last
+/// started (a container stopped on request does not count). The edge
+/// answers 503 for it when no replica serves (404 for one being deployed or
+/// started).
+pub(crate) const APP_DOWN: &str = "(d.replicas = 0 OR EXISTS (SELECT 1 FROM deployment_locations x \
+     WHERE x.deployment_id = d.id AND x.replica_index < d.replicas AND x.drain_state IS NULL \
+     AND ((x.status = 'running' AND x.health_status = 'unhealthy') \
+          OR (x.status = 'stopped' AND x.last_exit_at >= coalesce(x.started_at, '-infinity')))))";
+
 impl crate::Store {
     /// Every replica for which [`SERVING`] holds (for the test of the twins).
     #[doc(hidden)]

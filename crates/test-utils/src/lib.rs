@@ -11,12 +11,14 @@ mod docker;
 pub mod oidc;
 pub mod proxy;
 mod redis_prefix;
+pub mod traefik;
 
 pub use acme::{TestDnsServer, TestPebble};
 pub use database::TestDb;
 pub use docker::{DEMO_IMAGE, TEST_LABEL, TestDocker};
 pub use oidc::TestOidcProvider;
 pub use redis_prefix::TestRedis;
+pub use traefik::{LoopingClient, Sample, TestTraefik, TraefikOptions};
 
 use std::sync::Once;
 

