@@ -183,23 +183,22 @@ async fn a_replica_placed_back_on_its_returning_node_keeps_its_container() {
     let deployment: uuid::Uuid = id.parse().expect("uuid");
     let placed_again = uuid::Uuid::now_v7();
     let mut tx = flotilla.db.pool().begin().await.expect("tx");
-    let (node, address, row_labels): (String, String, Value) =
-        sqlx::query_as("DELETE FROM deployment_locations WHERE deployment_id = $1 RETURNING node_id, address, labels")
+    let (node, address): (String, String) =
+        sqlx::query_as("DELETE FROM deployment_locations WHERE deployment_id = $1 RETURNING node_id, address")
             .bind(deployment)
             .fetch_one(&mut *tx)
             .await
             .expect("the row taken off the node");
     sqlx::query(
         "INSERT INTO deployment_locations (id, deployment_id, node_id, replica_index, generation, \
-         target_generation, status, address, container_port, domain, labels, placement_reason) \
-         SELECT $1, d.id, $3, 0, d.generation, d.generation, 'pending', $4, d.container_port, d.domain, $5, \
+         target_generation, status, address, container_port, domain, placement_reason) \
+         SELECT $1, d.id, $3, 0, d.generation, d.generation, 'pending', $4, d.container_port, d.domain, \
          'least-loaded' FROM deployments d WHERE d.id = $2",
     )
     .bind(placed_again)
     .bind(deployment)
     .bind(&node)
     .bind(&address)
-    .bind(&row_labels)
     .execute(&mut *tx)
     .await
     .expect("placed again on the same node");

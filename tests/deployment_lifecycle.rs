@@ -90,9 +90,7 @@ async fn a_deployment_runs_serves_reports_and_is_deleted_over_connect_json() {
     assert_eq!(labels["flotilla.managed"], "true");
     assert_eq!(labels["flotilla.deployment.id"], id);
     assert_eq!(labels["flotilla.node.id"], flotilla.node_id.as_str());
-    let router = format!("flo-{}", id.replace('-', ""));
-    assert_eq!(labels[&format!("traefik.http.routers.{router}.rule")], format!("Host(`{domain}`)"));
-    assert_eq!(labels[&format!("traefik.http.services.{router}.loadbalancer.server.port")], "8080");
+    assert!(!labels.keys().any(|k| k.starts_with("traefik.")), "one road to the edge, the route table: {labels:?}");
     let host_config = inspect.host_config.expect("host config");
     assert_eq!(host_config.memory, Some(64 * 1024 * 1024));
     assert_eq!(host_config.nano_cpus, Some(500_000_000));

@@ -288,3 +288,190 @@ async fn no_request_fails_through_traefik_across_a_deployment_s_whole_life() {
     assert!(traefik.configuration_errors().is_empty(), "{:?}", traefik.configuration_errors());
     flotilla.stop().await;
 }
+
+/// One replica of a deployment as GetDeployment shows it.
+fn replica_of(deployment: &Value, index: u64) -> Value {
+    deployment["replicas"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["index"].as_u64().unwrap_or(0) == index))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Requests Traefik sent to `server` (`http://address:port`): when each
+/// started, and the status the app gave (0: none).
+fn sent_to(traefik: &TestTraefik, server: &str) -> Vec<(chrono::DateTime<chrono::Utc>, u64)> {
+    traefik
+        .access_log()
+        .iter()
+        .filter(|e| e["ServiceURL"] == server)
+        .filter_map(|e| {
+            let at = e["StartUTC"].as_str()?.parse().ok()?;
+            Some((at, e["OriginStatus"].as_u64().unwrap_or(0)))
+        })
+        .collect()
+}
+
+fn two_replicas_with_probes(name: &str, host: &str, env: Value) -> Value {
+    json!({
+        "name": name, "image": DEMO_IMAGE, "port": 8080, "replicas": 2, "domain": host, "env": env,
+        "placement": { "strategy": "spread" },
+        "healthCheck": { "kind": "HEALTH_CHECK_KIND_HTTP", "httpPath": "/", "intervalMs": 200 }
+    })
+}
+
+#[tokio::test]
+async fn a_killed_replica_leaves_the_edge_within_a_second_and_serves_again_once_started() {
+    let flotilla = TestFlotilla::start_with(|s| s.orchestrator.interval = Duration::from_secs(1)).await;
+    let traefik = traefik_for(&flotilla);
+    let host = "killed.example.test";
+    let id = flotilla.create(two_replicas_with_probes("killed", host, json!([]))).await;
+    settled(&flotilla, &id, 2, 1).await;
+    through_traefik(&traefik, host, 200, Duration::from_secs(10)).await;
+    let client = LoopingClient::start(&traefik, host, Duration::from_millis(20));
+    client.wait_for(Duration::ZERO, "replica 1", Duration::from_secs(10), |s| s.body.contains("replica 1,")).await;
+    let before = flotilla.get(&id).await;
+    let victim = replica_of(&before, 1);
+    let (container, server) = (victim["containerId"].as_str().unwrap(), victim["endpoint"].as_str().unwrap());
+
+    let killed_at = chrono::Utc::now();
+    let killed = Instant::now();
+    flotilla
+        .docker
+        .docker
+        .kill_container(container, None::<bollard::query_parameters::KillContainerOptions>)
+        .await
+        .unwrap();
+    // The API the whole time: out of service at once, the exit told, then
+    // the same container serving again.
+    let (mut out_after, mut told) = (None, None);
+    let back = loop {
+        let deployment = flotilla.get(&id).await;
+        let replica = replica_of(&deployment, 1);
+        if out_after.is_none() && replica["serving"] != true {
+            out_after = Some(killed.elapsed());
+        }
+        if told.is_none() && replica["restartCount"] == 1 && replica["lastExitCode"] == 137 {
+            told = Some((deployment["status"].clone(), replica["message"].clone()));
+        }
+        if told.is_some() && replica["serving"] == true {
+            assert_eq!(replica["containerId"], container, "started again, not replaced");
+            break chrono::Utc::now();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "the killed replica did not come back: {deployment}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let since = client.now();
+    client.wait_for(since, "replica 1 again", Duration::from_secs(10), |s| s.body.contains("replica 1,")).await;
+    let samples = client.stop().await;
+
+    let out_after = out_after.expect("seen out of service");
+    let (status, message) = told.expect("the exit was told");
+    eprintln!(
+        "killed: out of service in the API after {out_after:?}; told {status} / {message}; back after {:?}",
+        back - killed_at
+    );
+    assert!(out_after < Duration::from_secs(1), "the API showed the dead replica serving for {out_after:?}");
+    assert!(message.as_str().is_some_and(|m| m.contains("exited with code 137")), "{message}");
+    let late: Vec<_> = sent_to(&traefik, server)
+        .into_iter()
+        .filter(|(at, _)| *at > killed_at + chrono::Duration::seconds(1) && *at < back)
+        .collect();
+    assert!(late.is_empty(), "Traefik sent the dead replica requests more than 1 s after the kill: {late:?}");
+    let (requests, failures) = tally(&samples);
+    eprintln!("killed: {requests} requests through Traefik, {} failed", failures.len());
+    let failed: Vec<Value> = traefik.access_log().into_iter().filter(|e| e["DownstreamStatus"] != 200).collect();
+    assert!(failures.is_empty(), "{failures:?}; Traefik's log of them: {failed:#?}");
+    flotilla.stop().await;
+}
+
+#[tokio::test]
+async fn a_crash_looping_replica_is_named_kept_out_of_the_edge_and_the_others_serve() {
+    let flotilla = TestFlotilla::start_with(|s| s.orchestrator.interval = Duration::from_secs(1)).await;
+    let traefik = traefik_for(&flotilla);
+    let host = "crashing.example.test";
+    let env = json!([{ "name": "DEMO_CRASH_REPLICA", "value": "1" }, { "name": "DEMO_CRASH_AFTER", "value": "1" }]);
+    let id = flotilla.create(two_replicas_with_probes("crashing", host, env)).await;
+    through_traefik(&traefik, host, 200, Duration::from_secs(30)).await;
+    let mut exits = flotilla.docker.docker.events(Some(
+        bollard::query_parameters::EventsOptionsBuilder::default()
+            .filters(&std::collections::HashMap::from([
+                ("type", vec!["container".to_owned()]),
+                ("event", vec!["die".to_owned()]),
+                ("label", vec![format!("flotilla.deployment.id={id}")]),
+            ]))
+            .build(),
+    ));
+    let client = LoopingClient::start(&traefik, host, Duration::from_millis(20));
+    // Three exits make a crash loop.
+    let mut died = Vec::new();
+    while died.len() < 3 {
+        let event = tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::next(&mut exits))
+            .await
+            .expect("replica 1 keeps crashing")
+            .unwrap()
+            .unwrap();
+        died.push(chrono::DateTime::from_timestamp_nanos(event.time_nano.unwrap_or_default()));
+    }
+    let (_, body) = flotilla
+        .wait_for(&id, Duration::from_secs(10), |_, b| {
+            replica_of(&b["deployment"], 1)["message"].as_str().is_some_and(|m| m.starts_with("crash looping"))
+        })
+        .await;
+    let deployment = &body["deployment"];
+    let replica = replica_of(deployment, 1);
+    eprintln!("crash loop: {} / {} / {replica}", deployment["status"], deployment["statusMessage"]);
+    assert_eq!(deployment["status"], "DEPLOYMENT_STATUS_DEGRADED", "{deployment}");
+    assert!(deployment["statusMessage"].as_str().unwrap().contains("crash looping"), "{deployment}");
+    assert_eq!(
+        (replica["health"].as_str(), replica["lastExitCode"].as_i64()),
+        (Some("REPLICA_HEALTH_UNHEALTHY"), Some(3))
+    );
+    assert!(replica["restartCount"].as_u64() >= Some(3), "{replica}");
+    // Let it crash once more while requests keep coming.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let samples = client.stop().await;
+    let (requests, failures) = tally(&samples);
+    eprintln!("crash loop: {requests} requests through Traefik, {} failed", failures.len());
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(samples.iter().any(|s| s.body.contains("replica 0,")));
+    let server = replica["endpoint"].as_str().unwrap();
+    let late: Vec<_> =
+        sent_to(&traefik, server).into_iter().filter(|(at, _)| *at > died[2] + chrono::Duration::seconds(1)).collect();
+    assert!(late.is_empty(), "a crash-looping replica got requests: {late:?}");
+    flotilla.stop().await;
+}
+
+#[tokio::test]
+async fn an_app_that_exits_at_once_fails_with_its_exit_code_instead_of_deploying_for_ever() {
+    let flotilla = TestFlotilla::start().await;
+    let traefik = traefik_for(&flotilla);
+    let exits = |name: &str, policy: &str| {
+        json!({
+            "name": name, "image": DEMO_IMAGE, "port": 8080, "domain": format!("{name}.example.test"),
+            "env": [{ "name": "DEMO_CRASH_REPLICA", "value": "0" }, { "name": "DEMO_CRASH_AFTER", "value": "0" }],
+            "restartPolicy": { "kind": policy }
+        })
+    };
+    let looping = flotilla.create(exits("looping", "RESTART_POLICY_KIND_UNLESS_STOPPED")).await;
+    let once = flotilla.create(exits("once", "RESTART_POLICY_KIND_NO")).await;
+    let failed = |_: u16, b: &Value| b["deployment"]["status"] == "DEPLOYMENT_STATUS_FAILED";
+    let crash_looping = |status: u16, b: &Value| {
+        failed(status, b) && b["deployment"]["statusMessage"].as_str().is_some_and(|m| m.starts_with("crash looping"))
+    };
+    let (_, body) = flotilla.wait_for(&looping, Duration::from_secs(60), crash_looping).await;
+    let replica = replica_of(&body["deployment"], 0);
+    assert!(body["deployment"]["statusMessage"].as_str().unwrap().starts_with("crash looping"), "{body}");
+    assert!(replica["restartCount"].as_u64() >= Some(3) && replica["lastExitCode"] == 3, "{replica}");
+    let (_, body) = flotilla.wait_for(&once, Duration::from_secs(60), failed).await;
+    let replica = replica_of(&body["deployment"], 0);
+    assert_eq!(replica["status"], "REPLICA_STATUS_STOPPED", "{replica}");
+    assert_eq!(
+        body["deployment"]["statusMessage"], "exited with code 3; its restart policy does not restart it",
+        "{body}"
+    );
+    // Down, not missing: the edge answers 503 for both.
+    through_traefik(&traefik, "looping.example.test", 503, Duration::from_secs(10)).await;
+    through_traefik(&traefik, "once.example.test", 503, Duration::from_secs(10)).await;
+    flotilla.stop().await;
+}

@@ -42,15 +42,23 @@ fn the_static_configuration_is_valid_and_matches_the_platform() {
     let entry_points = &config["entryPoints"];
     assert!(entry_points[&edge.http_entrypoint].is_object(), "the entry point routes name: {}", edge.http_entrypoint);
     assert!(entry_points[&edge.https_entrypoint].is_object(), "the entry point routes name: {}", edge.https_entrypoint);
-    let redirect = &entry_points[&edge.http_entrypoint]["http"]["redirections"]["entryPoint"];
-    assert_eq!(redirect["to"], edge.https_entrypoint.as_str(), "HTTP goes to HTTPS");
-    assert_eq!(redirect["priority"], 1, "below every router, so challenges and plain-HTTP apps still match");
+    // Each TLS route brings its own redirect to HTTPS (the route table
+    // renders it); the entry point redirects nothing, so a host nobody
+    // routes is a 404 (tests/edge.rs asks a real Traefik).
+    assert!(entry_points[&edge.http_entrypoint]["http"]["redirections"].is_null(), "{entry_points}");
 
-    let http = &config["providers"]["http"]["endpoint"];
+    let http = &config["providers"]["http"];
+    let endpoint = http["endpoint"].as_str().expect("an endpoint");
+    let (path, query) = endpoint.split_once('?').expect("a long poll: ?wait=N");
+    assert!(path.ends_with(flotilla_edge::ROUTE_TABLE_PATH), "Traefik polls the orchestrators' table: {endpoint}");
+    let wait: f64 = query.strip_prefix("wait=").expect("wait=N").parse().expect("seconds");
+    let timeout = flotilla_daemon::config::parse_duration(http["pollTimeout"].as_str().unwrap()).unwrap();
+    assert!(timeout.as_secs_f64() > wait + 5.0, "a held poll ends well before Traefik gives up on it");
     assert!(
-        http.as_str().is_some_and(|e| e.ends_with(flotilla_edge::ROUTE_TABLE_PATH)),
-        "Traefik polls the route table the orchestrators serve: {http}"
+        wait <= flotilla_edge::ServeConfig::default().max_wait.as_secs_f64(),
+        "the orchestrators hold a poll as long as Traefik asks"
     );
+    assert_eq!(config["providers"]["providersThrottleDuration"], "0s", "a new table is taken at once");
     let swarm = &config["providers"]["swarm"];
     assert_eq!(swarm["exposedByDefault"], false, "nothing is exposed unless it opts in");
     assert_eq!(swarm["constraints"], "Label(`flotilla.edge`, `true`)");

@@ -195,6 +195,20 @@ impl TestFlotilla {
         response.json().await.expect("JSON")
     }
 
+    /// The route table once `holds` is true of it (it is rendered a moment
+    /// after each change: waits up to 10 s).
+    pub async fn route_table_where(&self, what: &str, holds: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let table = self.route_table().await;
+            if holds(&table) {
+                return table;
+            }
+            assert!(Instant::now() < deadline, "the route table never showed {what}: {table}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Calls a DeploymentService method with Connect's JSON encoding over
     /// plain HTTP, as a browser or curl would. Returns the HTTP status and body.
     pub async fn connect_json(&self, method: &str, body: Value) -> (u16, Value) {

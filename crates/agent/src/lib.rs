@@ -149,6 +149,8 @@ pub struct Agent {
     monitor: Arc<probe::HealthMonitor>,
     /// Recent exits of each replica (crash loops).
     exits: exits::ExitHistory,
+    /// Containers the agent is stopping itself (their exits are no crashes).
+    stopping: Mutex<HashSet<String>>,
     /// Replicas with a create or rollout under way.
     busy: Mutex<HashSet<ReplicaId>>,
     start_permits: Semaphore,
@@ -221,6 +223,7 @@ impl Agent {
             events,
             monitor: Arc::new(probe::HealthMonitor::default()),
             exits: exits::ExitHistory::default(),
+            stopping: Mutex::new(HashSet::new()),
             busy: Mutex::new(HashSet::new()),
             operations: TaskTracker::new(),
             operations_cancel: CancellationToken::new(),
@@ -428,15 +431,28 @@ impl Agent {
         report
     }
 
-    /// Probes the health of running replicas that are due and records changes.
+    /// Probes the health of running replicas that are due and records
+    /// changes. A crash-looping replica stays unhealthy even when a probe
+    /// passes between two crashes: it gets no requests until it has stopped
+    /// crashing for a while (the crash-loop window).
     async fn probe_pass(&self) {
-        for change in self.monitor.probe_due().await {
-            if let Some(error) = &change.error {
+        for mut change in self.monitor.probe_due().await {
+            let mut reason = change.error.as_ref().map(|e| format!("unhealthy: {e}"));
+            if change.health == Health::Healthy
+                && let Some(looping) = self.exits.crash_looping(change.replica)
+            {
+                tracing::debug!(replica.id = %change.replica, "probe passed, but the replica is crash looping");
+                change.health = Health::Unhealthy;
+                reason = Some(looping);
+            } else if let Some(error) = &change.error {
                 tracing::info!(replica.id = %change.replica, health = %change.health, %error, "replica health changed");
             } else {
                 tracing::info!(replica.id = %change.replica, health = %change.health, "replica health changed");
             }
-            let reason = if change.health == Health::Unhealthy { change.error.as_deref() } else { None };
+            let reason = match change.health {
+                Health::Unhealthy => reason.as_deref(),
+                _ => None,
+            };
             let container = Some(change.container_id.as_str());
             if let Err(error) =
                 self.store.record_health(&self.node_id, change.replica, container, change.health, reason).await

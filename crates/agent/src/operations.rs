@@ -33,6 +33,23 @@ use crate::{Agent, AgentError, probe};
 /// How often a starting container is probed.
 const STARTUP_PROBE_INTERVAL: Duration = Duration::from_millis(50);
 
+/// Why a new container is not healthy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Unready {
+    /// It exited (or vanished) while starting.
+    Exited(String),
+    /// It runs, but its check did not pass in time.
+    Unhealthy(String),
+}
+
+impl std::fmt::Display for Unready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exited(why) | Self::Unhealthy(why) => f.write_str(why),
+        }
+    }
+}
+
 /// What a retirement does once the edge no longer sends the container requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Retire {
@@ -133,7 +150,10 @@ impl Agent {
             Ok(health) => {
                 self.store.record_health(&self.node_id, replica.id, Some(&launched.container_id), health, None).await?;
             }
-            Err(why) => {
+            // Its exit is the pass's to record (code, count, crash loop),
+            // from the container's `die` event.
+            Err(Unready::Exited(why)) => tracing::warn!(%why, "new replica exited while starting"),
+            Err(Unready::Unhealthy(why)) => {
                 tracing::warn!(%why, "new replica did not become healthy");
                 let seen = ReplicaObservation {
                     message: Some(format!("not healthy: {why}")),
@@ -161,7 +181,7 @@ impl Agent {
         self.stats.containers_created.fetch_add(1, Ordering::Relaxed);
         let health = match self.wait_healthy(assignment, &launched.container_id).await? {
             Ok(health) => health,
-            Err(why) => return self.roll_back(assignment, Some(&launched), why).await,
+            Err(why) => return self.roll_back(assignment, Some(&launched), why.to_string()).await,
         };
         // The switch: from here the API and the route table name the new container.
         let seen = observation(ReplicaState::Running, health, &launched, assignment);
@@ -193,6 +213,7 @@ impl Agent {
         tracing::info!(?edge, container.id = %container.id, ?how, "the edge sends the container nothing more");
         match how {
             Retire::Stop => {
+                self.stopping(&container.id);
                 self.docker.stop_container(&container.id, self.config.stop_grace).await?;
                 self.stats.containers_stopped.fetch_add(1, Ordering::Relaxed);
                 let stopped = ManagedContainer { state: RunState::Exited, ..container.clone() };
@@ -202,7 +223,12 @@ impl Agent {
             Retire::Remove { reason } => {
                 self.remove(&container.id, reason).await?;
                 if self.store.delete_replica(&self.node_id, assignment.replica.id).await? {
+                    // A deleted deployment may now be final.
                     self.wake.wake(flotilla_redis::ORCHESTRATOR_TOPIC).await;
+                }
+                if assignment.deployment.spec.network_mode == NetworkMode::Isolated {
+                    let remaining = self.store.node_assignments(&self.node_id).await?;
+                    self.remove_unused_networks(&remaining).await;
                 }
             }
         }
@@ -329,17 +355,17 @@ impl Agent {
         &self,
         assignment: &Assignment,
         container_id: &str,
-    ) -> Result<Result<Health, String>, AgentError> {
+    ) -> Result<Result<Health, Unready>, AgentError> {
         let spec = &assignment.deployment.spec;
         let check = &spec.health_check;
         let deadline = Instant::now() + Duration::from_millis(u64::from(check.startup_timeout_ms));
         loop {
             let Some(status) = self.docker.status(container_id).await? else {
-                return Ok(Err("the container disappeared".to_owned()));
+                return Ok(Err(Unready::Exited("the container disappeared".to_owned())));
             };
             if status.state != RunState::Running && status.state != RunState::Restarting {
                 let code = status.exit_code.map_or_else(|| "?".to_owned(), |c| c.to_string());
-                return Ok(Err(format!("the container exited (code {code}) while starting")));
+                return Ok(Err(Unready::Exited(format!("the container exited (code {code}) while starting"))));
             }
             let last_error = match check.kind {
                 HealthCheckKind::None => return Ok(Ok(Health::None)),
@@ -356,10 +382,10 @@ impl Agent {
                 },
             };
             if Instant::now() >= deadline {
-                return Ok(Err(format!(
+                return Ok(Err(Unready::Unhealthy(format!(
                     "not healthy within {}s (last check: {last_error})",
                     check.startup_timeout_ms as f64 / 1000.0
-                )));
+                ))));
             }
             tokio::time::sleep(STARTUP_PROBE_INTERVAL).await;
         }

@@ -118,7 +118,7 @@ impl Agent {
             }
         }
         let mut assignments = self.store.node_assignments(&self.node_id).await?;
-        self.record_exits(&mut assignments, &containers, &deaths, &busy).await?;
+        self.record_exits(&mut assignments, &containers, &deaths).await?;
         let held = self.restarts_held(&assignments);
         let actions = plan::plan(PlanInput {
             assignments: &assignments,
@@ -335,8 +335,14 @@ impl Agent {
         }
     }
 
+    /// Notes that the agent itself stops `container`: its exit is no crash.
+    pub(crate) fn stopping(&self, container: &str) {
+        self.stopping.lock().unwrap_or_else(|e| e.into_inner()).insert(container.to_owned());
+    }
+
     /// Stops (gracefully) and removes a container.
     pub(crate) async fn remove(&self, container_id: &str, reason: RemoveReason) -> Result<(), DockerError> {
+        self.stopping(container_id);
         self.docker.stop_container(container_id, self.config.stop_grace).await?;
         self.docker.remove_container(container_id).await?;
         self.stats.containers_removed.fetch_add(1, Ordering::Relaxed);
@@ -488,8 +494,14 @@ impl Agent {
         assignments: &mut [Assignment],
         containers: &[ManagedContainer],
         deaths: &HashMap<String, exits::Deaths>,
-        busy: &HashSet<ReplicaId>,
     ) -> Result<(), AgentError> {
+        // The agent's own stops are no exits to report; forget those done.
+        let stopping = {
+            let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+            stopping
+                .retain(|id| containers.iter().any(|c| c.id == *id && c.state.is_running()) || deaths.contains_key(id));
+            stopping.clone()
+        };
         for assignment in assignments.iter_mut() {
             let replica = &assignment.replica;
             let Some(container_id) = replica.container_id.clone() else { continue };
@@ -499,7 +511,7 @@ impl Agent {
             if assignment.deployment.desired_state != DesiredState::Running
                 || replica.status != ReplicaState::Running
                 || replica.retiring
-                || busy.contains(&replica.id)
+                || stopping.contains(&container_id)
             {
                 continue;
             }
@@ -649,7 +661,7 @@ impl Agent {
 
     /// Removes isolated networks of deployments with no replica left on this
     /// node. One still in use (by another agent's containers) stays.
-    async fn remove_unused_networks(&self, assignments: &[Assignment]) {
+    pub(crate) async fn remove_unused_networks(&self, assignments: &[Assignment]) {
         let wanted: HashSet<String> = assignments
             .iter()
             // Rows of deleted deployments were read before this pass removed them.

@@ -14,10 +14,11 @@
 //!   or a deleted one has no router: 404, an app that is not there;
 //! - no routes at all is `{}`: Traefik refuses `{"http":{}}` ("http cannot
 //!   be a standalone element") and would keep serving the last routes;
-//! - every router retries a request whose connection failed before it was
-//!   sent (Traefik's retry middleware never resends a request it wrote), so
-//!   a replica that crashed between two tables costs no request while
-//!   another replica serves;
+//! - every router retries, on another server, a request whose connection
+//!   failed before it was sent, and an idempotent one (GET, HEAD, PUT,
+//!   DELETE...) that Traefik answered 502 because its server vanished
+//!   mid-request; Traefik never resends a POST or PATCH it wrote. So a
+//!   replica that crashes costs no request while another replica serves;
 //! - a route with TLS has a twin on the plain-HTTP entry point that
 //!   redirects to HTTPS; the entry point itself redirects nothing, so a
 //!   host nobody routes is a 404 on both.
@@ -33,8 +34,9 @@ use serde::ser::{SerializeMap, Serializer};
 use crate::EdgeSettings;
 use crate::rules::Route;
 
-/// The middleware every router uses: retries connections that failed
-/// before the request was written, on another server.
+/// The middleware every router uses: retries on another server connections
+/// that failed before the request was written, and idempotent requests
+/// that got a 502 (their server went away mid-request).
 pub const RETRY_MIDDLEWARE: &str = "flo-retry";
 
 /// The middleware of the plain-HTTP twin of a TLS route: a permanent
@@ -147,7 +149,7 @@ impl Serialize for Http<'_, '_> {
             }
         }
         let middlewares = serde_json::json!({
-            RETRY_MIDDLEWARE: { "retry": { "attempts": 3, "initialInterval": "10ms" } },
+            RETRY_MIDDLEWARE: { "retry": { "attempts": 3, "initialInterval": "10ms", "status": ["502"] } },
             REDIRECT_MIDDLEWARE: { "redirectScheme": { "scheme": "https", "permanent": true } },
         });
         let mut map = serializer.serialize_map(Some(3))?;

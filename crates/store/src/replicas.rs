@@ -129,7 +129,8 @@ impl Store {
     }
 
     /// Records a running replica's health and, when it is unhealthy, why
-    /// (`reason`); a healthy replica's reason is cleared. Only while the row
+    /// (`reason`, shown to users as it is); a healthy replica's reason is
+    /// cleared. Only while the row
     /// names `container` (when given): a probe of a container that has been
     /// replaced says nothing of the replica.
     pub async fn record_health(
@@ -149,7 +150,7 @@ impl Store {
         .bind(id.as_uuid())
         .bind(node.as_str())
         .bind(health.as_str())
-        .bind(reason.map(|r| format!("unhealthy: {r}")))
+        .bind(reason)
         .bind(container)
         .execute(self.pool())
         .await
