@@ -592,7 +592,19 @@ async fn containers_keep_running_while_postgresql_is_away_and_changes_apply_when
     assert!(report.error.is_some(), "the pass cannot reach PostgreSQL: {report:?}");
     assert!(is_container_running(&flotilla, &old).await, "user containers keep running");
     remove_by_hand(&flotilla, &old).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The orchestrator says so too, also once it has let its lease go.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let health: Value =
+            flotilla.http.get(format!("{}/health", flotilla.base_url)).send().await.unwrap().json().await.unwrap();
+        let orchestrator = &health["components"]["orchestrator"];
+        if orchestrator["health"] == "degraded" && orchestrator["detail"]["leader"] == false {
+            assert!(orchestrator["message"].as_str().unwrap().contains("lease"), "{orchestrator}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the orchestrator did not say the database is away: {health}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     proxy.restore().await;
     let (new, _) = wait_replaced(&flotilla, &id, &old, Duration::from_secs(40)).await;

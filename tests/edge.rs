@@ -475,3 +475,54 @@ async fn an_app_that_exits_at_once_fails_with_its_exit_code_instead_of_deploying
     through_traefik(&traefik, "once.example.test", 503, Duration::from_secs(10)).await;
     flotilla.stop().await;
 }
+
+#[tokio::test]
+async fn scaled_to_zero_an_app_keeps_its_route_answers_503_and_serves_again_when_scaled_up() {
+    let flotilla = TestFlotilla::start().await;
+    let traefik = traefik_for(&flotilla);
+    let host = "zero.example.test";
+    let id = flotilla.create(json!({ "name": "zero", "image": DEMO_IMAGE, "port": 8080, "domain": host })).await;
+    through_traefik(&traefik, host, 200, Duration::from_secs(30)).await;
+
+    let client = LoopingClient::start(&traefik, host, Duration::from_millis(20));
+    let (status, body) = flotilla.connect_json("ScaleDeployment", json!({ "id": id, "replicas": 0 })).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = flotilla
+        .wait_for(&id, Duration::from_secs(30), |_, b| b["deployment"]["replicas"].as_array().is_none_or(Vec::is_empty))
+        .await;
+    let deployment = &body["deployment"];
+    assert_eq!(deployment["status"], "DEPLOYMENT_STATUS_RUNNING", "{deployment}");
+    assert!(deployment["statusMessage"].as_str().unwrap().starts_with("scaled to 0 replicas"), "{deployment}");
+    assert!(flotilla.docker.containers().await.is_empty(), "nothing runs");
+    let (status, routings) = flotilla.connect_json("GetRoutings", json!({ "id": id })).await;
+    assert_eq!(status, 200);
+    assert_eq!(routings["routings"][0]["served"], json!(null), "{routings}");
+    assert!(routings["routings"][0]["notServedReason"].as_str().unwrap().contains("503"), "{routings}");
+    let zero = client.now();
+    client.wait_for(zero, "503 at zero replicas", Duration::from_secs(10), |s| s.outcome == Ok(503)).await;
+
+    let (status, _) = flotilla.connect_json("ScaleDeployment", json!({ "id": id, "replicas": 1 })).await;
+    assert_eq!(status, 200);
+    let up = client.now();
+    client.wait_for(up, "200 once scaled up", Duration::from_secs(30), |s| s.outcome == Ok(200)).await;
+    let samples = client.stop().await;
+    // At zero the app is down (503); scaled up, it is starting like a new
+    // deployment (404 until a replica serves, as at deploy and start).
+    let first_200_again = samples.iter().find(|s| s.at > up && s.outcome == Ok(200)).unwrap().at;
+    let bad: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| match s.outcome {
+            Ok(200 | 503) => false,
+            Ok(404) => !(s.at >= up && s.at < first_200_again),
+            _ => true,
+        })
+        .collect();
+    assert!(bad.is_empty(), "only 200, 503 while at zero and 404 until a replica serves again: {bad:?}");
+    let first_503 = samples.iter().find(|s| s.outcome == Ok(503)).unwrap().at;
+    assert!(
+        samples.iter().filter(|s| s.at > first_503 && s.at < up).all(|s| s.outcome == Ok(503)),
+        "503 steadily while at zero"
+    );
+    eprintln!("scaled to zero: 503 from {first_503:?}, 200 again {:?} after scaling up", first_200_again - up);
+    flotilla.stop().await;
+}

@@ -289,6 +289,7 @@ fn routing(api: &ApiState, id: DeploymentId, r: flotilla_store::routes::RoutingR
         String::new()
     };
     pb::Routing {
+        url: api.domains.url(r.tls_enabled, &r.domain, &r.path_prefix),
         served: not_served_reason.is_empty(),
         not_served_reason,
         serving_replicas: u32::try_from(r.serving_replicas).unwrap_or_default(),

@@ -29,6 +29,8 @@ pub struct DomainAccess {
     /// How long a token may wait to be published.
     pub token_ttl: chrono::Duration,
     pub platform_domains: Vec<Hostname>,
+    /// The ports users reach the edge's HTTP and HTTPS on.
+    pub edge_ports: (u16, u16),
 }
 
 impl std::fmt::Debug for DomainAccess {
@@ -45,10 +47,23 @@ impl DomainAccess {
         self.needs_proof_of(domain.as_str())
     }
 
+    /// The URL users reach a route at.
+    pub fn url(&self, tls: bool, domain: &str, path_prefix: &str) -> String {
+        edge_url(self.edge_ports, tls, domain, path_prefix)
+    }
+
     /// Whether `domain` is routed only once its deployment proves it.
     pub fn needs_proof_of(&self, domain: &str) -> bool {
         !is_platform_domain(&self.platform_domains, domain)
     }
+}
+
+/// `scheme://domain[:port][path]`: the port only when it is not the scheme's.
+fn edge_url(ports: (u16, u16), tls: bool, domain: &str, path_prefix: &str) -> String {
+    let (scheme, port, default) = if tls { ("https", ports.1, 443) } else { ("http", ports.0, 80) };
+    let port = if port == default { String::new() } else { format!(":{port}") };
+    let path = if path_prefix == "/" { "" } else { path_prefix };
+    format!("{scheme}://{domain}{port}{path}")
 }
 
 /// A fresh token: 160 random bits, lowercase hex.
@@ -176,4 +191,17 @@ pub async fn verify_domain(
         status(&api, &caller, deployment, &domain, Some(verification)).await
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::edge_url;
+
+    #[test]
+    fn urls_name_the_edge_s_port_only_when_it_is_not_the_scheme_s() {
+        assert_eq!(edge_url((80, 443), false, "web.example.com", "/"), "http://web.example.com");
+        assert_eq!(edge_url((80, 443), true, "web.example.com", "/api"), "https://web.example.com/api");
+        assert_eq!(edge_url((7880, 7843), false, "hello.localhost", "/"), "http://hello.localhost:7880");
+        assert_eq!(edge_url((7880, 7843), true, "hello.localhost", "/"), "https://hello.localhost:7843");
+    }
 }

@@ -106,11 +106,13 @@ pub enum Command {
         /// Name or id.
         deployment: String,
     },
-    /// Set the number of replicas and wait until they run.
+    /// Set the number of replicas and wait until exactly that many run (0
+    /// keeps the deployment and its route, running nothing).
     Scale {
         /// Name or id.
         deployment: String,
         /// 0 to 100.
+        #[arg(value_parser = clap::value_parser!(i32).range(0..=100))]
         replicas: i32,
     },
     /// Delete a deployment and wait until it is gone.
@@ -299,6 +301,12 @@ pub enum CliError {
     NotFound(String),
     #[error("cannot reach the Flotilla API at {api}: {message}\n  Is flotillad running? Set --api or FLOTILLA_API.")]
     Unreachable { api: String, message: String },
+    /// The API answered, but cannot serve now (its database or a service
+    /// behind it is away).
+    #[error(
+        "the Flotilla API at {api} answered but cannot serve now: {message}\n  Try again shortly; `curl {api}/health` says which part is away."
+    )]
+    Unavailable { api: String, message: String },
     #[error("{0}")]
     Refused(String),
     #[error("writing output: {0}")]
@@ -310,7 +318,7 @@ impl CliError {
         match self {
             Self::Failed(_) | Self::Output(_) => 1,
             Self::NotFound(_) => 3,
-            Self::Unreachable { .. } => 4,
+            Self::Unreachable { .. } | Self::Unavailable { .. } => 4,
             Self::Refused(_) => 5,
         }
     }
@@ -319,6 +327,10 @@ impl CliError {
         let message = error.message().unwrap_or("no message").to_owned();
         match error.code() {
             Code::NotFound => Self::NotFound(message),
+            // It answered: it is running, something behind it is not.
+            Code::Unavailable | Code::DeadlineExceeded if matches!(error, ClientError::Rpc(_)) => {
+                Self::Unavailable { api: api.to_owned(), message }
+            }
             Code::Unavailable | Code::Unknown | Code::DeadlineExceeded => {
                 Self::Unreachable { api: api.to_owned(), message: error.to_string() }
             }
@@ -658,8 +670,25 @@ impl Flo {
             self.say(&format!("  replica {} on node {}: {}", replica.index, replica.node_id, replica.endpoint))?;
         }
         if !deployment.domain.is_empty() {
-            let path = if deployment.path_prefix == "/" { "" } else { deployment.path_prefix.as_str() };
-            self.say(&format!("  routed at http://{}{path} (through the edge proxy)", deployment.domain))?;
+            self.say_routes(&deployment.id).await?;
+        }
+        Ok(())
+    }
+
+    /// Where the edge serves the deployment, only when it does; why not
+    /// otherwise.
+    async fn say_routes(&self, id: &str) -> Result<(), CliError> {
+        let reply = self
+            .client
+            .get_routings(&pb::GetRoutingsRequest { id: id.to_owned() })
+            .await
+            .map_err(|e| self.err(e))?
+            .into_inner();
+        if reply.routings.is_empty() {
+            return self.say("  not routed yet: its route is written once a replica is placed");
+        }
+        for r in &reply.routings {
+            self.say(&route_line(r))?;
         }
         Ok(())
     }
@@ -848,10 +877,10 @@ impl Flo {
         self.say(&domain_summary(&status))?;
         self.say(&format!("{}{} (asked for)", reply.domain, reply.path_prefix))?;
         for r in &reply.routings {
-            let tls = if r.tls_enabled { "https" } else { "http" };
+            self.say(&route_line(r))?;
             self.say(&format!(
-                "  {tls}://{}{} -> port {} ({}, router {})",
-                r.domain, r.path_prefix, r.target_port, r.protocol, r.router_name
+                "    -> port {} of {} replica(s) ({}, router {})",
+                r.target_port, r.serving_replicas, r.protocol, r.router_name
             ))?;
         }
         if reply.routings.is_empty() {
@@ -1121,12 +1150,45 @@ impl Flo {
         let done = match change {
             Change::Stop => self.wait_until_stopped(&changed, Duration::from_secs(120)).await?,
             Change::Restart => self.wait_until_rolled_out(&changed, Duration::from_secs(300)).await?,
+            Change::Scale(replicas) => self.wait_until_scaled(&changed, replicas, Duration::from_secs(300)).await?,
             _ => self.wait_until_running(&changed, Duration::from_secs(300)).await?,
         };
         if self.format == OutputFormat::Json {
             return self.json(&done);
         }
         self.say(&format!("{} is {}", done.name, status_name(done.status)))
+    }
+
+    /// Until exactly `replicas` replicas exist and serve: the ones scaled
+    /// away are stopped and gone, the new ones run.
+    async fn wait_until_scaled(
+        &self,
+        changed: &pb::Deployment,
+        replicas: i32,
+        timeout: Duration,
+    ) -> Result<pb::Deployment, CliError> {
+        let wanted = usize::try_from(replicas).unwrap_or_default();
+        self.follow(
+            &changed.id,
+            timeout,
+            |d| {
+                let serving = d.replicas.iter().filter(|r| r.serving).count();
+                Some(format!("{serving} of {wanted} serving, {} in all", d.replicas.len()))
+            },
+            |d| {
+                let serving = d.replicas.iter().filter(|r| r.serving).count();
+                match pb::DeploymentStatus::try_from(d.status) {
+                    Ok(pb::DeploymentStatus::Failed) => Poll::Failed(format!(
+                        "deployment {} failed: {}\n  See `flo status {}`.",
+                        d.name, d.status_message, d.name
+                    )),
+                    _ if d.replicas.len() == wanted && serving == wanted => Poll::Done,
+                    _ => Poll::Waiting,
+                }
+            },
+            |d, seconds| format!("{} is not at {wanted} replicas after {seconds}s: `flo status {}`", d.name, d.name),
+        )
+        .await
     }
 
     /// Until every replica runs `changed`'s generation (or it was rolled back).
@@ -1233,6 +1295,18 @@ impl std::fmt::Display for Change {
     }
 }
 
+/// One route as users read it: served at its URL, or why not.
+fn route_line(r: &pb::Routing) -> String {
+    let url = &r.url;
+    if r.served {
+        let proxies =
+            if r.edge_proxies == 1 { "1 edge proxy".to_owned() } else { format!("{} edge proxies", r.edge_proxies) };
+        format!("  routed at {url} (through {proxies})")
+    } else {
+        format!("  not routed at {url}: {}", r.not_served_reason)
+    }
+}
+
 /// One line on a domain: its proof and its certificate.
 fn domain_summary(status: &pb::GetDomainStatusResponse) -> String {
     let proof = match status.verification() {
@@ -1267,5 +1341,18 @@ mod tests {
         assert_eq!(parse_status("Running"), Ok(pb::DeploymentStatus::Running as i32));
         let error = parse_status("sleeping").unwrap_err();
         assert!(error.contains("pending, deploying, running, degraded, failed, stopped, deleting"), "{error}");
+    }
+
+    #[test]
+    fn an_api_that_answers_unavailable_is_not_called_unreachable() {
+        let api = "http://127.0.0.1:7800";
+        let answered = ClientError::Rpc(connectrpc_axum_client::Status::unavailable("the control database is away"));
+        let error = CliError::from_client(api, &answered);
+        assert!(matches!(error, CliError::Unavailable { .. }), "{error:?}");
+        assert!(error.to_string().contains("answered but cannot serve now: the control database is away"), "{error}");
+        let refused = ClientError::Transport("connection refused".to_owned());
+        let error = CliError::from_client(api, &refused);
+        assert!(matches!(error, CliError::Unreachable { .. }) && error.to_string().contains("Is flotillad running?"));
+        assert_eq!(error.exit_code(), 4);
     }
 }

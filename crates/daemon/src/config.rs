@@ -40,6 +40,55 @@ pub enum Command {
         #[arg(long, default_value = "3s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Prints Traefik's static configuration for one machine: the shipped
+    /// traefik/traefik.toml on loopback, taking this machine's route table
+    /// (as YAML; the quickstart runs Traefik with it).
+    TraefikConfig(TraefikConfigArgs),
+}
+
+/// `flotillad traefik-config`.
+#[derive(Debug, Clone, Args)]
+pub struct TraefikConfigArgs {
+    /// Plain HTTP (the `web` entry point).
+    #[arg(long, default_value = "127.0.0.1:7880")]
+    pub web: String,
+    /// TLS (the `websecure` entry point).
+    #[arg(long, default_value = "127.0.0.1:7843")]
+    pub websecure: String,
+    /// Ping and metrics (the `traefik` entry point).
+    #[arg(long, default_value = "127.0.0.1:7882")]
+    pub internal: String,
+    /// The route table, long-polled.
+    #[arg(long, default_value = "http://127.0.0.1:7800/traefik/dynamic?wait=5")]
+    pub route_table: String,
+    /// How this Traefik names itself to the route table.
+    #[arg(long, default_value = "traefik")]
+    pub name: String,
+    /// Traefik's own log and its access log.
+    #[arg(long)]
+    pub log_file: Option<String>,
+    #[arg(long)]
+    pub access_log_file: Option<String>,
+}
+
+impl TraefikConfigArgs {
+    pub fn render(&self) -> serde_json::Value {
+        flotilla_edge::traefik_config::LocalTraefik {
+            web: self.web.clone(),
+            websecure: self.websecure.clone(),
+            internal: self.internal.clone(),
+            route_table: self.route_table.clone(),
+            name: self.name.clone(),
+            internal_token: None,
+            poll_interval: None,
+            acme: None,
+            file_provider: None,
+            api: false,
+            log_file: self.log_file.clone(),
+            access_log_file: self.access_log_file.clone(),
+        }
+        .render()
+    }
 }
 
 /// A secret file named in the configuration could not be read.
@@ -75,14 +124,15 @@ impl DaemonConfig {
 }
 
 impl Command {
-    /// The roles and settings of a daemon command; `None` for `health`.
+    /// The roles and settings of a daemon command; `None` for `health` and
+    /// `traefik-config`.
     pub fn into_parts(self) -> Option<(Roles, DaemonConfig)> {
         Some(match self {
             Self::All(c) => (Roles::ALL, *c),
             Self::Api(c) => (Roles { api: true, orchestrator: false, agent: false }, *c),
             Self::Orchestrator(c) => (Roles { api: false, orchestrator: true, agent: false }, *c),
             Self::Agent(c) => (Roles { api: false, orchestrator: false, agent: true }, *c),
-            Self::Health { .. } => return None,
+            Self::Health { .. } | Self::TraefikConfig(_) => return None,
         })
     }
 }
@@ -226,6 +276,15 @@ pub struct DomainArgs {
     /// routed only after its owner proves it with a DNS TXT record.
     #[arg(long = "platform-domain", env = "FLOTILLA_PLATFORM_DOMAINS", value_delimiter = ',', value_parser = parse_hostname)]
     pub platform_domains: Vec<flotilla_types::Hostname>,
+
+    /// The port users reach the edge's plain HTTP on (in the URLs the API
+    /// shows; 80 is left out of them).
+    #[arg(long, env = "FLOTILLA_EDGE_HTTP_PORT", default_value_t = 80)]
+    pub edge_http_port: u16,
+
+    /// The port users reach the edge's HTTPS on (443 is left out of URLs).
+    #[arg(long, env = "FLOTILLA_EDGE_HTTPS_PORT", default_value_t = 443)]
+    pub edge_https_port: u16,
 
     /// How long a domain verification token may wait to be published.
     #[arg(long, env = "FLOTILLA_DOMAIN_TOKEN_TTL", default_value = "7d", value_parser = parse_duration)]
@@ -496,6 +555,7 @@ impl DaemonConfig {
         crate::DomainSettings {
             token_ttl: self.domains.domain_token_ttl,
             dns_servers: self.domains.dns_servers.clone(),
+            edge_ports: (self.domains.edge_http_port, self.domains.edge_https_port),
         }
     }
 

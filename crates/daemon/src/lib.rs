@@ -90,17 +90,19 @@ pub struct DaemonSettings {
     pub route_table: flotilla_edge::ServeConfig,
 }
 
-/// How custom domains are proven.
+/// How custom domains are proven, and where users reach them.
 #[derive(Debug, Clone)]
 pub struct DomainSettings {
     pub token_ttl: Duration,
     /// Name servers asked (the system's configuration when empty).
     pub dns_servers: Vec<SocketAddr>,
+    /// The ports users reach the edge's HTTP and HTTPS on (for URLs).
+    pub edge_ports: (u16, u16),
 }
 
 impl Default for DomainSettings {
     fn default() -> Self {
-        Self { token_ttl: Duration::from_secs(7 * 24 * 3600), dns_servers: Vec::new() }
+        Self { token_ttl: Duration::from_secs(7 * 24 * 3600), dns_servers: Vec::new(), edge_ports: (80, 443) }
     }
 }
 
@@ -336,6 +338,7 @@ impl Daemon {
                 dns: Arc::new(dns),
                 token_ttl: chrono::Duration::from_std(settings.domains.token_ttl).unwrap_or(chrono::Duration::MAX),
                 platform_domains: settings.orchestrator.edge.platform_domains.clone(),
+                edge_ports: settings.domains.edge_ports,
             };
             Some(
                 ApiState::new(store.clone(), wake.clone(), auth, metrics, cancel.clone(), &telemetry, domains)
@@ -361,6 +364,9 @@ impl Daemon {
             });
         }
         tracker.spawn(database_watch(store.clone(), telemetry.clone(), cancel.clone()));
+        if settings.redis.is_some() {
+            tracker.spawn(redis_watch(wake.clone(), telemetry.clone(), cancel.clone()));
+        }
         if let Some(orchestrator) = &orchestrator {
             orchestrator.spawn(&tracker, cancel.clone());
         }
@@ -565,6 +571,34 @@ async fn database_watch(store: Store, telemetry: Telemetry, cancel: Cancellation
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
+}
+
+/// Keeps the `redis` health component current: Redis away is `degraded`
+/// (wake-ups fall back to timers, rate limits to per-process counts), never
+/// a reason to restart.
+async fn redis_watch(wake: WakeBus, telemetry: Telemetry, cancel: CancellationToken) {
+    loop {
+        let (health, message) = match wake.ping().await {
+            Some(Ok(())) | None => (Health::Ok, None),
+            Some(Err(error)) => (
+                Health::Degraded,
+                Some(format!(
+                    "Redis cannot be reached ({error}): wake-ups wait for timers, rate limits count per process"
+                )),
+            ),
+        };
+        let stats = wake.stats();
+        let detail = serde_json::json!({
+            "wake_ups_published": stats.published,
+            "wake_up_publish_failures": stats.publish_failures,
+            "wake_ups_received": stats.received,
+        });
+        telemetry.health.set("redis", health, message, detail);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
 }

@@ -10,10 +10,19 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Command::Health { url, timeout } = &cli.command {
-        return flotilla_daemon::health::probe(url, *timeout).with_context(|| format!("{url} is not healthy"));
+    match &cli.command {
+        Command::Health { url, timeout } => {
+            return flotilla_daemon::health::probe(url, *timeout).with_context(|| format!("{url} is not healthy"));
+        }
+        Command::TraefikConfig(args) => {
+            use std::io::Write as _;
+            let yaml = serde_json::to_string_pretty(&args.render())?;
+            writeln!(std::io::stdout(), "{yaml}")?;
+            return Ok(());
+        }
+        _ => {}
     }
-    let Some((roles, mut config)) = cli.command.into_parts() else { unreachable!("health is answered above") };
+    let Some((roles, mut config)) = cli.command.into_parts() else { unreachable!("answered above") };
     config.read_secret_files()?;
     let format = match config.log_format {
         LogFormat::Text => logging::LogFormat::Text,

@@ -8,7 +8,9 @@
 //!   long-polled so a change reaches Traefik at once, and which table each
 //!   proxy holds;
 //! - [`sync`]: what an agent waits for before it stops a container: every
-//!   proxy holding a table that no longer sends the container requests.
+//!   proxy holding a table that no longer sends the container requests;
+//! - [`traefik_config`]: the shipped Traefik configuration made fit for one
+//!   machine (the quickstart and the tests run it).
 //!
 //! What is stored (routes, the route table's read, the proxies) is in
 //! `flotilla_store::routes`.
@@ -19,6 +21,7 @@ pub mod rules;
 pub mod serve;
 pub mod sync;
 pub mod table;
+pub mod traefik_config;
 
 use flotilla_types::Hostname;
 

@@ -115,6 +115,9 @@ pub struct Orchestrator {
     last_round: Mutex<RoundReport>,
     /// The lease while this replica leads.
     lease: watch::Sender<Option<Lease>>,
+    /// Why the lease could not be taken or renewed last time (the control
+    /// database away): a follower for that reason is not healthy.
+    lease_error: Mutex<Option<String>>,
 }
 
 impl Orchestrator {
@@ -129,6 +132,7 @@ impl Orchestrator {
             stats,
             last_round: Mutex::new(RoundReport::default()),
             lease: watch::Sender::new(None),
+            lease_error: Mutex::new(None),
         })
     }
 
@@ -195,9 +199,11 @@ impl Orchestrator {
             match self.store.acquire_lease(&self.config.holder, self.config.lease_ttl).await {
                 Ok(lease) => {
                     lost_at = None;
+                    *self.lease_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     self.set_lease(lease);
                 }
                 Err(error) => {
+                    *self.lease_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
                     // Keep leading only as long as the lease surely holds;
                     // fenced writes would fail after that anyway.
                     let since = *lost_at.get_or_insert_with(Instant::now);
@@ -246,7 +252,17 @@ impl Orchestrator {
         let started = Instant::now();
         let started_at = Utc::now();
         let mut report = match self.lease() {
-            None => RoundReport { follower: true, ..RoundReport::default() },
+            None => RoundReport {
+                follower: true,
+                // Not leading because the database is away is no health.
+                error: self
+                    .lease_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map(|e| format!("cannot take or renew the orchestrator lease: {e}")),
+                ..RoundReport::default()
+            },
             Some(lease) => match self.round(&lease).await {
                 Ok(report) => report,
                 Err(StoreError::NotLeader { term }) => {

@@ -145,6 +145,21 @@ impl WakeBus {
         }
     }
 
+    /// Asks Redis for a PONG: `None` without Redis, `Some(Err)` when it
+    /// cannot be reached (the `redis` health component).
+    pub async fn ping(&self) -> Option<Result<(), String>> {
+        let (_, pool) = self.inner.redis.as_ref()?;
+        let answer = async {
+            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+            let pong: String = redis::cmd("PING").query_async(&mut *conn).await.map_err(|e| e.to_string())?;
+            if pong == "PONG" { Ok(()) } else { Err(format!("Redis answered {pong:?} to PING")) }
+        };
+        Some(match tokio::time::timeout(Duration::from_secs(2), answer).await {
+            Ok(answer) => answer,
+            Err(_) => Err("no answer to PING within 2 s".to_owned()),
+        })
+    }
+
     pub fn stats(&self) -> WakeStats {
         WakeStats {
             published: self.inner.published.load(Ordering::Relaxed),

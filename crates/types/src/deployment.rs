@@ -169,8 +169,9 @@ impl DeploymentSpec {
         }
         let replicas = match input.replicas {
             None => 1,
-            Some(n) if (1..=MAX_REPLICAS).contains(&n) => n as u32,
-            Some(n) => return Err(FieldError::new("replicas", format!("{n} is out of range 1-{MAX_REPLICAS}"))),
+            // 0: the spec and the route are kept, nothing runs (the edge answers 503).
+            Some(n) if (0..=MAX_REPLICAS).contains(&n) => n as u32,
+            Some(n) => return Err(FieldError::new("replicas", format!("{n} is out of range 0-{MAX_REPLICAS}"))),
         };
         let health_check = input.health_check.unwrap_or_default();
         health_check.validate("health_check")?;
@@ -302,8 +303,9 @@ mod tests {
         assert_eq!(field_of(DeploymentSpecInput { limits, ..input() }), "limits.memory_bytes");
         let limits = ResourceLimits { memory_bytes: 0, cpu_millis: -5 };
         assert_eq!(field_of(DeploymentSpecInput { limits, ..input() }), "limits.cpu_millis");
-        assert_eq!(field_of(DeploymentSpecInput { replicas: Some(0), ..input() }), "replicas");
+        assert_eq!(field_of(DeploymentSpecInput { replicas: Some(-1), ..input() }), "replicas");
         assert_eq!(field_of(DeploymentSpecInput { replicas: Some(101), ..input() }), "replicas");
+        assert_eq!(DeploymentSpec::validate(DeploymentSpecInput { replicas: Some(0), ..input() }).unwrap().replicas, 0);
         let env = vec![EnvVar { name: "FLOTILLA_X".into(), value: "1".into(), secret: false }];
         assert_eq!(field_of(DeploymentSpecInput { env, ..input() }), "env[0].name");
         let dup = EnvVar { name: "A".into(), value: "1".into(), secret: false };
