@@ -281,3 +281,94 @@ async fn certificates_come_from_pebble_are_verified_renewed_and_failures_are_rep
     flotilla.stop().await;
     let _ = std::fs::remove_dir_all(&secret_dir);
 }
+
+/// Waits until an HTTPS GET through `traefik` for `domain`, trusting only
+/// `root_pem`, answers 200; returns the chain it presented.
+async fn https_through(
+    traefik: &flotilla_test_utils::TestTraefik,
+    domain: &str,
+    root_pem: &str,
+    timeout: Duration,
+) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    let started = Instant::now();
+    loop {
+        let answer = flotilla_test_utils::traefik::https_get(traefik.https, domain, root_pem, "/").await;
+        if let Ok((200, chain)) = &answer {
+            return chain.clone();
+        }
+        assert!(started.elapsed() < timeout, "https://{domain} through Traefik: {answer:?}\n{}", traefik.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traefik_serves_flotilla_s_certificate_for_a_custom_domain_and_gets_its_own_for_a_platform_one() {
+    let dns = TestDnsServer::start();
+    // Two ACME servers: pebble validates HTTP-01 on one port of whatever
+    // the DNS server says. Flotilla's orders are answered by flotillad,
+    // Traefik's by Traefik's plain-HTTP entry point.
+    let flotillad_port = free_port();
+    let traefik_ports = [free_port(), free_port(), free_port()];
+    let for_flotilla = TestPebble::start(flotillad_port, &dns);
+    let for_traefik = TestPebble::start(traefik_ports[0], &dns);
+    let secret_dir = std::env::temp_dir().join(format!("flotilla-certkey-{}", unique_suffix()));
+    std::fs::create_dir_all(&secret_dir).unwrap();
+    let key_file = secret_dir.join("certificate-key");
+    std::fs::write(&key_file, format!("{}{}\n", unique_suffix(), unique_suffix())).unwrap();
+    let mut acme = AcmeSettings::new(&for_flotilla.directory_url);
+    acme.ca_file = Some(for_flotilla.tls_root.clone());
+    acme.interval = Duration::from_secs(1);
+    let token = "edge-token-for-https";
+    let flotilla = TestFlotilla::start_with(|s| {
+        s.listen = std::net::SocketAddr::from(([127, 0, 0, 1], flotillad_port));
+        s.domains.dns_servers = vec![dns.dns];
+        // Routes use TLS; a domain with a certificate Flotilla holds gets it
+        // from the table, any other the platform resolver (Traefik's ACME).
+        s.orchestrator.edge.tls = Tls::Resolver("platform".to_owned());
+        s.internal_token = Some(token.to_owned());
+        s.certificates = Some(flotilla_daemon::CertificateSettings { acme, key_file: key_file.clone() });
+    })
+    .await;
+    let traefik = flotilla_test_utils::TestTraefik::start(
+        &format!("{}/traefik/dynamic", flotilla.base_url),
+        flotilla_test_utils::TraefikOptions {
+            wait_seconds: Some(5.0),
+            internal_token: Some(token.to_owned()),
+            acme: Some((for_traefik.directory_url.clone(), for_traefik.tls_root.clone())),
+            ports: Some(traefik_ports),
+            ..Default::default()
+        },
+    );
+
+    // A custom domain: proven, its certificate ordered by Flotilla, handed
+    // to Traefik in the table, and presented for its name.
+    let shop = custom_domain("shop");
+    let shop_id = deploy(&flotilla, "shop", &shop).await;
+    prove(&flotilla, &dns, &shop_id).await;
+    wait_certificate(&flotilla, &shop_id, "CERTIFICATE_STATE_ISSUED", Duration::from_secs(90)).await;
+    let flotilla_root = for_flotilla.issuing_root_pem().await;
+    let started = Instant::now();
+    let chain = https_through(&traefik, &shop, &flotilla_root, Duration::from_secs(60)).await;
+    eprintln!("https://{shop} served with Flotilla's certificate {:?} after issue", started.elapsed());
+    let store = flotilla_store::Store::connect_lazy(&flotilla_store::StoreConfig::new(&flotilla.db.url)).unwrap();
+    let stored = store.certificate(&shop).await.unwrap().expect("the stored certificate");
+    assert_eq!(chain[0], pem_blocks(&stored.chain_pem)[0], "Traefik presents the certificate Flotilla holds");
+
+    // A platform domain: Traefik orders its own from the platform resolver.
+    let platform = format!("web-{}.example.test", unique_suffix().to_ascii_lowercase());
+    deploy(&flotilla, "web", &platform).await;
+    let traefik_root = for_traefik.issuing_root_pem().await;
+    let started = Instant::now();
+    https_through(&traefik, &platform, &traefik_root, Duration::from_secs(90)).await;
+    eprintln!("https://{platform} served with Traefik's own certificate after {:?}", started.elapsed());
+    // Not with the other's roots: each name has the certificate meant for it.
+    let wrong = flotilla_test_utils::traefik::https_get(traefik.https, &platform, &flotilla_root, "/").await;
+    assert!(wrong.is_err(), "{wrong:?}");
+
+    // Plain HTTP redirects to HTTPS for a TLS route.
+    let (status, _) = traefik.get(&platform, "/").await.expect("an answer");
+    assert_eq!(status, 301, "plain HTTP moves to HTTPS, permanently");
+    assert!(traefik.configuration_errors().is_empty(), "{:?}", traefik.configuration_errors());
+    flotilla.stop().await;
+    let _ = std::fs::remove_dir_all(&secret_dir);
+}

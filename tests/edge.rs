@@ -526,3 +526,94 @@ async fn scaled_to_zero_an_app_keeps_its_route_answers_503_and_serves_again_when
     eprintln!("scaled to zero: 503 from {first_503:?}, 200 again {:?} after scaling up", first_200_again - up);
     flotilla.stop().await;
 }
+
+/// The nodes a deployment's replicas are on.
+fn nodes_of(deployment: &Value) -> Vec<String> {
+    let mut nodes: Vec<String> = deployment["replicas"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|r| r["nodeId"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    nodes.sort();
+    nodes
+}
+
+#[tokio::test]
+async fn a_drained_node_and_a_node_that_goes_down_cost_no_request_through_traefik() {
+    let mut flotilla = TestFlotilla::start_with(|s| {
+        s.orchestrator.interval = Duration::from_secs(1);
+        s.orchestrator.heartbeat_timeout = Duration::from_secs(3);
+    })
+    .await;
+    flotilla.add_agent(1, |_| {}).await;
+    flotilla.add_agent(2, |_| {}).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while flotilla.connect_node("ListNodes", json!({})).await.1["nodes"].as_array().map_or(0, Vec::len) < 3 {
+        assert!(Instant::now() < deadline, "three nodes register");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let traefik = traefik_for(&flotilla);
+    let host = "nodes.example.test";
+    let id = flotilla.create(two_replicas_with_probes("nodes", host, json!([]))).await;
+    settled(&flotilla, &id, 2, 1).await;
+    through_traefik(&traefik, host, 200, Duration::from_secs(10)).await;
+    let client = LoopingClient::start(&traefik, host, Duration::from_millis(20));
+
+    // Drain: the replica moves, its old container stops only once the edge
+    // has its replacement and no longer has it.
+    let before = nodes_of(&flotilla.get(&id).await);
+    let drained = before[0].clone();
+    let drain_at = client.now();
+    let (status, body) = flotilla.connect_node("DrainNode", json!({ "id": drained })).await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let deployment = flotilla.get(&id).await;
+        let nodes = nodes_of(&deployment);
+        let rows = flotilla.count("SELECT count(*) FROM deployment_locations").await;
+        if deployment["status"] == "DEPLOYMENT_STATUS_RUNNING"
+            && nodes.len() == 2
+            && !nodes.contains(&drained)
+            && rows == 2
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not moved off {drained}: {deployment}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drained_in = client.now() - drain_at;
+    let (status, _) = flotilla.connect_node("ActivateNode", json!({ "id": drained })).await;
+    assert_eq!(status, 200);
+
+    // A node whose agent dies: its replica keeps serving until the node is
+    // taken for down, then leaves the table; a replacement serves elsewhere.
+    let nodes = nodes_of(&flotilla.get(&id).await);
+    let extra = [flotilla.docker.node_id(1).to_string(), flotilla.docker.node_id(2).to_string()];
+    let doomed = extra.iter().position(|n| nodes.contains(n)).expect("a replica on an extra agent's node");
+    let down_at = client.now();
+    flotilla.kill_agent(doomed).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let deployment = flotilla.get(&id).await;
+        let now = nodes_of(&deployment);
+        if deployment["status"] == "DEPLOYMENT_STATUS_RUNNING" && now.len() == 2 && !now.contains(&extra[doomed]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not replaced: {deployment}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let replaced_in = client.now() - down_at;
+    let since = client.now();
+    client.wait_for(since, "the app", Duration::from_secs(10), |s| s.outcome == Ok(200)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let samples = client.stop().await;
+    let (requests, failures) = tally(&samples);
+    eprintln!(
+        "drain (moved in {drained_in:?}) and a node down (replaced in {replaced_in:?}): {requests} requests \
+         through Traefik, {} failed",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    let retried = retried(&traefik);
+    assert!(retried.is_empty(), "requests were sent to containers that could not answer: {retried:?}");
+    flotilla.stop().await;
+}

@@ -672,6 +672,8 @@ impl DaemonConfig {
             https_entrypoint: o.edge_https_entrypoint.clone(),
             tls: o.edge_tls.clone(),
             platform_domains: self.domains.platform_domains.clone(),
+            // Set from the certificate settings when the daemon starts.
+            flotilla_orders_certificates: false,
         }
     }
 

@@ -401,7 +401,10 @@ impl Daemon {
         let mut extra = match roles.orchestrator {
             true => flotilla_edge::start(flotilla_edge::EdgeStart {
                 store: store.clone(),
-                settings: settings.orchestrator.edge.clone(),
+                settings: flotilla_edge::EdgeSettings {
+                    flotilla_orders_certificates: certificates.is_some(),
+                    ..settings.orchestrator.edge.clone()
+                },
                 serve: settings.route_table,
                 sealer: certificates.as_ref().map(|m| m.sealer()),
                 internal_token: internal_token.clone(),

@@ -51,6 +51,10 @@ pub struct EdgeSettings {
     /// The operator's domains (and everything under them): routed without
     /// proof. Any other domain must be verified by its deployment first.
     pub platform_domains: Vec<Hostname>,
+    /// Flotilla orders the certificates of custom domains itself: their
+    /// routers never name Traefik's resolver (Traefik would order a second
+    /// certificate and serve that one).
+    pub flotilla_orders_certificates: bool,
 }
 
 impl Default for EdgeSettings {
@@ -60,6 +64,7 @@ impl Default for EdgeSettings {
             https_entrypoint: "websecure".to_owned(),
             tls: Tls::Off,
             platform_domains: Vec::new(),
+            flotilla_orders_certificates: false,
         }
     }
 }

@@ -191,7 +191,8 @@ pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings, certificates: &[TlsCe
                 continue;
             }
         };
-        if !row.domain_verified && !is_platform_domain(&edge.platform_domains, domain.as_str()) {
+        let platform = is_platform_domain(&edge.platform_domains, domain.as_str());
+        if !row.domain_verified && !platform {
             table.unverified += 1;
             continue;
         }
@@ -210,9 +211,12 @@ pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings, certificates: &[TlsCe
             }
         }
         let tls = row.tls_enabled.then(|| {
-            // A certificate Flotilla holds is chosen by SNI from tls.certificates.
+            // A certificate Flotilla holds is chosen by SNI from
+            // tls.certificates; a custom domain waits for Flotilla's (with
+            // Traefik's default certificate meanwhile).
             let stored = certificates.iter().any(|c| c.domain == row.domain);
-            RouterTls { cert_resolver: row.cert_resolver.as_deref().filter(|r| is_plain_name(r) && !stored) }
+            let resolver_allowed = !stored && (platform || !edge.flotilla_orders_certificates);
+            RouterTls { cert_resolver: row.cert_resolver.as_deref().filter(|r| is_plain_name(r) && resolver_allowed) }
         });
         let entry_point = if row.tls_enabled { edge.https_entrypoint.as_str() } else { edge.http_entrypoint.as_str() };
         table.routers += 1;
@@ -392,5 +396,27 @@ mod tests {
         let public = String::from_utf8(table.public).unwrap();
         assert!(!public.contains("PRIVATE KEY") && !public.contains("\"tls\":{\"certificates"), "{public}");
         assert!(!format!("{certificate:?}").contains("PRIVATE"), "Debug never shows the key");
+    }
+
+    #[test]
+    fn a_custom_domain_never_asks_traefik_for_a_certificate_when_flotilla_orders_them() {
+        let edge = |ordering| EdgeSettings {
+            platform_domains: vec![Hostname::parse("domain", "apps.example.com").unwrap()],
+            flotilla_orders_certificates: ordering,
+            ..EdgeSettings::default()
+        };
+        let tls_row = |domain: &str, id: u128| {
+            let mut r = row(domain, "/", &[("10.0.0.1", 1)]);
+            (r.tls_enabled, r.cert_resolver, r.deployment_id) = (true, Some("platform".into()), Uuid::from_u128(id));
+            r
+        };
+        let rows = [tls_row("shop.example.org", 1), tls_row("web.apps.example.com", 2)];
+        let router = |table: &RenderedTable, id: &str| json(&table.public)["http"]["routers"][id]["tls"].clone();
+        let (custom, platform) = ("flo-00000000000000000000000000000001", "flo-00000000000000000000000000000002");
+        let ordering = render(&rows, &edge(true), &[]);
+        assert_eq!(router(&ordering, custom), json!({}), "Traefik's default certificate until Flotilla's");
+        assert_eq!(router(&ordering, platform), json!({ "certResolver": "platform" }));
+        let not_ordering = render(&rows, &edge(false), &[]);
+        assert_eq!(router(&not_ordering, custom), json!({ "certResolver": "platform" }));
     }
 }

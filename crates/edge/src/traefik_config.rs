@@ -100,9 +100,6 @@ impl LocalTraefik {
                 if let Some(config) = config.as_object_mut() {
                     config.remove("certificatesResolvers");
                 }
-                if let Some(tls) = config["entryPoints"]["websecure"]["http"]["tls"].as_object_mut() {
-                    tls.remove("certResolver");
-                }
             }
         }
         if let Some(file) = &self.log_file {
@@ -144,13 +141,11 @@ mod tests {
         assert_eq!(config["providers"]["providersThrottleDuration"], "0s", "as shipped");
         assert!(config["providers"].get("swarm").is_none() && config["providers"].get("file").is_none());
         assert!(config.get("certificatesResolvers").is_none());
-        assert!(config["entryPoints"]["websecure"]["http"]["tls"].get("certResolver").is_none());
 
         local.internal_token = Some("s3cret".into());
         local.acme = Some(("https://127.0.0.1:14000/dir".into(), "/tmp/acme.json".into()));
         let config = local.render();
         assert_eq!(config["providers"]["http"]["headers"]["Authorization"], "Bearer s3cret");
         assert_eq!(config["certificatesResolvers"]["platform"]["acme"]["caServer"], "https://127.0.0.1:14000/dir");
-        assert_eq!(config["entryPoints"]["websecure"]["http"]["tls"]["certResolver"], "platform");
     }
 }

@@ -34,6 +34,9 @@ pub struct TraefikOptions {
     /// The file provider's directory (the shipped one routes to
     /// `orchestrator:7800`, which tests do not have).
     pub file_provider: Option<PathBuf>,
+    /// Loopback ports of `web`, `websecure` and `traefik`, when the test
+    /// must know them first (pebble validates on the web port).
+    pub ports: Option<[u16; 3]>,
 }
 
 /// A running Traefik on loopback.
@@ -66,7 +69,8 @@ impl TestTraefik {
         let dir = std::env::temp_dir().join(format!("flotilla-{name}"));
         std::fs::create_dir_all(&dir).expect("Traefik's directory");
         let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-        let (http, https, internal) = (loopback(free_port()), loopback(free_port()), loopback(free_port()));
+        let [http, https, internal] =
+            options.ports.unwrap_or_else(|| [free_port(), free_port(), free_port()]).map(loopback);
 
         let endpoint = match options.wait_seconds {
             Some(wait) => format!("{route_table}?wait={wait}"),
@@ -182,6 +186,41 @@ impl TestTraefik {
     pub fn directory(&self) -> &Path {
         &self.dir
     }
+}
+
+/// GETs `path` over TLS from `address`, naming `server_name` (SNI and
+/// Host) and trusting only the roots in `roots_pem`: the status and the
+/// certificates the server presented, or why the handshake or request
+/// failed.
+pub async fn https_get(
+    address: SocketAddr,
+    server_name: &str,
+    roots_pem: &str,
+    path: &str,
+) -> Result<(u16, Vec<rustls::pki_types::CertificateDer<'static>>), String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for root in rustls::pki_types::CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+        roots.add(root.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(address).await.map_err(|e| e.to_string())?;
+    let mut tls =
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let chain = tls.get_ref().1.peer_certificates().map(<[_]>::to_vec).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).ok_or_else(|| format!("not HTTP: {text:?}"))?;
+    Ok((status, chain))
 }
 
 fn read_log(dir: &Path) -> String {
