@@ -347,7 +347,8 @@ struct Stack {
     overlay: PathBuf,
     env: Vec<(String, String)>,
     node: String,
-    labelled: bool,
+    /// Node labels this test added (removed on drop).
+    labelled: Vec<&'static str>,
 }
 
 impl Stack {
@@ -401,12 +402,12 @@ impl Stack {
     async fn update_watched(
         &self,
         http: &reqwest::Client,
-        endpoint: &str,
+        (endpoint, host): (&str, &str),
         image: &str,
         done: &str,
         running: &str,
     ) -> (Duration, AvailabilityReport, AvailabilityReport) {
-        let watch = Watch::start(http, endpoint, &self.service("api"));
+        let watch = Watch::start(http, endpoint, host, &self.service("api"));
         let started = Instant::now();
         let since = unix_now() - 1;
         self.deploy(image);
@@ -490,8 +491,8 @@ impl Drop for Stack {
         for secret in STACK_SECRETS {
             let _ = docker_cli(&["secret", "rm", &format!("{secret}{}", self.suffix)]);
         }
-        if self.labelled {
-            let _ = docker_cli(&["node", "update", "--label-rm", "compute", &self.node]);
+        for label in &self.labelled {
+            let _ = docker_cli(&["node", "update", "--label-rm", label, &self.node]);
         }
         let _ = std::fs::remove_file(&self.overlay);
     }
@@ -500,13 +501,15 @@ impl Drop for Stack {
 /// What the stack's override changes for a single-node test swarm: the
 /// services whose images cannot be had here (PostgreSQL, Redis, Prometheus,
 /// Grafana: no registry) run no task, and flotillad reaches the host's
-/// PostgreSQL and Redis through the secrets instead; Traefik runs nowhere
-/// since no node is labelled edge=true. Everything else is the real file.
-fn stack_override(suffix: &str, test_id: &str, redis_prefix: &str) -> String {
+/// PostgreSQL and Redis through the secrets instead. The agent advertises
+/// the host's address on docker_gwbridge (`gateway`): the swarm advertises
+/// 127.0.0.1, which Traefik's container would take for itself. Everything
+/// else, Traefik included, is the real file.
+fn stack_override(suffix: &str, test_id: &str, redis_prefix: &str, gateway: IpAddr) -> String {
     let flotillad = format!("    environment:\n      FLOTILLA_REDIS_PREFIX: \"{redis_prefix}\"\n");
     let mut yaml = String::from("version: \"3.8\"\nservices:\n");
     yaml.push_str(&format!(
-        "  agent:\n{flotillad}      FLOTILLA_HEARTBEAT_INTERVAL: 1s\n      FLOTILLA_CONTAINER_LABELS: \"{TEST_LABEL}={test_id}\"\n"
+        "  agent:\n{flotillad}      FLOTILLA_HEARTBEAT_INTERVAL: 1s\n      FLOTILLA_CONTAINER_LABELS: \"{TEST_LABEL}={test_id}\"\n      FLOTILLA_ADVERTISE_ADDRESS: \"{gateway}\"\n"
     ));
     // Two replicas and start-first updates on one node need room for three.
     for service in ["orchestrator", "api"] {
@@ -607,8 +610,8 @@ impl AvailabilityReport {
     }
 }
 
-/// The app (every 50 ms) and the API replicas (every 250 ms) asked until
-/// [`Watch::finish`].
+/// The app (every 50 ms, through Traefik: `endpoint` with `Host: host`) and
+/// the API replicas (every 250 ms) asked until [`Watch::finish`].
 struct Watch {
     stop: CancellationToken,
     app: Arc<Availability>,
@@ -617,15 +620,17 @@ struct Watch {
 }
 
 impl Watch {
-    fn start(http: &reqwest::Client, endpoint: &str, api_service: &str) -> Self {
+    fn start(http: &reqwest::Client, endpoint: &str, host: &str, api_service: &str) -> Self {
         let (stop, app, api) =
             (CancellationToken::new(), Arc::new(Availability::default()), Arc::new(Availability::default()));
         let started = Instant::now();
         let app_poller = tokio::spawn({
             let (stop, app, http, endpoint) = (stop.clone(), app.clone(), http.clone(), endpoint.to_owned());
+            let host = host.to_owned();
             async move {
                 while !stop.is_cancelled() {
-                    let result = match http.get(&endpoint).timeout(Duration::from_secs(2)).send().await {
+                    let request = http.get(&endpoint).header(reqwest::header::HOST, &host);
+                    let result = match request.timeout(Duration::from_secs(2)).send().await {
                         Ok(r) if r.status().is_success() => Ok(()),
                         Ok(r) => Err(format!("{:?}: {}", started.elapsed(), r.status())),
                         Err(e) => Err(format!("{:?}: {e}", started.elapsed())),
@@ -683,11 +688,24 @@ async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
         .env("FLOTILLA_GRAFANA_PASSWORD", "not-used-in-this-test")
         .output()
         .expect("stack/create-secrets.sh runs");
-    let had_compute_label = docker_cli(&["node", "inspect", "self", "--format", "{{index .Spec.Labels \"compute\"}}"])
-        .unwrap_or_default()
-        == "true";
+    let labels: Vec<&'static str> = ["compute", "edge"]
+        .into_iter()
+        .filter(|label| {
+            let format = format!("{{{{index .Spec.Labels \"{label}\"}}}}");
+            docker_cli(&["node", "inspect", "self", "--format", &format]).unwrap_or_default() != "true"
+        })
+        .collect();
     let overlay = std::env::temp_dir().join(format!("flotilla-stack-{}.yml", docker.test_id));
-    std::fs::write(&overlay, stack_override(&suffix, &docker.test_id, &redis.prefix)).expect("override file");
+    std::fs::write(&overlay, stack_override(&suffix, &docker.test_id, &redis.prefix, gateway)).expect("override file");
+    // The edge's image, built offline from the Traefik binary the other tests run.
+    let traefik_image = format!("flotilla/traefik:test-{}", docker.test_id);
+    let built = Command::new(root().join("scripts/build-traefik-image.sh"))
+        .args(["--tag", &traefik_image])
+        .output()
+        .expect("the Traefik image script runs");
+    assert!(built.status.success(), "Traefik image: {}", String::from_utf8_lossy(&built.stderr));
+    swarm.images.push(traefik_image.clone());
+    let edge_port = flotilla_test_utils::free_port();
     let stack = Stack {
         name: format!("flotilla-{}", docker.test_id),
         suffix: suffix.clone(),
@@ -697,19 +715,24 @@ async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
             ("FLOTILLA_OIDC_ISSUER".to_owned(), provider.issuer.clone()),
             ("FLOTILLA_OIDC_AUDIENCE".to_owned(), TEST_AUDIENCE.to_owned()),
             ("FLOTILLA_PLATFORM_DOMAINS".to_owned(), "example.test".to_owned()),
+            ("TRAEFIK_IMAGE".to_owned(), traefik_image.clone()),
+            ("FLOTILLA_EDGE_HTTP_PORT".to_owned(), edge_port.to_string()),
+            ("FLOTILLA_EDGE_HTTPS_PORT".to_owned(), flotilla_test_utils::free_port().to_string()),
             // No certificate is due in this test; the directory is never asked.
             ("FLOTILLA_ACME_DIRECTORY".to_owned(), "http://127.0.0.1:9/directory".to_owned()),
         ],
         node: swarm_node.clone(),
-        labelled: !had_compute_label,
+        labelled: labels.clone(),
     };
     assert!(secrets.status.success(), "create-secrets.sh: {}", String::from_utf8_lossy(&secrets.stderr));
     let created = String::from_utf8_lossy(&secrets.stdout);
     for secret in STACK_SECRETS {
         assert!(created.contains(&format!("created {secret}{suffix}")), "{secret} was created: {created}");
     }
-    // The agent runs only on nodes labelled compute=true.
-    docker_cli(&["node", "update", "--label-add", "compute=true", &swarm_node]).expect("label the node");
+    // The agent runs only on nodes labelled compute=true, Traefik on edge=true.
+    for label in ["compute", "edge"] {
+        docker_cli(&["node", "update", "--label-add", &format!("{label}=true"), &swarm_node]).expect("label the node");
+    }
 
     let image_1 = format!("flotilla/flotillad:test-{}-1", docker.test_id);
     let image_2 = format!("flotilla/flotillad:test-{}-2", docker.test_id);
@@ -772,6 +795,25 @@ async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
     let app_running = started.elapsed();
     let page = http.get(&endpoint).send().await.expect("the app").text().await.expect("page");
     assert!(page.contains("Hello from stacked"), "{page}");
+    // Through the stack's Traefik, by its domain.
+    let edge = format!("http://127.0.0.1:{edge_port}/");
+    let through_edge = (edge.as_str(), "stacked.example.test");
+    let page = loop {
+        let answer = http.get(&edge).header(reqwest::header::HOST, through_edge.1).send().await;
+        if let Ok(response) = answer
+            && response.status().is_success()
+        {
+            break response.text().await.expect("page");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "the app never answered through the stack's Traefik: {}",
+            docker_cli(&["service", "ps", "--no-trunc", &stack.service("traefik")]).unwrap_or_else(|e| e)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(page.contains("Hello from stacked"), "{page}");
+    let app_through_edge = started.elapsed();
     let app_container = || {
         docker_cli(&[
             "ps",
@@ -792,11 +834,11 @@ async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
     build_flotillad_image(&image_2);
     swarm.images.push(image_2.clone());
     let (update_took, app, api_replicas) =
-        stack.update_watched(&http, &endpoint, &image_2, "completed", &image_2).await;
+        stack.update_watched(&http, through_edge, &image_2, "completed", &image_2).await;
     eprintln!(
-        "stack: API healthy {api_up:?} after deploy, node registered {node_registered:?}, app running {app_running:?}; \
-         rolling update of agent, orchestrator and api took {update_took:?}: app answered {} of {} requests, \
-         an API replica answered {} of {} probes",
+        "stack: API healthy {api_up:?} after deploy, node registered {node_registered:?}, app running {app_running:?}, \
+         through Traefik {app_through_edge:?}; rolling update of agent, orchestrator and api took {update_took:?}: \
+         the app answered {} of {} requests through Traefik, an API replica answered {} of {} probes",
         app.answered, app.asked, api_replicas.answered, api_replicas.asked
     );
     app.assert_always("the app, during the update");
@@ -808,9 +850,9 @@ async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
     build_image(&broken, Path::new("/bin/busybox"));
     swarm.images.push(broken.clone());
     let (rollback_took, app, api_replicas) =
-        stack.update_watched(&http, &endpoint, &broken, "rollback_completed", &image_2).await;
+        stack.update_watched(&http, through_edge, &broken, "rollback_completed", &image_2).await;
     eprintln!(
-        "stack: update to a broken image rolled back in {rollback_took:?}: app answered {} of {} requests, \
+        "stack: update to a broken image rolled back in {rollback_took:?}: app answered {} of {} requests through Traefik, \
          an API replica answered {} of {} probes",
         app.answered, app.asked, api_replicas.answered, api_replicas.asked
     );
