@@ -483,24 +483,17 @@ impl Drop for Daemon {
 }
 
 /// Serves `router` on `listener` until `shutdown`, with each connection's
-/// peer address known to handlers (the route table tells edge proxies
-/// apart by it). Small answers leave at once (TCP_NODELAY): a route table
-/// answer held back by Nagle's algorithm would wait for the proxy's
-/// delayed ACK, some 40 ms.
+/// addresses known to handlers (the route table tells edge proxies apart by
+/// theirs) and TCP_NODELAY.
 fn serve(
     listener: TcpListener,
     router: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     tracker: &TaskTracker,
 ) {
-    use axum::serve::ListenerExt as _;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-    });
+    let listener = flotilla_edge::serve::NoDelayListener(listener);
     tracker.spawn(async move {
-        let make = router.into_make_service_with_connect_info::<SocketAddr>();
+        let make = router.into_make_service_with_connect_info::<flotilla_edge::serve::Peer>();
         if let Err(error) = axum::serve(listener, make).with_graceful_shutdown(shutdown).await {
             tracing::error!(%error, "HTTP server stopped");
         }

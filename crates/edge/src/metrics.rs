@@ -17,6 +17,8 @@ pub const INVALID_ROUTES: &str = "flotilla_edge_invalid_routes";
 pub const POLLS_TOTAL: &str = "flotilla_edge_polls_total";
 pub const POLLS_HELD_TOTAL: &str = "flotilla_edge_polls_held_total";
 pub const POLLS_ANSWERED_UNCHANGED_TOTAL: &str = "flotilla_edge_polls_answered_unchanged_total";
+pub const CANARY_CHECKS_TOTAL: &str = "flotilla_edge_canary_checks_total";
+pub const CANARY_UNKNOWN_TOTAL: &str = "flotilla_edge_canary_unknown_total";
 pub const PROXY_RECORD_FAILURES_TOTAL: &str = "flotilla_edge_proxy_record_failures_total";
 pub const SYNC_WAITS_TOTAL: &str = "flotilla_edge_sync_waits_total";
 pub const SYNC_TIMEOUTS_TOTAL: &str = "flotilla_edge_sync_timeouts_total";
@@ -34,6 +36,8 @@ pub struct EdgeStats {
     pub polls: AtomicU64,
     pub polls_held: AtomicU64,
     pub polls_unchanged: AtomicU64,
+    pub canary_checks: AtomicU64,
+    pub canary_unknown: AtomicU64,
     pub proxy_record_failures: AtomicU64,
     pub sync_waits: AtomicU64,
     pub sync_timeouts: AtomicU64,
@@ -92,8 +96,19 @@ pub fn table_collector(stats: &Arc<EdgeStats>) -> FnCollector {
             read(|s| &s.polls_unchanged),
         ),
         MetricSpec::counter(
+            CANARY_CHECKS_TOTAL,
+            "Health checks of their canary by edge proxies (each says which table the proxy serves).",
+            read(|s| &s.canary_checks),
+        ),
+        MetricSpec::counter(
+            CANARY_UNKNOWN_TOTAL,
+            "Canary checks naming a proxy or table this process did not send (sent by another orchestrator, \
+             or before a restart).",
+            read(|s| &s.canary_unknown),
+        ),
+        MetricSpec::counter(
             PROXY_RECORD_FAILURES_TOTAL,
-            "Failed writes of which table a proxy holds (agents then wait for it longer).",
+            "Failed writes of which table a proxy serves (agents then wait for it longer).",
             read(|s| &s.proxy_record_failures),
         ),
     ])

@@ -12,8 +12,15 @@
 //!   answers 503, an app that is down;
 //! - one with no replica serving yet (being deployed or started), a stopped
 //!   or a deleted one has no router: 404, an app that is not there;
-//! - no routes at all is `{}`: Traefik refuses `{"http":{}}` ("http cannot
-//!   be a standalone element") and would keep serving the last routes;
+//! - the table always holds the canary of [`Canary`]: a router no request
+//!   can match, whose service Traefik health-checks at the orchestrator
+//!   that sent the table, with the table's hash in the path. Traefik builds
+//!   a table's services (and starts their health checks) just before it
+//!   switches its entry points to that table, so the first check naming a
+//!   table says the proxy serves it; being told a table is not enough, as
+//!   Traefik applies it afterwards, which took up to 300 ms on a loaded
+//!   machine. The canary also keeps a table with no route from being
+//!   `{"http":{}}`, which Traefik refuses;
 //! - every router retries, on another server, a request whose connection
 //!   failed before it was sent, and an idempotent one (GET, HEAD, PUT,
 //!   DELETE...) that Traefik answered 502 because its server vanished
@@ -29,7 +36,6 @@ use flotilla_store::routes::RouteTableRow;
 use flotilla_types::domains::is_platform_domain;
 use flotilla_types::{Hostname, PathPrefix};
 use serde::Serialize;
-use serde::ser::{SerializeMap, Serializer};
 
 use crate::EdgeSettings;
 use crate::rules::Route;
@@ -42,6 +48,72 @@ pub const RETRY_MIDDLEWARE: &str = "flo-retry";
 /// The middleware of the plain-HTTP twin of a TLS route: a permanent
 /// redirect to HTTPS.
 pub const REDIRECT_MIDDLEWARE: &str = "flo-redirect-https";
+
+/// The router and service of the canary.
+pub const CANARY: &str = "flo-edge-applied";
+
+/// Where the canary's health checks go, on the orchestrator that sent the
+/// table.
+pub const APPLIED_PATH: &str = "/traefik/applied";
+
+/// How often Traefik checks the canary: the most an agent waits beyond the
+/// moment a proxy switched to a table, and the checks each proxy sends.
+pub const CANARY_INTERVAL: &str = "100ms";
+
+/// A rule no request matches: no TCP client has the broadcast address.
+const NEVER: &str = "ClientIP(`255.255.255.255/32`)";
+
+/// What closes a rendered table for one proxy: its canary service, checked
+/// at `origin` (`http://host:port`) with `proxy`'s name and the table's
+/// hash in the query.
+#[derive(Debug, Clone, Copy)]
+pub struct Canary<'a> {
+    pub origin: &'a str,
+    pub proxy: &'a str,
+    pub table: u64,
+}
+
+impl Canary<'_> {
+    /// The query that names the proxy and the table (`proxy=..&table=..`).
+    pub fn query(&self) -> String {
+        let proxy: String = url_safe(self.proxy);
+        format!("proxy={proxy}&table={:016x}", self.table)
+    }
+
+    /// The end of the document [`render`] leaves open: the canary service,
+    /// then the services, `http` and the document closed.
+    pub fn close(&self) -> Vec<u8> {
+        let service = serde_json::json!({
+            "loadBalancer": {
+                "servers": [{ "url": self.origin }],
+                "healthCheck": {
+                    "path": format!("{APPLIED_PATH}?{}", self.query()),
+                    "interval": CANARY_INTERVAL,
+                    "timeout": "2s",
+                },
+            }
+        });
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"\"");
+        out.extend_from_slice(CANARY.as_bytes());
+        out.extend_from_slice(b"\":");
+        serde_json::to_writer(&mut out, &service).expect("the canary serializes");
+        out.extend_from_slice(b"}}}");
+        out
+    }
+
+    /// `open` (from [`render`]) closed by this canary: the whole document.
+    pub fn complete(&self, open: &[u8]) -> Vec<u8> {
+        let mut out = open.to_vec();
+        out.extend_from_slice(&self.close());
+        out
+    }
+}
+
+/// Letters, digits, '-', '_' and '.' kept; anything else becomes '_'.
+fn url_safe(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' }).collect()
+}
 
 /// A certificate and its key, in PEM, for `tls.certificates`.
 #[derive(Clone, PartialEq, Eq)]
@@ -58,7 +130,8 @@ impl std::fmt::Debug for TlsCertificate {
     }
 }
 
-/// The rendered configuration and what was left out of it.
+/// The rendered configuration and what was left out of it. Both variants
+/// are left open for each proxy's [`Canary::close`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RenderedTable {
     /// For anyone: routes only.
@@ -86,7 +159,8 @@ struct Router<'a> {
     priority: usize,
     #[serde(rename = "entryPoints")]
     entry_points: [&'a str; 1],
-    middlewares: [&'static str; 1],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    middlewares: &'static [&'static str],
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<RouterTls<'a>>,
 }
@@ -123,41 +197,47 @@ struct Entry<'a> {
     service: Service,
 }
 
-/// `{"routers": {...}, "services": {...}, "middlewares": {...}}`, written
-/// straight from the entries (the table can hold 100,000 routes).
-struct Http<'e, 'a>(&'e [Entry<'a>]);
-
-impl Serialize for Http<'_, '_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        struct Routers<'e, 'a>(&'e [Entry<'a>]);
-        impl Serialize for Routers<'_, '_> {
-            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                let mut map = serializer.serialize_map(None)?;
-                for entry in self.0 {
-                    map.serialize_entry(&entry.name, &entry.router)?;
-                    if let Some(redirect) = &entry.redirect {
-                        map.serialize_entry(&format!("{}-http", entry.name), redirect)?;
-                    }
-                }
-                map.end()
-            }
+/// `"http":{"middlewares":{..},"routers":{..},"services":{..,` written
+/// straight from the entries (the table can hold 100,000 routes), left
+/// open after the last service for the proxy's canary.
+fn open_http(entries: &[Entry<'_>], edge: &EdgeSettings) -> Vec<u8> {
+    let middlewares = serde_json::json!({
+        RETRY_MIDDLEWARE: { "retry": { "attempts": 3, "initialInterval": "10ms", "status": ["502"] } },
+        REDIRECT_MIDDLEWARE: { "redirectScheme": { "scheme": "https", "permanent": true } },
+    });
+    let canary = Router {
+        rule: NEVER.to_owned(),
+        service: CANARY.to_owned(),
+        priority: 1,
+        entry_points: [edge.http_entrypoint.as_str()],
+        middlewares: &[],
+        tls: None,
+    };
+    let mut out = Vec::with_capacity(entries.len() * 400 + 512);
+    out.extend_from_slice(b"\"http\":{\"middlewares\":");
+    serde_json::to_writer(&mut out, &middlewares).expect("the middlewares serialize");
+    out.extend_from_slice(b",\"routers\":{");
+    for e in entries {
+        write_entry(&mut out, &e.name, &e.router);
+        if let Some(redirect) = &e.redirect {
+            write_entry(&mut out, &format!("{}-http", e.name), redirect);
         }
-        struct Services<'e, 'a>(&'e [Entry<'a>]);
-        impl Serialize for Services<'_, '_> {
-            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.collect_map(self.0.iter().map(|e| (&e.name, &e.service)))
-            }
-        }
-        let middlewares = serde_json::json!({
-            RETRY_MIDDLEWARE: { "retry": { "attempts": 3, "initialInterval": "10ms", "status": ["502"] } },
-            REDIRECT_MIDDLEWARE: { "redirectScheme": { "scheme": "https", "permanent": true } },
-        });
-        let mut map = serializer.serialize_map(Some(3))?;
-        map.serialize_entry("routers", &Routers(self.0))?;
-        map.serialize_entry("services", &Services(self.0))?;
-        map.serialize_entry("middlewares", &middlewares)?;
-        map.end()
     }
+    write_entry(&mut out, CANARY, &canary);
+    out.pop();
+    out.extend_from_slice(b"},\"services\":{");
+    for e in entries {
+        write_entry(&mut out, &e.name, &e.service);
+    }
+    out
+}
+
+/// `"name":value,` (the caller takes the last comma back).
+fn write_entry(out: &mut Vec<u8>, name: &str, value: &impl Serialize) {
+    serde_json::to_writer(&mut *out, name).expect("a name serializes");
+    out.push(b':');
+    serde_json::to_writer(&mut *out, value).expect("a route table entry serializes");
+    out.push(b',');
 }
 
 fn server_url(address: &str, port: i32) -> Option<String> {
@@ -227,7 +307,7 @@ pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings, certificates: &[TlsCe
             service: name.clone(),
             priority: route.priority(),
             entry_points: [edge.http_entrypoint.as_str()],
-            middlewares: [REDIRECT_MIDDLEWARE],
+            middlewares: &[REDIRECT_MIDDLEWARE],
             tls: None,
         });
         entries.push(Entry {
@@ -236,7 +316,7 @@ pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings, certificates: &[TlsCe
                 service: name.clone(),
                 priority: route.priority(),
                 entry_points: [entry_point],
-                middlewares: [RETRY_MIDDLEWARE],
+                middlewares: &[RETRY_MIDDLEWARE],
                 tls,
             },
             redirect,
@@ -244,7 +324,7 @@ pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings, certificates: &[TlsCe
             name,
         });
     }
-    let http = (!entries.is_empty()).then(|| serde_json::to_vec(&Http(&entries)).expect("the route table serializes"));
+    let http = open_http(&entries, edge);
     let served: Vec<serde_json::Value> = certificates
         .iter()
         .filter(|c| Hostname::parse("domain", &c.domain).is_ok())
@@ -253,27 +333,22 @@ pub fn render(rows: &[RouteTableRow], edge: &EdgeSettings, certificates: &[TlsCe
     table.certificates = served.len();
     let tls = (!served.is_empty())
         .then(|| serde_json::to_vec(&serde_json::json!({ "certificates": served })).expect("certificates serialize"));
-    table.public = document(http.as_deref(), None);
-    table.internal = document(http.as_deref(), tls.as_deref());
+    table.public = open_document(&http, None);
+    table.internal = open_document(&http, tls.as_deref());
     table
 }
 
-/// `{"http": ..., "tls": ...}` with only the sections that have something.
-fn document(http: Option<&[u8]>, tls: Option<&[u8]>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(http.map_or(0, <[u8]>::len) + tls.map_or(0, <[u8]>::len) + 20);
+/// `{"tls":..,"http":..` with the `tls` section only when it has something,
+/// first so that the open end is the services'.
+fn open_document(http: &[u8], tls: Option<&[u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(http.len() + tls.map_or(0, <[u8]>::len) + 16);
     out.push(b'{');
-    if let Some(http) = http {
-        out.extend_from_slice(b"\"http\":");
-        out.extend_from_slice(http);
-    }
     if let Some(tls) = tls {
-        if http.is_some() {
-            out.push(b',');
-        }
         out.extend_from_slice(b"\"tls\":");
         out.extend_from_slice(tls);
+        out.push(b',');
     }
-    out.push(b'}');
+    out.extend_from_slice(http);
     out
 }
 
@@ -297,8 +372,16 @@ mod tests {
         }
     }
 
-    fn json(bytes: &[u8]) -> Value {
-        serde_json::from_slice(bytes).unwrap()
+    const CANARY_OF_EDGE_1: Canary<'static> = Canary { origin: "http://10.0.9.4:7800", proxy: "edge-1", table: 0xab };
+
+    /// A rendered variant as one proxy gets it.
+    fn json(open: &[u8]) -> Value {
+        serde_json::from_slice(&CANARY_OF_EDGE_1.complete(open)).unwrap()
+    }
+
+    /// The routers besides the canary's.
+    fn routers(config: &Value) -> Vec<&String> {
+        config["http"]["routers"].as_object().unwrap().keys().filter(|k| *k != CANARY).collect()
     }
 
     const R: &str = "flo-00000000000000000000000000000abc";
@@ -321,6 +404,7 @@ mod tests {
         assert_eq!(servers[1]["url"], "http://[fd00::2]:30002");
         assert_eq!((table.routers, table.servers), (1, 2));
         assert_eq!(table.public, table.internal, "no certificates: one body");
+        assert_eq!(routers(&config), [R]);
     }
 
     #[test]
@@ -332,14 +416,36 @@ mod tests {
         assert_eq!(config["http"]["services"][R]["loadBalancer"]["servers"], json!([]));
         assert_eq!((table.routers, table.without_servers), (1, 1));
         let table = render(&[row("app.example.com", "/", &[])], &EdgeSettings::default(), &[]);
-        assert_eq!((table.public.as_slice(), table.without_servers), (b"{}".as_slice(), 1));
+        assert_eq!((routers(&json(&table.public)), table.without_servers), (vec![], 1));
     }
 
     #[test]
-    fn no_routes_is_an_empty_object() {
-        let table = render(&[], &EdgeSettings::default(), &[]);
-        assert_eq!(table.public, b"{}");
-        assert_eq!(table.internal, b"{}");
+    fn every_table_holds_the_canary_checked_where_the_proxy_got_it() {
+        for rows in [vec![], vec![row("app.example.com", "/", &[("10.0.0.1", 30001)])]] {
+            let table = render(&rows, &EdgeSettings::default(), &[]);
+            let config = json(&table.internal);
+            assert_eq!(routers(&config).len(), rows.len());
+            let router = &config["http"]["routers"][CANARY];
+            assert_eq!(
+                (router["rule"].as_str(), router["service"].as_str(), &router["entryPoints"]),
+                (Some(NEVER), Some(CANARY), &json!(["web"]))
+            );
+            let service = &config["http"]["services"][CANARY]["loadBalancer"];
+            assert_eq!(service["servers"], json!([{ "url": "http://10.0.9.4:7800" }]));
+            assert_eq!(
+                service["healthCheck"],
+                json!({
+                    "path": "/traefik/applied?proxy=edge-1&table=00000000000000ab",
+                    "interval": CANARY_INTERVAL,
+                    "timeout": "2s"
+                })
+            );
+        }
+        let odd = Canary { origin: "http://[fd00::1]:7800", proxy: "a b&c=d", table: u64::MAX };
+        assert_eq!(odd.query(), "proxy=a_b_c_d&table=ffffffffffffffff");
+        let config: Value = serde_json::from_slice(&odd.complete(&render(&[], &EdgeSettings::default(), &[]).public))
+            .expect("a whole document");
+        assert_eq!(config["http"]["services"][CANARY]["loadBalancer"]["servers"][0]["url"], "http://[fd00::1]:7800");
     }
 
     #[test]
@@ -393,7 +499,7 @@ mod tests {
         assert_eq!(twin["middlewares"], json!([REDIRECT_MIDDLEWARE]));
         assert_eq!(internal["http"]["middlewares"][REDIRECT_MIDDLEWARE]["redirectScheme"]["scheme"], "https");
         assert_eq!(internal["tls"]["certificates"][0]["certFile"], "-----BEGIN CERTIFICATE-----");
-        let public = String::from_utf8(table.public).unwrap();
+        let public = String::from_utf8(CANARY_OF_EDGE_1.complete(&table.public)).unwrap();
         assert!(!public.contains("PRIVATE KEY") && !public.contains("\"tls\":{\"certificates"), "{public}");
         assert!(!format!("{certificate:?}").contains("PRIVATE"), "Debug never shows the key");
     }

@@ -1,4 +1,5 @@
-//! `GET /traefik/dynamic`: the route table for Traefik's HTTP provider.
+//! `GET /traefik/dynamic`: the route table for Traefik's HTTP provider, and
+//! `GET /traefik/applied`: each proxy telling which table it serves.
 //!
 //! **Long polling.** With `?wait=N` (seconds) a request from a proxy that
 //! already has the current table is held until the table changes, or for N
@@ -7,45 +8,100 @@
 //! `pollInterval`, so a change reaches it within milliseconds, and it asks
 //! only when something changed or its wait ran out.
 //!
-//! **Which table each proxy holds.** Traefik asks again only once it has
-//! taken in the previous answer, so a request on a connection says that the
-//! table last sent on that connection is taken in. Its snapshot is recorded
-//! for the proxy (`name@address`: the name from the `Flotilla-Edge` header
-//! its configuration sends, the address it connects from); a held proxy is
-//! also recorded as holding each newer snapshot whose table is the same as
-//! the one it has. Agents read these before they stop a container
-//! ([`crate::sync`]).
+//! **Which table each proxy serves.** Being sent a table is not serving it:
+//! Traefik builds the new routers afterwards, which took up to 300 ms on a
+//! loaded machine. So each table a proxy gets ends with its canary
+//! ([`crate::render::Canary`]): a service Traefik health-checks here, at
+//! the address the proxy reached, with the proxy's name and the table's
+//! number in the path. Traefik starts those checks as it switches to the
+//! table, so the first check naming a table tells that the proxy serves
+//! it, and its snapshot is recorded for the proxy (`name@address`: the name
+//! from the `Flotilla-Edge` header its configuration sends, the address it
+//! connects from; a check counts only from that address). A proxy serving a
+//! table also serves each newer snapshot whose table is the same. Agents
+//! read these before they stop a container ([`crate::sync`]).
 //!
 //! Certificates (with their keys) are in the table only for callers with
 //! the cluster's internal token.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::connect_info::ConnectInfo;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::serve::{IncomingStream, Listener};
 use flotilla_store::Store;
 use flotilla_store::routes::EdgeProxySighting;
 use flotilla_telemetry::internal_token::bearer_matches;
 use flotilla_types::DbSnapshot;
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::EdgeStats;
+use crate::render::{APPLIED_PATH, Canary};
 use crate::table::{RouteTable, TableVersion};
 
 pub const ROUTE_TABLE_PATH: &str = "/traefik/dynamic";
+
+/// Tables remembered per proxy until it says it serves one of them.
+const TABLES_KEPT: usize = 32;
 
 /// The header a proxy's configuration sends to name itself.
 pub const PROXY_NAME_HEADER: &str = "flotilla-edge";
 
 /// Shows which snapshot an answer was read in (for operators and tests).
 pub const SNAPSHOT_HEADER: &str = "flotilla-table-snapshot";
+
+/// Both ends of a connection: the proxy's address tells proxies apart;
+/// ours is where its canary reports back (this very process, which knows
+/// what it sent). Serve the router with
+/// `into_make_service_with_connect_info::<Peer>()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub remote: SocketAddr,
+    pub local: Option<SocketAddr>,
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        Self { remote: *stream.remote_addr(), local: stream.io().local_addr().ok() }
+    }
+}
+
+impl Connected<IncomingStream<'_, NoDelayListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, NoDelayListener>) -> Self {
+        Self { remote: *stream.remote_addr(), local: stream.io().local_addr().ok() }
+    }
+}
+
+/// A TCP listener whose connections send small answers at once
+/// (TCP_NODELAY): a route table answer held back by Nagle's algorithm would
+/// wait for the proxy's delayed ACK, some 40 ms.
+#[derive(Debug)]
+pub struct NoDelayListener(pub TcpListener);
+
+impl Listener for NoDelayListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, address) = Listener::accept(&mut self.0).await;
+        if let Err(error) = io.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+        (io, address)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
 
 /// The route table's HTTP side, and what it knows of the proxies.
 #[derive(Debug)]
@@ -54,6 +110,7 @@ pub struct EdgeServer {
     internal_token: Arc<str>,
     max_wait: Duration,
     connections: Mutex<HashMap<SocketAddr, Connection>>,
+    proxies: Mutex<HashMap<String, ProxyTables>>,
     recorder: Arc<ProxyRecorder>,
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
@@ -62,15 +119,65 @@ pub struct EdgeServer {
 #[derive(Debug)]
 struct Connection {
     proxy: String,
-    /// The table last sent on this connection.
-    sent: Option<Sent>,
+    /// The hash of the table last sent on this connection.
+    sent: Option<u64>,
     last_request: Instant,
 }
 
+/// The tables sent to one proxy, and the one it said it serves.
+#[derive(Debug)]
+struct ProxyTables {
+    /// Oldest first, each numbered, with the newest snapshot whose table it
+    /// is. A table sent again after another gets a new number, so a late
+    /// check of its first sending cannot pass for the second.
+    sent: VecDeque<SentTable>,
+    next: u64,
+    /// The number of the table it serves.
+    serves: Option<u64>,
+    last: Instant,
+}
+
 #[derive(Debug, Clone)]
-struct Sent {
+struct SentTable {
+    number: u64,
     hash: u64,
     snapshot: DbSnapshot,
+}
+
+impl ProxyTables {
+    fn new() -> Self {
+        Self { sent: VecDeque::new(), next: 1, serves: None, last: Instant::now() }
+    }
+
+    /// Sends the table `hash` read in `snapshot`: its number, and the
+    /// snapshot the proxy now serves if that is this very table.
+    fn send(&mut self, hash: u64, snapshot: &DbSnapshot) -> (u64, Option<DbSnapshot>) {
+        self.last = Instant::now();
+        if let Some(last) = self.sent.back_mut().filter(|t| t.hash == hash) {
+            last.snapshot = snapshot.clone();
+            let serving = (self.serves == Some(last.number)).then(|| snapshot.clone());
+            return (last.number, serving);
+        }
+        let number = self.next;
+        self.next += 1;
+        self.sent.push_back(SentTable { number, hash, snapshot: snapshot.clone() });
+        while self.sent.len() > TABLES_KEPT {
+            self.sent.pop_front();
+        }
+        (number, None)
+    }
+
+    /// The proxy says it serves table `number`: the snapshot it serves, if
+    /// that is news.
+    fn serves(&mut self, number: u64) -> Option<DbSnapshot> {
+        if self.serves.is_some_and(|serves| serves >= number) {
+            return None;
+        }
+        let table = self.sent.iter().find(|t| t.number == number)?.clone();
+        self.serves = Some(number);
+        self.sent.retain(|t| t.number >= number);
+        Some(table.snapshot)
+    }
 }
 
 impl EdgeServer {
@@ -91,6 +198,7 @@ impl EdgeServer {
             internal_token,
             max_wait,
             connections: Mutex::new(HashMap::new()),
+            proxies: Mutex::new(HashMap::new()),
             recorder,
             stats,
             cancel,
@@ -101,48 +209,88 @@ impl EdgeServer {
         &self.table
     }
 
-    /// `GET /traefik/dynamic`. Serve it with connection info
-    /// (`into_make_service_with_connect_info::<SocketAddr>`): without it,
-    /// requests are answered at once and no proxy is recorded.
+    /// `GET /traefik/dynamic` and `GET /traefik/applied`. Serve them with
+    /// connection info ([`Peer`]): without it, requests are answered at
+    /// once and no proxy is recorded.
     pub fn router(self: &Arc<Self>) -> axum::Router {
-        axum::Router::new().route(ROUTE_TABLE_PATH, axum::routing::get(route_table)).with_state(self.clone())
+        axum::Router::new()
+            .route(ROUTE_TABLE_PATH, axum::routing::get(route_table))
+            .route(APPLIED_PATH, axum::routing::get(applied))
+            .with_state(self.clone())
     }
 
-    /// Takes the request's connection: what was sent on it before, now
-    /// taken in. Returns the proxy's id and what it holds.
-    fn arrive(&self, peer: SocketAddr, name: &str) -> (String, Option<Sent>) {
-        let proxy = proxy_id(name, peer.ip());
+    /// Takes the request's connection: the hash of what was sent on it
+    /// before.
+    fn arrive(&self, peer: SocketAddr, proxy: &str) -> Option<u64> {
         let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         if connections.len() > 4096 {
             connections.retain(|_, c| c.last_request.elapsed() < Duration::from_secs(600));
         }
         let connection = connections.entry(peer).or_insert_with(|| Connection {
-            proxy: proxy.clone(),
+            proxy: proxy.to_owned(),
             sent: None,
             last_request: Instant::now(),
         });
         if connection.proxy != proxy {
             // Another proxy on a reused address: it holds nothing yet.
-            *connection = Connection { proxy: proxy.clone(), sent: None, last_request: Instant::now() };
+            *connection = Connection { proxy: proxy.to_owned(), sent: None, last_request: Instant::now() };
         }
         connection.last_request = Instant::now();
-        (proxy, connection.sent.clone())
+        connection.sent
     }
 
-    fn remember(&self, peer: SocketAddr, sent: Sent) {
+    fn remember(&self, peer: SocketAddr, hash: u64) {
         if let Some(connection) = self.connections.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&peer) {
-            connection.sent = Some(sent);
+            connection.sent = Some(hash);
         }
     }
+
+    /// Notes that `proxy` is sent (or, held, already has) the table `hash`
+    /// of `snapshot`: the table's number for its canary.
+    fn send(&self, proxy: &Named, hash: u64, snapshot: &DbSnapshot) -> u64 {
+        let mut proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        if proxies.len() > 4096 {
+            proxies.retain(|_, p| p.last.elapsed() < Duration::from_secs(600));
+        }
+        let (number, serving) = proxies.entry(proxy.id.clone()).or_insert_with(ProxyTables::new).send(hash, snapshot);
+        drop(proxies);
+        if let Some(snapshot) = serving {
+            self.recorder.seen(&proxy.id, &proxy.name, proxy.address, Some(snapshot));
+        }
+        number
+    }
+}
+
+/// A proxy that named itself.
+#[derive(Debug, Clone)]
+struct Named {
+    id: String,
+    name: String,
+    address: IpAddr,
 }
 
 /// `name@address`; a name that is not a plain word is not used.
 fn proxy_id(name: &str, address: IpAddr) -> String {
+    format!("{}@{address}", plain_name(name))
+}
+
+fn plain_name(name: &str) -> &str {
     let plain = !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    let name = if plain { name } else { "proxy" };
-    format!("{name}@{address}")
+    if plain { name } else { "proxy" }
+}
+
+/// Where a proxy's canary reports back: the address it reached us at, or
+/// else the host it asked for.
+fn canary_origin(peer: Option<&Peer>, headers: &HeaderMap) -> String {
+    if let Some(local) = peer.and_then(|p| p.local) {
+        return format!("http://{local}");
+    }
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).filter(|h| {
+        !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+    });
+    format!("http://{}", host.unwrap_or("localhost"))
 }
 
 fn proxy_name(headers: &HeaderMap) -> Option<&str> {
@@ -170,23 +318,32 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
         .get(header::ACCEPT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
-    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0);
     let wait = match peer {
         Some(_) => requested_wait(request.uri().query(), server.max_wait),
         None => Duration::ZERO,
     };
-    let named = proxy_name(headers).map(str::to_owned);
-    let (proxy, mut sent) = match peer {
-        Some(peer) => {
-            let name = named.clone().unwrap_or_default();
-            let (proxy, sent) = server.arrive(peer, &name);
-            if named.is_some() {
-                server.recorder.seen(&proxy, &name, peer.ip(), sent.as_ref().map(|s| s.snapshot.clone()));
-            }
-            (Some((proxy, name, peer)), sent)
-        }
-        None => (None, None),
+    let origin = canary_origin(peer.as_ref(), headers);
+    // Only a proxy that names itself is recorded (and waited for): a person
+    // reading the table with curl is not a proxy.
+    let named = match (proxy_name(headers), peer) {
+        (Some(name), Some(peer)) => Some(Named {
+            id: proxy_id(name, peer.remote.ip()),
+            name: plain_name(name).to_owned(),
+            address: peer.remote.ip(),
+        }),
+        _ => None,
     };
+    let mut sent = match peer {
+        Some(peer) => {
+            let id = named.as_ref().map_or_else(|| proxy_id("", peer.remote.ip()), |n| n.id.clone());
+            server.arrive(peer.remote, &id)
+        }
+        None => None,
+    };
+    if let Some(named) = &named {
+        server.recorder.seen(&named.id, &named.name, named.address, None);
+    }
     let variant = |version: &TableVersion| if internal { version.internal.clone() } else { version.public.clone() };
 
     let mut tables = server.table.subscribe();
@@ -194,8 +351,8 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
     let mut held = false;
     let version = loop {
         let current = tables.borrow_and_update().clone();
-        let has_it = match (&current, &sent) {
-            (Some(current), Some(sent)) => variant(current).hash == sent.hash,
+        let has_it = match (&current, sent) {
+            (Some(current), Some(sent)) => variant(current).hash == sent,
             // No table yet: wait for the first one if asked to.
             (None, _) => true,
             (Some(_), None) => false,
@@ -203,15 +360,10 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
         if !has_it || wait.is_zero() {
             break current;
         }
-        // The proxy has this very table: it holds its snapshot too.
-        if let (Some(current), Some(sent), Some((proxy, name, peer))) = (&current, &mut sent, &proxy)
-            && current.snapshot != sent.snapshot
-        {
-            sent.snapshot = current.snapshot.clone();
-            server.remember(*peer, sent.clone());
-            if named.is_some() {
-                server.recorder.seen(proxy, name, peer.ip(), Some(sent.snapshot.clone()));
-            }
+        // The proxy has this very table: if it serves it, it serves this
+        // snapshot too.
+        if let (Some(current), Some(named)) = (&current, &named) {
+            server.send(named, variant(current).hash, &current.snapshot);
         }
         if !held {
             held = true;
@@ -234,10 +386,18 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
             .into_response();
     };
     let body = variant(&version);
-    if let Some((_, _, peer)) = &proxy {
-        server.remember(*peer, Sent { hash: body.hash, snapshot: version.snapshot.clone() });
+    if let Some(peer) = peer {
+        server.remember(peer.remote, body.hash);
+        sent = Some(body.hash);
     }
-    let mut response = if gzip { body.gzip.into_response() } else { body.json.into_response() };
+    let number = match &named {
+        Some(named) => server.send(named, body.hash, &version.snapshot),
+        // Nobody to record: the canary's reports are not taken.
+        None => sent.unwrap_or(body.hash),
+    };
+    let proxy = named.as_ref().map_or("", |n| n.name.as_str());
+    let canary = Canary { origin: &origin, proxy, table: number };
+    let mut response = body.for_proxy(&canary, gzip).into_response();
     let response_headers = response.headers_mut();
     response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if gzip {
@@ -249,6 +409,38 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
         response_headers.insert(SNAPSHOT_HEADER, value);
     }
     response
+}
+
+/// `GET /traefik/applied?proxy=NAME&table=N`: a proxy's health check of its
+/// canary, which it starts as it switches to table N. Counted only from the
+/// proxy's own address; always answered 200 (the check's result is of no
+/// use to Traefik).
+async fn applied(State(server): State<Arc<EdgeServer>>, request: Request) -> Response {
+    EdgeStats::add(&server.stats.canary_checks, 1);
+    let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0);
+    let (mut name, mut number) = (None, None);
+    for pair in request.uri().query().unwrap_or_default().split('&') {
+        match pair.split_once('=') {
+            Some(("proxy", value)) if !value.is_empty() => name = Some(value),
+            Some(("table", value)) => number = u64::from_str_radix(value, 16).ok(),
+            _ => {}
+        }
+    }
+    let (Some(peer), Some(name), Some(number)) = (peer, name, number) else {
+        return (StatusCode::BAD_REQUEST, "expected ?proxy=NAME&table=N from a proxy").into_response();
+    };
+    let id = proxy_id(name, peer.remote.ip());
+    let serving = server.proxies.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&id).map(|p| p.serves(number));
+    match serving {
+        Some(Some(snapshot)) => {
+            tracing::debug!(proxy = %id, table = number, %snapshot, "an edge proxy serves a new table");
+            server.recorder.seen(&id, plain_name(name), peer.remote.ip(), Some(snapshot));
+        }
+        Some(None) => {}
+        // Sent by another orchestrator, or before this one started.
+        None => EdgeStats::add(&server.stats.canary_unknown, 1),
+    }
+    (StatusCode::OK, "ok").into_response()
 }
 
 /// Writes what was seen of the proxies to the database, in order, off the
@@ -348,6 +540,56 @@ mod tests {
         for none in [None, Some(""), Some("wait=-1"), Some("wait=x"), Some("wait=NaN"), Some("wait=inf")] {
             assert_eq!(requested_wait(none, max), Duration::ZERO, "{none:?}");
         }
+    }
+
+    fn snapshot(xmin: u64) -> DbSnapshot {
+        format!("{xmin}:{xmin}:").parse().unwrap()
+    }
+
+    #[test]
+    fn a_proxy_serves_what_its_canary_names_and_never_goes_back() {
+        let mut proxy = ProxyTables::new();
+        let (a, b) = (0xa, 0xb);
+        assert_eq!(proxy.send(a, &snapshot(10)), (1, None));
+        // The same table read again: same number, newer snapshot.
+        assert_eq!(proxy.send(a, &snapshot(11)), (1, None));
+        assert_eq!(proxy.send(b, &snapshot(12)), (2, None));
+        assert_eq!(proxy.serves(1), Some(snapshot(11)));
+        assert_eq!(proxy.serves(1), None, "told once");
+        assert_eq!(proxy.serves(9), None, "never sent");
+        assert_eq!(proxy.serves(2), Some(snapshot(12)));
+        assert_eq!(proxy.serves(1), None, "a late check of an older table changes nothing");
+        // Served and read again unchanged: it serves the newer snapshot.
+        assert_eq!(proxy.send(b, &snapshot(13)), (2, Some(snapshot(13))));
+        // Table a again after b: a new number, so a late check from when
+        // a was first served cannot pass for it.
+        assert_eq!(proxy.send(a, &snapshot(14)), (3, None));
+        assert_eq!(proxy.serves(1), None);
+        assert_eq!(proxy.serves(3), Some(snapshot(14)));
+    }
+
+    #[test]
+    fn a_proxy_keeps_only_its_latest_tables() {
+        let mut proxy = ProxyTables::new();
+        for n in 0..100 {
+            proxy.send(n, &snapshot(n + 1));
+        }
+        assert_eq!(proxy.sent.len(), TABLES_KEPT);
+        assert_eq!(proxy.serves(1), None, "long gone");
+        assert_eq!(proxy.serves(100), Some(snapshot(100)));
+    }
+
+    #[test]
+    fn the_canary_reports_where_the_proxy_reached_us() {
+        let peer = Peer { remote: "10.0.0.7:50000".parse().unwrap(), local: Some("10.0.0.2:7800".parse().unwrap()) };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("orchestrator:7800"));
+        assert_eq!(canary_origin(Some(&peer), &headers), "http://10.0.0.2:7800");
+        assert_eq!(canary_origin(None, &headers), "http://orchestrator:7800");
+        headers.insert(header::HOST, HeaderValue::from_static("evil/path?x"));
+        assert_eq!(canary_origin(None, &headers), "http://localhost");
+        let v6 = Peer { local: Some("[fd00::2]:7800".parse().unwrap()), ..peer };
+        assert_eq!(canary_origin(Some(&v6), &headers), "http://[fd00::2]:7800");
     }
 
     #[test]

@@ -25,8 +25,9 @@ use crate::EdgeSettings;
 use crate::metrics::EdgeStats;
 use crate::render::{self, TlsCertificate};
 
-/// One variant of the table as sent: JSON, its gzip, and a hash to tell
-/// whether a proxy already has it.
+/// One variant of the table, open for each proxy's canary
+/// ([`render::Canary`]): JSON, its gzip, and a hash to tell whether a proxy
+/// already has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Body {
     pub json: Bytes,
@@ -44,11 +45,28 @@ impl Body {
         if let Some(same) = reuse.filter(|b| b.hash == hash && b.json.as_ref() == json.as_slice()) {
             return same.clone();
         }
-        let mut encoder =
-            flate2::write::GzEncoder::new(Vec::with_capacity(json.len() / 8), flate2::Compression::fast());
-        let gzip = encoder.write_all(&json).and_then(|()| encoder.finish()).expect("gzip into memory");
+        let gzip = gzip_member(&json);
         Body { json: Bytes::from(json), gzip: Bytes::from(gzip), hash }
     }
+
+    /// The whole table for one proxy: this body closed by its canary. The
+    /// shared part is compressed once per change and the canary as a gzip
+    /// member of its own (a gzip stream may hold several, read one after
+    /// the other, as Go's and every other decoder do).
+    pub fn for_proxy(&self, canary: &render::Canary<'_>, gzip: bool) -> Bytes {
+        let close = canary.close();
+        let (shared, close) = if gzip { (&self.gzip, gzip_member(&close)) } else { (&self.json, close) };
+        let mut out = Vec::with_capacity(shared.len() + close.len());
+        out.extend_from_slice(shared);
+        out.extend_from_slice(&close);
+        Bytes::from(out)
+    }
+}
+
+fn gzip_member(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder =
+        flate2::write::GzEncoder::new(Vec::with_capacity(bytes.len() / 8 + 64), flate2::Compression::fast());
+    encoder.write_all(bytes).and_then(|()| encoder.finish()).expect("gzip into memory")
 }
 
 /// One rendering of the route table.
@@ -255,5 +273,27 @@ mod tests {
         let mut plain = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(other.gzip.as_ref()), &mut plain).unwrap();
         assert_eq!(plain, b"{}");
+    }
+
+    #[test]
+    fn each_proxy_gets_the_shared_table_closed_by_its_canary_in_one_gzip_stream() {
+        let open = render::render(&[], &EdgeSettings::default(), &[]).public;
+        let body = Body::make(open, None);
+        let canary = render::Canary { origin: "http://127.0.0.1:7800", proxy: "edge", table: body.hash };
+        let plain = body.for_proxy(&canary, false);
+        let mut unzipped = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::MultiGzDecoder::new(body.for_proxy(&canary, true).as_ref()),
+            &mut unzipped,
+        )
+        .unwrap();
+        assert_eq!(unzipped, plain);
+        let config: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+        assert!(
+            config["http"]["services"][render::CANARY]["loadBalancer"]["healthCheck"]["path"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("table={:016x}", body.hash))
+        );
     }
 }

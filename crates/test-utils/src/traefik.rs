@@ -257,6 +257,8 @@ impl Drop for TestTraefik {
 pub struct Sample {
     /// Since the client started.
     pub at: Duration,
+    /// When it was sent, by the wall clock (to set beside Docker's events).
+    pub sent: std::time::SystemTime,
     /// The HTTP status, or the connection error.
     pub outcome: Result<u16, String>,
     pub body: String,
@@ -286,7 +288,7 @@ impl LoopingClient {
                     () = until.cancelled() => break,
                     _ = ticks.tick() => {}
                 }
-                let at = started.elapsed();
+                let (at, sent) = (started.elapsed(), std::time::SystemTime::now());
                 let answer = client
                     .get(format!("{url}/"))
                     .header(reqwest::header::HOST, &host)
@@ -296,9 +298,9 @@ impl LoopingClient {
                 let sample = match answer {
                     Ok(response) => {
                         let status = response.status().as_u16();
-                        Sample { at, outcome: Ok(status), body: response.text().await.unwrap_or_default() }
+                        Sample { at, sent, outcome: Ok(status), body: response.text().await.unwrap_or_default() }
                     }
-                    Err(error) => Sample { at, outcome: Err(format!("{error:?}")), body: String::new() },
+                    Err(error) => Sample { at, sent, outcome: Err(format!("{error:?}")), body: String::new() },
                 };
                 record.lock().unwrap_or_else(|e| e.into_inner()).push(sample);
             }
