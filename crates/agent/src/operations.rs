@@ -4,10 +4,10 @@
 //! - **rollout**: start-first replacement by a container of the current
 //!   generation. The new container must become healthy before the row (and
 //!   with it every route) switches to it; the old one stops once every edge
-//!   proxy has taken in the switch. A new container that never becomes
+//!   proxy serves the switch. A new container that never becomes
 //!   healthy is removed, the old one keeps running, and the row says why;
 //! - **retire**: stopping (or removing) a container that served, once every
-//!   edge proxy has taken in a route table without it.
+//!   edge proxy serves a route table without it.
 //!
 //! Creates and rollouts start at most `max_parallel_starts` containers at a
 //! time; retirements are not limited (they only wait and stop).

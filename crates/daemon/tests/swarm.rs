@@ -814,6 +814,17 @@ async fn the_stack_deploys_and_a_rolling_update_keeps_apps_answering() {
     };
     assert!(page.contains("Hello from stacked"), "{page}");
     let app_through_edge = started.elapsed();
+    // Traefik's canary reaches the orchestrator that sent it the table (at
+    // the task's own address): agents know what it serves.
+    let serving = loop {
+        let proxies = db.store.live_edge_proxies(Duration::from_secs(30)).await.expect("edge proxies");
+        if let Some(proxy) = proxies.into_iter().find(|p| p.holds.is_some()) {
+            break proxy;
+        }
+        assert!(started.elapsed() < Duration::from_secs(200), "Traefik never said which table it serves");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("stack: Traefik {} serves the table of snapshot {:?}", serving.id, serving.holds);
     let app_container = || {
         docker_cli(&[
             "ps",

@@ -1,17 +1,17 @@
 //! What an agent waits for before it stops a container that served: every
-//! edge proxy holding a route table without it.
+//! edge proxy serving a route table without it.
 //!
 //! Whatever takes a replica out of the route table (a stop, a delete, a
 //! scale-down, a drain, a new container taking over in a rolling update) is
 //! committed before the agent acts on it, so a snapshot the agent takes then
 //! holds that change. The agent waits until every proxy heard from lately
-//! holds a table read in a snapshot that
-//! [includes](flotilla_types::DbSnapshot::includes) its own, then lets
-//! `settle` pass (Traefik switches to a table it took in within
-//! milliseconds; requests it already sent the container get answered), and
-//! only then stops the container. A proxy that does not catch up within
-//! `timeout` is named in the log and counted, and the container is stopped
-//! anyway: a lost proxy must not keep the cluster from changing.
+//! serves (its canary said so, [`crate::serve`]) a table read in a snapshot
+//! that [includes](flotilla_types::DbSnapshot::includes) its own, then lets
+//! `settle` pass (requests the proxy sent the container before it switched
+//! get answered), and only then stops the container. A proxy that does not
+//! catch up within `timeout` is named in the log and counted, and the
+//! container is stopped anyway: a lost proxy must not keep the cluster from
+//! changing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,8 +28,8 @@ use crate::metrics::EdgeStats;
 pub struct EdgeSyncConfig {
     /// The longest wait for the proxies.
     pub timeout: Duration,
-    /// After every proxy holds the change: time for it to switch over, and
-    /// for requests it already sent to be answered.
+    /// After every proxy serves the change: time for requests it sent
+    /// before to be answered.
     pub settle: Duration,
     /// A proxy not heard from for this long is taken for gone. Longer than
     /// the longest poll a proxy holds (`wait`) plus its poll interval.
@@ -52,7 +52,7 @@ impl Default for EdgeSyncConfig {
 /// How a wait ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyncOutcome {
-    /// Every proxy heard from holds the change (this many of them).
+    /// Every proxy heard from serves the change (this many of them).
     Synced { proxies: usize, waited: Duration },
     /// No proxy was heard from lately: nothing routes through one.
     NoProxies,
@@ -80,7 +80,7 @@ impl EdgeSync {
         &self.config
     }
 
-    /// Takes a snapshot now, waits until every proxy holds it (or the
+    /// Takes a snapshot now, waits until every proxy serves it (or the
     /// timeout), then lets `settle` pass when there was a proxy to wait for.
     /// Call it after seeing the change that takes a container out of the
     /// route table, and before stopping the container.
@@ -95,14 +95,15 @@ impl EdgeSync {
                 tracing::warn!(
                     ?behind,
                     ?waited,
-                    "edge proxies did not take the change in time; stopping the container anyway"
+                    "edge proxies did not say they serve the change in time (can their canary health checks \
+                     reach this cluster's orchestrators? see docs/edge.md); stopping the container anyway"
                 );
             }
         }
         Ok(outcome)
     }
 
-    /// Waits until every proxy heard from lately holds a table read in a
+    /// Waits until every proxy heard from lately serves a table read in a
     /// snapshot that includes `snapshot`.
     pub async fn wait_for(&self, snapshot: &DbSnapshot) -> Result<SyncOutcome, StoreError> {
         let started = Instant::now();

@@ -112,7 +112,7 @@ pub struct EdgeProxySighting<'a> {
     pub id: &'a str,
     pub name: &'a str,
     pub address: &'a str,
-    /// The snapshot of the newest table it has taken in, when that changed.
+    /// The snapshot of the newest table it serves, when that changed.
     pub holds: Option<&'a DbSnapshot>,
 }
 
@@ -122,7 +122,7 @@ pub struct EdgeProxyRecord {
     pub id: String,
     pub name: String,
     pub address: String,
-    /// The snapshot of the newest table it has taken in (none yet: `None`).
+    /// The snapshot of the newest table it serves (none yet: `None`).
     pub holds: Option<DbSnapshot>,
     pub applied_at: Option<DateTime<Utc>>,
     pub seen_at: DateTime<Utc>,
