@@ -9,6 +9,7 @@
 #![allow(clippy::print_stdout)]
 
 mod api;
+mod edge;
 mod metrics;
 mod placement;
 mod stats;
@@ -135,6 +136,20 @@ enum Bench {
         #[arg(long, default_value_t = 500)]
         baseline: usize,
     },
+    /// The route table at 10,000 and 100,000 routes: one render per change
+    /// and polls answered from it, beside rendering it for every poll.
+    RouteTable {
+        #[arg(long, value_delimiter = ',', default_values_t = vec![10_000, 100_000])]
+        routes: Vec<usize>,
+        #[arg(long, default_value_t = 30)]
+        polls: usize,
+    },
+    /// A replica healthy to its first 200 through a real Traefik, and a stop
+    /// to Traefik no longer routing: long-polled, beside polling each second.
+    RoutePropagation {
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+    },
     /// Rows per second into PostgreSQL: the writer beside one INSERT per row.
     MetricsIngest {
         #[arg(long, default_value_t = 500_000)]
@@ -175,6 +190,8 @@ async fn main() -> anyhow::Result<()> {
             placement::commit(deployments, replicas, nodes, batch, baseline).await
         }
         Bench::MetricsIngest { rows, baseline_rows, batch } => metrics::ingest(rows, baseline_rows, batch).await,
+        Bench::RouteTable { routes, polls } => edge::table(&routes, polls).await,
+        Bench::RoutePropagation { runs } => edge::propagation(runs).await,
     }
 }
 

@@ -396,6 +396,13 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
         None => sent.unwrap_or(body.hash),
     };
     let proxy = named.as_ref().map_or("", |n| n.name.as_str());
+    tracing::debug!(
+        proxy = named.as_ref().map_or("-", |n| n.id.as_str()),
+        table = number,
+        snapshot = %version.snapshot,
+        held,
+        "route table sent"
+    );
     let canary = Canary { origin: &origin, proxy, table: number };
     let mut response = body.for_proxy(&canary, gzip).into_response();
     let response_headers = response.headers_mut();

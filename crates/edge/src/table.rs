@@ -162,6 +162,7 @@ impl RouteTable {
             unverified: rendered.unverified,
             certificates: rendered.certificates,
         });
+        tracing::debug!(snapshot = %version.snapshot, routers = version.routers, took = ?started.elapsed(), "route table rendered");
         EdgeStats::add(&self.stats.renders, 1);
         EdgeStats::add(&self.stats.render_micros, started.elapsed().as_micros() as u64);
         self.stats.routes.store(version.routers as u64, std::sync::atomic::Ordering::Relaxed);
