@@ -222,7 +222,9 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
         ("negative port", with("port", json!(-1)), "port"),
         ("negative memory", with("limits", json!({ "memoryBytes": -1 })), "limits.memory_bytes"),
         ("negative cpu", with("limits", json!({ "cpuMillis": -5 })), "limits.cpu_millis"),
-        ("zero replicas", with("replicas", json!(0)), "replicas"),
+        // Zero is allowed: the deployment is kept, nothing runs (503).
+        ("too many replicas", with("replicas", json!(101)), "replicas"),
+        ("negative replicas", with("replicas", json!(-1)), "replicas"),
         ("missing name", without("name"), "name"),
         ("missing image", without("image"), "image"),
         ("missing port", without("port"), "port"),

@@ -81,7 +81,10 @@ async fn cgroup_path_agrees_with_the_cgroup_files_and_docker_stats() {
     let engine_rx = web1.net_rx_bytes - web0.net_rx_bytes;
     eprintln!("net tx: pipeline {}, docker stats {engine_tx}, body bytes {downloaded}", w.net_tx_bytes);
     assert!(close(w.net_tx_bytes as f64, engine_tx as f64, 0.01, 0.0), "tx {} vs {engine_tx}", w.net_tx_bytes);
-    assert!(close(w.net_rx_bytes as f64, engine_rx as f64, 0.01, 200.0), "rx {} vs {engine_rx}", w.net_rx_bytes);
+    // rx is mostly ACKs here (24 KB), and the shared network brings a few
+    // stray packets (ARP, other tests' probes of a reused address) between
+    // the pipeline's read and Docker's: a few hundred bytes either way.
+    assert!(close(w.net_rx_bytes as f64, engine_rx as f64, 0.01, 1024.0), "rx {} vs {engine_rx}", w.net_rx_bytes);
     assert!(w.net_tx_bytes >= downloaded, "every byte sent is counted: {} < {downloaded}", w.net_tx_bytes);
     assert!((w.net_tx_bytes as f64) < downloaded as f64 * 1.10, "headers are a few %: {}", w.net_tx_bytes);
     assert_eq!(w.key.replica_index, 3);
