@@ -261,6 +261,7 @@ async fn propagation_with(flotilla: &TestFlotilla, runs: usize) -> anyhow::Resul
         "route propagation through a real Traefik, {runs} runs: long-polled as shipped (?wait=5, pollInterval 100ms) \
          beside polling every 1 s without waiting, both on the same table"
     );
+    let (mut appear_healthy, mut appear_healthy_baseline) = (Vec::new(), Vec::new());
     let (mut appear, mut appear_baseline, mut disappear, mut disappear_baseline, mut disappear_confirmed) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs + 2 {
@@ -281,6 +282,14 @@ async fn propagation_with(flotilla: &TestFlotilla, runs: usize) -> anyhow::Resul
             until_status(&polling, &host, 200, Duration::from_secs(60))
         );
         let (in_table, first, baseline) = (in_table?, first?, baseline?);
+        // The agent records the replica's health only when it changes.
+        let healthy: DateTime<Utc> = sqlx::query_scalar(
+            "SELECT health_checked_at FROM deployment_locations WHERE deployment_id = $1::uuid AND health_status = 'healthy'",
+        )
+        .bind(&id)
+        .fetch_one(flotilla.db.pool())
+        .await
+        .context("the replica recorded healthy")?;
         tokio::time::sleep(jitter()).await;
         let (status, body) = flotilla.connect_json("StopDeployment", json!({ "id": id })).await;
         anyhow::ensure!(status == 200, "stop: {body}");
@@ -299,6 +308,8 @@ async fn propagation_with(flotilla: &TestFlotilla, runs: usize) -> anyhow::Resul
             continue; // warm-up
         }
         let since = |from: DateTime<Utc>, to: DateTime<Utc>| (to - from).to_std().unwrap_or_default();
+        appear_healthy.push(since(healthy, first));
+        appear_healthy_baseline.push(since(healthy, baseline));
         appear.push(since(in_table, first));
         appear_baseline.push(since(in_table, baseline));
         disappear.push(since(out_of_table, gone));
@@ -306,6 +317,8 @@ async fn propagation_with(flotilla: &TestFlotilla, runs: usize) -> anyhow::Resul
         disappear_confirmed.push(since(out_of_table, confirmed));
     }
     for (name, samples) in [
+        ("replica healthy -> first 200 (long-polled)", appear_healthy),
+        ("replica healthy -> first 200 (1 s polls)", appear_healthy_baseline),
         ("route in the table -> first 200 (long-polled)", appear),
         ("route in the table -> first 200 (1 s polls)", appear_baseline),
         ("route out of the table -> 404 (long-polled)", disappear),
