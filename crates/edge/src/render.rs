@@ -14,13 +14,14 @@
 //!   or a deleted one has no router: 404, an app that is not there;
 //! - the table always holds the canary of [`Canary`]: a router no request
 //!   can match, whose service Traefik health-checks at the orchestrator
-//!   that sent the table, with the table's hash in the path. Traefik builds
-//!   a table's services (and starts their health checks) just before it
-//!   switches its entry points to that table, so the first check naming a
-//!   table says the proxy serves it; being told a table is not enough, as
-//!   Traefik applies it afterwards, which took up to 300 ms on a loaded
-//!   machine. The canary also keeps a table with no route from being
-//!   `{"http":{}}`, which Traefik refuses;
+//!   that sent the table, with the proxy's number for the table in the
+//!   path. Traefik starts a table's health checks while it builds the
+//!   table's handlers, moments before it switches its entry points to them,
+//!   and the first check runs one interval later; so a check naming a table
+//!   says the proxy serves it. Being sent a table is not enough: Traefik
+//!   applies it afterwards, which took up to 300 ms on a loaded machine.
+//!   The canary also keeps a table with no route from being `{"http":{}}`,
+//!   which Traefik refuses;
 //! - every router retries, on another server, a request whose connection
 //!   failed before it was sent, and an idempotent one (GET, HEAD, PUT,
 //!   DELETE...) that Traefik answered 502 because its server vanished
@@ -64,8 +65,8 @@ pub const CANARY_INTERVAL: &str = "100ms";
 const NEVER: &str = "ClientIP(`255.255.255.255/32`)";
 
 /// What closes a rendered table for one proxy: its canary service, checked
-/// at `origin` (`http://host:port`) with `proxy`'s name and the table's
-/// hash in the query.
+/// at `origin` (`http://host:port`) with `proxy`'s name and the number the
+/// sender gave this table for this proxy in the query.
 #[derive(Debug, Clone, Copy)]
 pub struct Canary<'a> {
     pub origin: &'a str,

@@ -52,6 +52,10 @@ pub const ROUTE_TABLE_PATH: &str = "/traefik/dynamic";
 /// Tables remembered per proxy until it says it serves one of them.
 const TABLES_KEPT: usize = 32;
 
+/// Proxies tracked at most (an edge has a handful): a flood of invented
+/// names is not remembered.
+const PROXIES_KEPT: usize = 1024;
+
 /// The header a proxy's configuration sends to name itself.
 pub const PROXY_NAME_HEADER: &str = "flotilla-edge";
 
@@ -111,6 +115,10 @@ pub struct EdgeServer {
     max_wait: Duration,
     connections: Mutex<HashMap<SocketAddr, Connection>>,
     proxies: Mutex<HashMap<String, ProxyTables>>,
+    /// Where this process's table numbers start (random), so a check of a
+    /// table an earlier process at the same address sent cannot pass for
+    /// one of this process's.
+    epoch: u64,
     recorder: Arc<ProxyRecorder>,
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
@@ -145,8 +153,15 @@ struct SentTable {
 }
 
 impl ProxyTables {
-    fn new() -> Self {
-        Self { sent: VecDeque::new(), next: 1, serves: None, last: Instant::now() }
+    fn new(epoch: u64) -> Self {
+        Self { sent: VecDeque::new(), next: epoch + 1, serves: None, last: Instant::now() }
+    }
+
+    /// A new connection: it may be a new Traefik process, or one that ran
+    /// another orchestrator's table meanwhile, so it serves nothing of ours
+    /// until its canary says so again.
+    fn reconnected(&mut self) {
+        self.serves = None;
     }
 
     /// Sends the table `hash` read in `snapshot`: its number, and the
@@ -199,6 +214,9 @@ impl EdgeServer {
             max_wait,
             connections: Mutex::new(HashMap::new()),
             proxies: Mutex::new(HashMap::new()),
+            // The high half random: 4 billion tables a process before two
+            // processes' numbers could meet.
+            epoch: (uuid::Uuid::new_v4().as_u128() as u64) & 0xffff_ffff_0000_0000,
             recorder,
             stats,
             cancel,
@@ -246,14 +264,25 @@ impl EdgeServer {
     }
 
     /// Notes that `proxy` is sent (or, held, already has) the table `hash`
-    /// of `snapshot`: the table's number for its canary.
-    fn send(&self, proxy: &Named, hash: u64, snapshot: &DbSnapshot) -> u64 {
+    /// of `snapshot`: the table's number for its canary (0, which no check
+    /// counts for, when too many proxies are tracked). `first` is the first
+    /// request of a connection.
+    fn send(&self, proxy: &Named, hash: u64, snapshot: &DbSnapshot, first: bool) -> u64 {
         let mut proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
-        if proxies.len() > 4096 {
+        if !proxies.contains_key(&proxy.id) && proxies.len() >= PROXIES_KEPT {
             proxies.retain(|_, p| p.last.elapsed() < Duration::from_secs(600));
+            if proxies.len() >= PROXIES_KEPT {
+                tracing::debug!(proxy = %proxy.id, "too many edge proxies tracked; this one is not");
+                return 0;
+            }
         }
-        let (number, serving) = proxies.entry(proxy.id.clone()).or_insert_with(ProxyTables::new).send(hash, snapshot);
-        drop(proxies);
+        let tables = proxies.entry(proxy.id.clone()).or_insert_with(|| ProxyTables::new(self.epoch));
+        if first {
+            tables.reconnected();
+        }
+        let (number, serving) = tables.send(hash, snapshot);
+        // Recorded under the lock: a newer snapshot is never overtaken by
+        // an older one on its way to the recorder.
         if let Some(snapshot) = serving {
             self.recorder.seen(&proxy.id, &proxy.name, proxy.address, Some(snapshot));
         }
@@ -297,6 +326,17 @@ fn proxy_name(headers: &HeaderMap) -> Option<&str> {
     headers.get(PROXY_NAME_HEADER).and_then(|v| v.to_str().ok())
 }
 
+/// Whether `Accept-Encoding` takes gzip (not with `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()) else { return false };
+    value.split(',').any(|coding| {
+        let mut parts = coding.split(';').map(str::trim);
+        let name = parts.next().unwrap_or_default();
+        let refused = parts.any(|p| p.strip_prefix("q=").and_then(|q| q.parse::<f32>().ok()).is_some_and(|q| q <= 0.0));
+        name.eq_ignore_ascii_case("gzip") && !refused
+    })
+}
+
 /// `wait=N` in seconds (fractions allowed), capped.
 fn requested_wait(query: Option<&str>, max: Duration) -> Duration {
     let Some(query) = query else { return Duration::ZERO };
@@ -314,10 +354,7 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
     EdgeStats::add(&server.stats.polls, 1);
     let headers = request.headers();
     let internal = bearer_matches(headers, &server.internal_token);
-    let gzip = headers
-        .get(header::ACCEPT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
+    let gzip = accepts_gzip(headers);
     let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0);
     let wait = match peer {
         Some(_) => requested_wait(request.uri().query(), server.max_wait),
@@ -341,6 +378,7 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
         }
         None => None,
     };
+    let first_on_connection = sent.is_none();
     if let Some(named) = &named {
         server.recorder.seen(&named.id, &named.name, named.address, None);
     }
@@ -363,7 +401,7 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
         // The proxy has this very table: if it serves it, it serves this
         // snapshot too.
         if let (Some(current), Some(named)) = (&current, &named) {
-            server.send(named, variant(current).hash, &current.snapshot);
+            server.send(named, variant(current).hash, &current.snapshot, false);
         }
         if !held {
             held = true;
@@ -391,7 +429,7 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
         sent = Some(body.hash);
     }
     let number = match &named {
-        Some(named) => server.send(named, body.hash, &version.snapshot),
+        Some(named) => server.send(named, body.hash, &version.snapshot, first_on_connection),
         // Nobody to record: the canary's reports are not taken.
         None => sent.unwrap_or(body.hash),
     };
@@ -424,6 +462,13 @@ async fn route_table(State(server): State<Arc<EdgeServer>>, request: Request) ->
 /// use to Traefik).
 async fn applied(State(server): State<Arc<EdgeServer>>, request: Request) -> Response {
     EdgeStats::add(&server.stats.canary_checks, 1);
+    // A check comes from the proxy itself, never through one (which could
+    // make anyone's request look like it came from the proxy's address).
+    let headers = request.headers();
+    if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+        return (StatusCode::BAD_REQUEST, "a canary check comes from the proxy itself, not through one")
+            .into_response();
+    }
     let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0);
     let (mut name, mut number) = (None, None);
     for pair in request.uri().query().unwrap_or_default().split('&') {
@@ -437,16 +482,18 @@ async fn applied(State(server): State<Arc<EdgeServer>>, request: Request) -> Res
         return (StatusCode::BAD_REQUEST, "expected ?proxy=NAME&table=N from a proxy").into_response();
     };
     let id = proxy_id(name, peer.remote.ip());
-    let serving = server.proxies.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&id).map(|p| p.serves(number));
-    match serving {
+    let mut proxies = server.proxies.lock().unwrap_or_else(|e| e.into_inner());
+    match proxies.get_mut(&id).map(|p| p.serves(number)) {
         Some(Some(snapshot)) => {
             tracing::debug!(proxy = %id, table = number, %snapshot, "an edge proxy serves a new table");
+            // Under the lock, as in `send`: recorded in the order decided.
             server.recorder.seen(&id, plain_name(name), peer.remote.ip(), Some(snapshot));
         }
         Some(None) => {}
         // Sent by another orchestrator, or before this one started.
         None => EdgeStats::add(&server.stats.canary_unknown, 1),
     }
+    drop(proxies);
     (StatusCode::OK, "ok").into_response()
 }
 
@@ -555,7 +602,7 @@ mod tests {
 
     #[test]
     fn a_proxy_serves_what_its_canary_names_and_never_goes_back() {
-        let mut proxy = ProxyTables::new();
+        let mut proxy = ProxyTables::new(0);
         let (a, b) = (0xa, 0xb);
         assert_eq!(proxy.send(a, &snapshot(10)), (1, None));
         // The same table read again: same number, newer snapshot.
@@ -576,8 +623,39 @@ mod tests {
     }
 
     #[test]
+    fn a_proxy_that_reconnects_serves_nothing_until_its_canary_says_so() {
+        let mut proxy = ProxyTables::new(0);
+        let (number, _) = proxy.send(0xa, &snapshot(10));
+        assert_eq!(proxy.serves(number), Some(snapshot(10)));
+        // A new Traefik at the same address, sent the same table: not taken
+        // as served on the strength of the old process's check.
+        proxy.reconnected();
+        assert_eq!(proxy.send(0xa, &snapshot(11)), (number, None));
+        assert_eq!(proxy.serves(number), Some(snapshot(11)), "its own check counts");
+    }
+
+    #[test]
+    fn numbers_start_where_the_process_says() {
+        let epoch = 0xdead_beef_0000_0000;
+        let mut proxy = ProxyTables::new(epoch);
+        assert_eq!(proxy.send(0xa, &snapshot(10)).0, epoch + 1);
+        assert_eq!(proxy.serves(1), None, "an earlier process's table 1 is not ours");
+    }
+
+    #[test]
+    fn gzip_is_sent_only_to_who_takes_it() {
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(value));
+            accepts_gzip(&headers)
+        };
+        assert!(with("gzip") && with("deflate, gzip;q=0.5") && with("GZIP"));
+        assert!(!with("gzip;q=0") && !with("br") && !with("x-gzip2") && !accepts_gzip(&HeaderMap::new()));
+    }
+
+    #[test]
     fn a_proxy_keeps_only_its_latest_tables() {
-        let mut proxy = ProxyTables::new();
+        let mut proxy = ProxyTables::new(0);
         for n in 0..100 {
             proxy.send(n, &snapshot(n + 1));
         }
