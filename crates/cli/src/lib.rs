@@ -473,6 +473,8 @@ fn timestamp(t: chrono::DateTime<chrono::Utc>) -> pbjson_types::Timestamp {
 
 struct Flo {
     client: DeploymentServiceClient,
+    /// For streams (logs -f, top): the same headers, no request timeout.
+    streams: DeploymentServiceClient,
     nodes: NodeServiceClient,
     projects: ProjectServiceClient,
     api: String,
@@ -510,10 +512,13 @@ impl Flo {
             .map_err(unreachable)?;
         let projects = ProjectServiceClient::builder(cli.api.clone())
             .timeout(Duration::from_secs(30))
-            .default_headers(headers)
+            .default_headers(headers.clone())
             .build()
             .map_err(unreachable)?;
-        Ok(Self { client, nodes, projects, api: cli.api.clone(), format: cli.output })
+        // No 30 s request timeout: a stream lasts. The same credentials.
+        let streams =
+            DeploymentServiceClient::builder(cli.api.clone()).default_headers(headers).build().map_err(unreachable)?;
+        Ok(Self { client, streams, nodes, projects, api: cli.api.clone(), format: cli.output })
     }
 }
 
@@ -787,7 +792,8 @@ impl Flo {
     async fn logs(&self, deployment: &str, follow: bool, tail: u32, replica: Option<i32>) -> Result<(), CliError> {
         let id = self.find(deployment).await?.id;
         let request = pb::StreamDeploymentLogsRequest { deployment_id: id, follow, tail, replica_index: replica };
-        let mut stream = self.client.stream_deployment_logs(&request).await.map_err(|e| self.err(e))?.into_inner();
+        let client = if follow { &self.streams } else { &self.client };
+        let mut stream = client.stream_deployment_logs(&request).await.map_err(|e| self.err(e))?.into_inner();
         while let Some(line) = futures::StreamExt::next(&mut stream).await {
             let line = line.map_err(|e| self.err(e))?;
             if self.format == OutputFormat::Json {
@@ -997,16 +1003,12 @@ impl Flo {
         duration: Option<Duration>,
     ) -> Result<(), CliError> {
         let d = self.find(name_or_id).await?;
-        // A client of its own without the 30 s request timeout: a stream lasts.
-        let client = DeploymentServiceClient::builder(self.api.clone())
-            .build()
-            .map_err(|e| CliError::Unreachable { api: self.api.clone(), message: e.to_string() })?;
         let request = pb::StreamDeploymentMetricsRequest {
             deployment_id: d.id.clone(),
             backfill,
             max_duration_seconds: duration.map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
         };
-        let mut stream = client.stream_deployment_metrics(&request).await.map_err(|e| self.err(e))?.into_inner();
+        let mut stream = self.streams.stream_deployment_metrics(&request).await.map_err(|e| self.err(e))?.into_inner();
         self.say(&format!("{} ({}): live, every collection interval; Ctrl-C to stop", d.name, d.id))?;
         self.say(&format!(
             "{:<19} {:>3} {:>8} {:>7} {:>21} {:>11} {:>11} {:>5}",

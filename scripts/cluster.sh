@@ -1,0 +1,529 @@
+#!/usr/bin/env bash
+# A real multi-node Flotilla cluster on one machine, in the spirit of kind:
+# N Docker Engines, each in its own network namespace on a private bridge,
+# joined into one swarm, with Flotilla installed by `docker stack deploy` of
+# stack/flotilla.yml (agent on every node, orchestrators and API replicated,
+# the real Traefik on node 1).
+#
+#   scripts/cluster.sh up [N]        make (or complete) an N-node cluster (3)
+#   scripts/cluster.sh down          remove everything `up` made
+#   scripts/cluster.sh status        nodes, engines, services, addresses
+#   scripts/cluster.sh env           `export` lines: FLOTILLA_API, FLOTILLA_TOKEN...
+#   scripts/cluster.sh kill-node I   power cut: SIGKILL node I's engine, its
+#                                    containerd and every process of its containers
+#   scripts/cluster.sh kill-engine I SIGKILL only node I's dockerd (its containers live on)
+#   scripts/cluster.sh start-node I  start node I's engine again
+#   scripts/cluster.sh partition I   cut node I's link to the others
+#   scripts/cluster.sh heal I        restore it
+#   scripts/cluster.sh restart-db    restart the control database (PostgreSQL)
+#   scripts/cluster.sh docker I ...  the docker CLI against node I's engine
+#   scripts/cluster.sh deploy        build and push Flotilla's images again and
+#                                    update the stack (after a code change)
+#
+# Beside the nodes, on the host: PostgreSQL, Redis and an OIDC provider
+# (scripts/oidc-provider.py) listening on the host's address on the bridge,
+# and an image registry (Debian's docker-registry) in the bridge's
+# namespace: nodes pull Flotilla's and the demo images from it, as a real
+# cluster does. Nothing listens outside this machine: the subnet exists only
+# between the host and namespaces this script made. docs/cluster.md says
+# what it needs and how it works.
+#
+# Settings (environment):
+#   FLOTILLA_CLUSTER_DIR      state, logs, engines' data   (/var/tmp/flotilla-cluster)
+#   FLOTILLA_CLUSTER_SUBNET   first three octets of the /24 (10.231.0)
+#   FLOTILLA_CLUSTER_DOMAIN   platform domain of the apps  (cluster.test)
+#   FLOTILLA_BINARY           flotillad to package (default: a static release build)
+#   FLOTILLA_CLUSTER_AGENT_ENV / _ORCHESTRATOR_ENV
+#                             extra `NAME=value` lines (space separated) for the
+#                             agents / orchestrators, e.g. shorter heartbeats
+#   FLOTILLA_CLUSTER_STORAGE  the engines' storage driver (overlay2)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+
+STATE=${FLOTILLA_CLUSTER_DIR:-/var/tmp/flotilla-cluster}
+NET=${FLOTILLA_CLUSTER_SUBNET:-10.231.0}
+DOMAIN=${FLOTILLA_CLUSTER_DOMAIN:-cluster.test}
+STORAGE=${FLOTILLA_CLUSTER_STORAGE:-overlay2}
+HOST_IP=$NET.1
+REGISTRY_IP=$NET.2
+REGISTRY=$REGISTRY_IP:5000
+PG_PORT=15432
+REDIS_PORT=16379
+OIDC_PORT=18080
+API_PORT=7780
+STACK=flotilla
+SWITCH=flo-sw
+VENV=${FLOTILLA_PYTHON_VENV:-$HOME/.cache/flotilla/venv}
+USER_SUB=cluster-admin
+
+say() { echo "cluster: $*" >&2; }
+fail() { echo "cluster: $*" >&2; exit 1; }
+node_ns() { echo "flo-n$1"; }
+node_ip() { echo "$NET.$((10 + $1))"; }
+node_dir() { echo "$STATE/node$1"; }
+dk() { local i=$1; shift; docker -H "unix://$(node_dir "$i")/docker.sock" "$@"; }
+alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+pid_of() { cat "$1" 2>/dev/null || true; }
+node_count() { cat "$STATE/nodes" 2>/dev/null || echo 0; }
+engine_up() { dk "$1" version >/dev/null 2>&1; }
+
+# wait_for SECONDS WHAT COMMAND...: polls COMMAND every 0.2 s.
+wait_for() {
+  local seconds=$1 what=$2; shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || fail "$what: not after ${seconds}s"
+    sleep 0.2
+  done
+}
+
+preflight() {
+  [ "$(id -u)" = 0 ] || fail "needs root (network namespaces, engines of its own)"
+  local missing=()
+  for command in ip nsenter unshare dockerd docker curl; do
+    command -v "$command" >/dev/null || missing+=("$command")
+  done
+  [ ${#missing[@]} -eq 0 ] || fail "missing commands: ${missing[*]} (iproute2, util-linux, docker.io)"
+  ip netns add flo-probe-$$ 2>/dev/null || fail "cannot make a network namespace here (ip netns add): this machine cannot run the cluster"
+  ip netns del flo-probe-$$
+  docker version >/dev/null 2>&1 || fail "the host's Docker Engine does not answer: the images are built there"
+  "$root/scripts/dev-services.sh" install >/dev/null
+}
+
+# --- the network: a bridge in its own namespace, a veth per node, one to the host
+
+setup_network() {
+  local n=$1
+  if ! ip netns list | grep -qw "$SWITCH"; then
+    ip netns add "$SWITCH"
+    ip -n "$SWITCH" link set lo up
+    ip -n "$SWITCH" link add flobr0 type bridge
+    ip -n "$SWITCH" link set flobr0 up
+    # The registry listens on the bridge itself.
+    ip -n "$SWITCH" addr add "$REGISTRY_IP/24" dev flobr0
+  fi
+  if ! ip link show flo-host >/dev/null 2>&1; then
+    ip link add flo-host type veth peer name uplink netns "$SWITCH"
+    ip -n "$SWITCH" link set uplink master flobr0 up
+    ip addr add "$HOST_IP/24" dev flo-host
+    ip link set flo-host up
+  fi
+  for i in $(seq 1 "$n"); do
+    local ns; ns=$(node_ns "$i")
+    ip netns list | grep -qw "$ns" && continue
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    # Made inside the two namespaces: the veth never appears on the host.
+    ip link add "port$i" netns "$SWITCH" type veth peer name eth0 netns "$ns"
+    ip -n "$SWITCH" link set "port$i" master flobr0 up
+    ip -n "$ns" addr add "$(node_ip "$i")/24" dev eth0
+    ip -n "$ns" link set eth0 up
+  done
+}
+
+# --- the engines
+
+start_node() {
+  local i=$1 d; d=$(node_dir "$i")
+  if engine_up "$i"; then return 0; fi
+  mkdir -p "$d/etc-docker" "$d/data" "$d/exec"
+  # A killed engine leaves its containerd (in the old mount namespace).
+  local old; old=$(pid_of "$d/exec/containerd/containerd.pid")
+  if alive "$old"; then kill "$old"; wait_for 10 "node $i's old containerd to stop" bash -c "! kill -0 $old"; fi
+  rm -f "$d/exec/containerd/containerd.pid"
+  cat >"$d/etc-docker/daemon.json" <<EOF
+{"storage-driver": "$STORAGE", "insecure-registries": ["$REGISTRY"], "log-driver": "json-file",
+ "log-opts": {"max-size": "10m", "max-file": "2"}}
+EOF
+  # Its own network namespace, and private mount and UTS namespaces: its
+  # own /etc/docker and hostname, and a /run of its own, so that the
+  # containers that mount /var/run/docker.sock (the agent, Traefik) get
+  # this node's engine, never the host's.
+  setsid nsenter --net="/run/netns/$(node_ns "$i")" -- unshare --mount --uts --propagation slave -- sh -c "
+      hostname node$i && mount --bind '$d/etc-docker' /etc/docker && mount -t tmpfs tmpfs /run &&
+      exec dockerd --data-root '$d/data' --exec-root '$d/exec' --pidfile '$d/dockerd.pid' \
+        -H unix:///run/docker.sock -H 'unix://$d/docker.sock' --cgroup-parent /flo-node$i" \
+    >>"$d/dockerd.log" 2>&1 </dev/null &
+  wait_for 60 "node $i's engine (log: $d/dockerd.log)" engine_up "$i"
+  say "node $i: engine up at $(node_ip "$i")"
+}
+
+# Every process of node I, engine to containers: the node's cgroups hold
+# its containers; the engine and containerd are found by their pid files.
+node_processes() {
+  local i=$1 d; d=$(node_dir "$i")
+  pid_of "$d/dockerd.pid"
+  pid_of "$d/exec/containerd/containerd.pid"
+  pgrep -f -- "containerd-shim.* -address $d/" || true
+  cat /sys/fs/cgroup/pids/flo-node"$i"/*/cgroup.procs 2>/dev/null || true
+}
+
+kill_node() {
+  local i=$1
+  [ -d "$(node_dir "$i")" ] || fail "no node $i"
+  local pids; pids=$(node_processes "$i" | sort -u | tr '\n' ' ')
+  # shellcheck disable=SC2086
+  [ -n "${pids// }" ] && kill -9 $pids 2>/dev/null || true
+  say "node $i: powered off (killed: ${pids:-nothing})"
+}
+
+kill_engine() {
+  local pid; pid=$(pid_of "$(node_dir "$1")/dockerd.pid")
+  alive "$pid" || fail "node $1's engine is not running"
+  kill -9 "$pid"
+  say "node $1: engine killed (pid $pid); its containers run on"
+}
+
+link_of() { echo "port$1"; }
+
+partition() {
+  ip -n "$SWITCH" link set "$(link_of "$1")" down
+  say "node $1: cut off"
+}
+
+heal() {
+  ip -n "$SWITCH" link set "$(link_of "$1")" up
+  say "node $1: link restored"
+}
+
+# --- what runs beside the nodes, on the host's address on the bridge
+
+registry_binary() {
+  local dir=$HOME/.cache/flotilla/docker-registry
+  if [ ! -x "$dir/root/usr/bin/docker-registry" ]; then
+    say "fetching Debian's docker-registry (unpacked, no service installed)"
+    mkdir -p "$dir"
+    (cd "$dir" && rm -f docker-registry_*.deb && apt-get download docker-registry >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get download docker-registry >/dev/null; }) \
+      || fail "could not get Debian's docker-registry package"
+    dpkg-deb -x "$dir"/docker-registry_*.deb "$dir/root"
+  fi
+  echo "$dir/root/usr/bin/docker-registry"
+}
+
+registry_up() { curl -sf "http://$REGISTRY/v2/" >/dev/null; }
+
+start_registry() {
+  registry_up && return 0
+  local r=$STATE/registry binary; binary=$(registry_binary)
+  mkdir -p "$r/data"
+  printf 'version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\nhttp:\n  addr: %s\n' \
+    "$r/data" "$REGISTRY" >"$r/config.yml"
+  setsid nsenter --net="/run/netns/$SWITCH" -- "$binary" serve "$r/config.yml" >"$r/registry.log" 2>&1 </dev/null &
+  echo $! >"$r/registry.pid"
+  wait_for 20 "the registry (log: $r/registry.log)" registry_up
+  say "registry at $REGISTRY"
+}
+
+pg_bin() { ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1; }
+pg() { runuser -u postgres -- "$@"; }
+pg_up() { pg "$(pg_bin)/pg_isready" -q -h "$HOST_IP" -p "$PG_PORT"; }
+
+start_postgres() {
+  local data=$STATE/postgres
+  if [ ! -f "$data/PG_VERSION" ]; then
+    mkdir -p "$data" && chown postgres:postgres "$data" && chmod 700 "$data"
+    local pwfile; pwfile=$(mktemp) && cat "$STATE/db-password" >"$pwfile" && chmod 644 "$pwfile"
+    pg "$(pg_bin)/initdb" -D "$data" -U flotilla --pwfile="$pwfile" --auth-local=trust \
+      --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >/dev/null
+    rm -f "$pwfile"
+    cat >>"$data/postgresql.conf" <<EOF
+listen_addresses = '$HOST_IP'
+port = $PG_PORT
+unix_socket_directories = '$data'
+max_connections = 200
+EOF
+    echo "host all all $NET.0/24 scram-sha-256" >>"$data/pg_hba.conf"
+  fi
+  if ! pg_up; then
+    pg "$(pg_bin)/pg_ctl" -D "$data" -l "$data/postgres.log" -w -t 60 start >/dev/null
+  fi
+  pg "$(pg_bin)/psql" -h "$data" -p "$PG_PORT" -U flotilla -d postgres -tAc \
+    "SELECT 1 FROM pg_database WHERE datname = 'flotilla'" | grep -q 1 \
+    || pg "$(pg_bin)/psql" -h "$data" -p "$PG_PORT" -U flotilla -d postgres -qc "CREATE DATABASE flotilla"
+  say "PostgreSQL at $HOST_IP:$PG_PORT"
+}
+
+restart_db() {
+  local data=$STATE/postgres
+  [ -f "$data/PG_VERSION" ] || fail "no cluster database"
+  pg "$(pg_bin)/pg_ctl" -D "$data" -l "$data/postgres.log" -m fast -w -t 60 restart >/dev/null
+  say "PostgreSQL restarted"
+}
+
+redis_up() { redis-cli -h "$HOST_IP" -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; }
+
+start_redis() {
+  redis_up && return 0
+  mkdir -p "$STATE/redis"
+  # Bound to the bridge only: nothing outside this machine reaches it.
+  redis-server --bind "$HOST_IP" --port "$REDIS_PORT" --daemonize yes --dir "$STATE/redis" \
+    --pidfile "$STATE/redis/redis.pid" --logfile "$STATE/redis/redis.log" --save "" --appendonly no \
+    --protected-mode no >/dev/null
+  wait_for 10 "Redis" redis_up
+  say "Redis at $HOST_IP:$REDIS_PORT"
+}
+
+oidc_up() { curl -sf "http://$HOST_IP:$OIDC_PORT/.well-known/openid-configuration" >/dev/null; }
+
+start_oidc() {
+  if ! oidc_up; then
+    setsid "$VENV/bin/python" "$root/scripts/oidc-provider.py" --host "$HOST_IP" --port "$OIDC_PORT" --token-max-age 86400 \
+      >"$STATE/oidc.log" 2>&1 </dev/null &
+    echo $! >"$STATE/oidc.pid"
+    wait_for 30 "the OIDC provider (log: $STATE/oidc.log)" oidc_up
+  fi
+  # A token for the cluster's administrator, valid a day.
+  local now; now=$(date +%s)
+  curl -sf "http://$HOST_IP:$OIDC_PORT/_test/sign" -H 'content-type: application/json' -d "{\"claims\": {
+      \"iss\": \"http://$HOST_IP:$OIDC_PORT\", \"aud\": \"flotilla\", \"sub\": \"$USER_SUB\",
+      \"email\": \"$USER_SUB@$DOMAIN\", \"iat\": $now, \"exp\": $((now + 86400))}, \"header\": {}}" \
+    | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p' >"$STATE/token"
+  [ -s "$STATE/token" ] || fail "the OIDC provider signed no token (log: $STATE/oidc.log)"
+  say "OIDC provider at http://$HOST_IP:$OIDC_PORT"
+}
+
+# --- the swarm
+
+swarm_state() { dk "$1" info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null; }
+
+form_swarm() {
+  local n=$1
+  if [ "$(swarm_state 1)" != active ]; then
+    # Overlay subnets from a pool that cannot meet the bridge's.
+    dk 1 swarm init --advertise-addr "$(node_ip 1)" --listen-addr "$(node_ip 1):2377" \
+      --default-addr-pool 10.240.0.0/16 >/dev/null
+    say "swarm made on node 1"
+  fi
+  for i in $(seq 2 "$n"); do
+    [ "$(swarm_state "$i")" = active ] && continue
+    # Three managers keep a quorum when one is lost; the rest are workers.
+    local role=worker; [ "$i" -le 3 ] && role=manager
+    dk "$i" swarm join --token "$(dk 1 swarm join-token -q $role)" --advertise-addr "$(node_ip "$i")" \
+      --listen-addr "$(node_ip "$i"):2377" "$(node_ip 1):2377" >/dev/null
+    say "node $i joined as a $role"
+  done
+  for i in $(seq 1 "$n"); do
+    local labels=(--label-add compute=true)
+    [ "$i" = 1 ] && labels+=(--label-add edge=true)
+    dk 1 node update "${labels[@]}" "node$i" >/dev/null
+  done
+}
+
+# --- images: built on the host, pushed to the cluster's registry by node 1
+
+# push IMAGE: the host's IMAGE into the registry as $REGISTRY/IMAGE.
+push() {
+  local image=$1
+  docker save "$image" | dk 1 load -q >/dev/null
+  dk 1 tag "$image" "$REGISTRY/$image"
+  dk 1 push -q "$REGISTRY/$image" >/dev/null
+  say "pushed $REGISTRY/$image"
+}
+
+build_and_push() {
+  local binary=${FLOTILLA_BINARY:-} args=()
+  [ -n "$binary" ] && args=(--binary "$binary")
+  local tag; tag=cluster-$(date +%s)
+  "$root/scripts/build-flotillad-image.sh" --tag "flotilla/flotillad:$tag" "${args[@]}"
+  "$root/scripts/build-traefik-image.sh" --tag flotilla/traefik:cluster
+  "$root/scripts/build-images.sh" >/dev/null
+  push "flotilla/flotillad:$tag"
+  push flotilla/traefik:cluster
+  for image in flotilla/demo-http:1 flotilla/demo-http:2 flotilla/demo-http:latest flotilla/demo-broken:latest; do
+    push "$image"
+  done
+  docker rmi "flotilla/flotillad:$tag" >/dev/null
+  echo "$REGISTRY/flotilla/flotillad:$tag" >"$STATE/image"
+}
+
+# --- Flotilla, by the real stack file
+
+# environment SERVICE "NAME=value ...": the service's extra variables.
+environment() {
+  [ -n "$2" ] || return 0
+  printf '  %s:\n    environment:\n' "$1"
+  local extra
+  for extra in $2; do printf '      %s: "%s"\n' "${extra%%=*}" "${extra#*=}"; done
+}
+
+override() {
+  local n=$1
+  echo 'version: "3.8"'
+  echo 'services:'
+  environment agent "${FLOTILLA_CLUSTER_AGENT_ENV:-}"
+  environment orchestrator "${FLOTILLA_CLUSTER_ORCHESTRATOR_ENV:-}"
+  # One API replica per node, each published on its node: the host reaches
+  # the API at any node's address.
+  cat <<EOF
+  api:
+    ports:
+      - { target: 7800, published: $API_PORT, protocol: tcp, mode: host }
+    deploy:
+      replicas: $n
+  # Beside the nodes (on the host), not in the stack: no images of them here.
+  postgres: { deploy: { replicas: 0 } }
+  redis: { deploy: { replicas: 0 } }
+  prometheus: { deploy: { replicas: 0 } }
+  grafana: { deploy: { replicas: 0 } }
+EOF
+}
+
+deploy_stack() {
+  local n=$1
+  if ! dk 1 secret inspect flotilla_internal_token >/dev/null 2>&1; then
+    DOCKER_HOST="unix://$(node_dir 1)/docker.sock" \
+      FLOTILLA_DATABASE_URL="postgres://flotilla:$(cat "$STATE/db-password")@$HOST_IP:$PG_PORT/flotilla" \
+      FLOTILLA_REDIS_URL="redis://$HOST_IP:$REDIS_PORT" FLOTILLA_GRAFANA_PASSWORD=unused \
+      "$root/stack/create-secrets.sh" >/dev/null
+    say "secrets made"
+  fi
+  override "$n" >"$STATE/override.yml"
+  (cd "$root/stack" && DOCKER_HOST="unix://$(node_dir 1)/docker.sock" \
+    FLOTILLA_IMAGE="$(cat "$STATE/image")" TRAEFIK_IMAGE="$REGISTRY/flotilla/traefik:cluster" \
+    FLOTILLA_PLATFORM_DOMAINS="$DOMAIN" FLOTILLA_OIDC_ISSUER="http://$HOST_IP:$OIDC_PORT" \
+    FLOTILLA_OIDC_AUDIENCE=flotilla FLOTILLA_PLATFORM_ADMINS="$USER_SUB" \
+    FLOTILLA_ACME_DIRECTORY="http://127.0.0.1:9/no-acme-in-this-cluster" \
+    docker stack deploy --with-registry-auth -c flotilla.yml -c "$STATE/override.yml" "$STACK" >"$STATE/deploy.log" 2>&1) \
+    || fail "docker stack deploy failed: $(cat "$STATE/deploy.log")"
+  say "stack deployed ($(cat "$STATE/image"))"
+}
+
+api_url() {
+  local i
+  for i in $(seq 1 "$(node_count)"); do
+    if curl -sf -m 1 "http://$(node_ip "$i"):$API_PORT/health" >/dev/null 2>&1; then
+      echo "http://$(node_ip "$i"):$API_PORT"
+      return 0
+    fi
+  done
+  return 1
+}
+
+ready_nodes() {
+  local api; api=$(api_url) || return 1
+  curl -sf -m 3 "$api/flotilla.v1.NodeService/ListNodes" -H "authorization: Bearer $(cat "$STATE/token")" \
+    -H 'content-type: application/json' -d '{}' | grep -o '"status": *"ready"' | wc -l
+}
+
+all_ready() { [ "$(ready_nodes 2>/dev/null || echo 0)" -ge "$1" ]; }
+
+print_env() {
+  [ -f "$STATE/token" ] || fail "no cluster here (scripts/cluster.sh up)"
+  echo "export FLOTILLA_API=$(api_url || echo "http://$(node_ip 1):$API_PORT")"
+  echo "export FLOTILLA_TOKEN=$(cat "$STATE/token")"
+  echo "export FLOTILLA_CLUSTER_EDGE=http://$(node_ip 1):80"
+  echo "export FLOTILLA_CLUSTER_DOMAIN=$DOMAIN"
+  echo "export FLOTILLA_CLUSTER_REGISTRY=$REGISTRY"
+  echo "export FLOTILLA_CLUSTER_NODES=$(node_count)"
+  echo "export FLOTILLA_CLUSTER_DIR=$STATE"
+}
+
+up() {
+  local n=${1:-$(node_count)}
+  [ "$n" -gt 0 ] 2>/dev/null || n=3
+  [ "$n" -le 9 ] || fail "at most 9 nodes"
+  local existing; existing=$(node_count)
+  [ "$existing" = 0 ] || [ "$existing" = "$n" ] || fail "a $existing-node cluster exists: scripts/cluster.sh down first"
+  preflight
+  local started=$SECONDS
+  mkdir -p "$STATE" && chmod 755 "$STATE"
+  echo "$n" >"$STATE/nodes"
+  [ -s "$STATE/db-password" ] || (umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$STATE/db-password")
+  setup_network "$n"
+  for i in $(seq 1 "$n"); do start_node "$i"; done
+  start_registry
+  start_postgres
+  start_redis
+  start_oidc
+  form_swarm "$n"
+  [ -s "$STATE/image" ] && registry_up && curl -sf "http://$REGISTRY/v2/flotilla/flotillad/tags/list" >/dev/null \
+    || build_and_push
+  deploy_stack "$n"
+  say "waiting for $n ready nodes"
+  wait_for 180 "$n nodes ready in Flotilla (scripts/cluster.sh status)" all_ready "$n"
+  say "up in $((SECONDS - started)) s: $n nodes ready"
+  echo
+  echo "Use it from this machine:"
+  echo "  eval \"\$(scripts/cluster.sh env)\"    # FLOTILLA_API, FLOTILLA_TOKEN for flo"
+  echo "  flo nodes ls"
+  echo "  flo deploy hello --image $REGISTRY/flotilla/demo-http:1 --port 8080 --domain hello.$DOMAIN"
+  echo "  curl -H 'Host: hello.$DOMAIN' http://$(node_ip 1)/      # through Traefik on node 1"
+}
+
+status() {
+  local n; n=$(node_count)
+  [ "$n" -gt 0 ] || { echo "no cluster (scripts/cluster.sh up)"; return 0; }
+  for i in $(seq 1 "$n"); do
+    local engine=down link
+    engine_up "$i" && engine=up
+    link=$(ip -n "$SWITCH" -br link show "$(link_of "$i")" 2>/dev/null | awk '{print $2}')
+    echo "node $i  $(node_ip "$i")  engine $engine  link ${link:-missing}"
+  done
+  registry_up && echo "registry  $REGISTRY  up" || echo "registry  $REGISTRY  down"
+  pg_up && echo "postgres  $HOST_IP:$PG_PORT  up" || echo "postgres  $HOST_IP:$PG_PORT  down"
+  redis_up && echo "redis     $HOST_IP:$REDIS_PORT  up" || echo "redis     $HOST_IP:$REDIS_PORT  down"
+  for i in $(seq 1 "$n"); do
+    if engine_up "$i" && [ "$(dk "$i" info --format '{{.Swarm.ControlAvailable}}' 2>/dev/null)" = true ]; then
+      dk "$i" node ls 2>/dev/null && dk "$i" service ls 2>/dev/null
+      break
+    fi
+  done
+  local api; api=$(api_url) && echo "API $api: $(ready_nodes) nodes ready" || echo "API: no replica answers"
+}
+
+down() {
+  local d
+  for d in "$STATE"/node*; do
+    [ -d "$d" ] || continue
+    local pid; pid=$(pid_of "$d/dockerd.pid")
+    if alive "$pid"; then
+      docker -H "unix://$d/docker.sock" swarm leave --force >/dev/null 2>&1 || true
+      kill "$pid"
+    fi
+  done
+  for d in "$STATE"/node*; do
+    [ -d "$d" ] || continue
+    local i=${d##*node} pid cpid
+    pid=$(pid_of "$d/dockerd.pid")
+    for _ in $(seq 1 100); do alive "$pid" || break; sleep 0.2; done
+    kill_node "$i" >/dev/null 2>&1 || true
+    cpid=$(pid_of "$d/exec/containerd/containerd.pid")
+    alive "$cpid" && kill -9 "$cpid"
+  done
+  for f in "$STATE/registry/registry.pid" "$STATE/oidc.pid" "$STATE/redis/redis.pid"; do
+    local pid; pid=$(pid_of "$f")
+    alive "$pid" && kill "$pid"
+  done
+  if [ -f "$STATE/postgres/PG_VERSION" ] && pg_up; then
+    pg "$(pg_bin)/pg_ctl" -D "$STATE/postgres" -m fast -w stop >/dev/null || true
+  fi
+  sleep 0.5
+  local ns
+  for ns in $(ip netns list | awk '{print $1}' | grep -E "^($SWITCH|flo-n[0-9]+)$" || true); do ip netns del "$ns"; done
+  ip link del flo-host 2>/dev/null || true
+  local c g
+  for c in /sys/fs/cgroup/*/; do
+    for g in "${c}"flo-node[0-9]*; do [ -d "$g" ] && find "$g" -depth -type d -exec rmdir {} \; 2>/dev/null; done
+  done
+  # Engines' mounts stay in their own namespaces; any that leaked is undone.
+  grep -o " $STATE/[^ ]*" /proc/self/mounts | sort -r | while read -r m; do umount -l "$m"; done
+  rm -rf "$STATE"
+  say "down: nothing of the cluster is left"
+}
+
+case "${1:-}" in
+  up) up "${2:-}" ;;
+  down) down ;;
+  status) status ;;
+  env) print_env ;;
+  kill-node) kill_node "${2:?node number}" ;;
+  kill-engine) kill_engine "${2:?node number}" ;;
+  start-node) start_node "${2:?node number}" ;;
+  partition) partition "${2:?node number}" ;;
+  heal) heal "${2:?node number}" ;;
+  restart-db) restart_db ;;
+  docker) shift; i=${1:?node number}; shift; dk "$i" "$@" ;;
+  deploy) build_and_push && deploy_stack "$(node_count)" ;;
+  *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+esac
