@@ -335,24 +335,41 @@ build_and_push() {
   done
   docker rmi "flotilla/flotillad:$tag" >/dev/null
   echo "$REGISTRY/flotilla/flotillad:$tag" >"$STATE/image"
+  image_source >"$STATE/image-source"
+}
+
+# What the flotillad image is made from: the given binary's digest, or the
+# source tree's commit for a release build.
+image_source() {
+  if [ -n "${FLOTILLA_BINARY:-}" ]; then
+    sha256sum "$FLOTILLA_BINARY" | cut -c1-16
+  else
+    echo "release-$(git -C "$root" rev-parse HEAD 2>/dev/null)$(git -C "$root" diff --quiet 2>/dev/null || echo -dirty)"
+  fi
 }
 
 # --- Flotilla, by the real stack file
 
-# environment SERVICE "NAME=value ...": the service's extra variables.
+# environment "NAME=value ...": a service's extra variables.
 environment() {
-  [ -n "$2" ] || return 0
-  printf '  %s:\n    environment:\n' "$1"
+  [ -n "$1" ] || return 0
+  printf '    environment:\n'
   local extra
-  for extra in $2; do printf '      %s: "%s"\n' "${extra%%=*}" "${extra#*=}"; done
+  for extra in $1; do printf '      %s: "%s"\n' "${extra%%=*}" "${extra#*=}"; done
 }
 
 override() {
   local n=$1
   echo 'version: "3.8"'
   echo 'services:'
-  environment agent "${FLOTILLA_CLUSTER_AGENT_ENV:-}"
-  environment orchestrator "${FLOTILLA_CLUSTER_ORCHESTRATOR_ENV:-}"
+  [ -z "${FLOTILLA_CLUSTER_AGENT_ENV:-}" ] || { echo '  agent:'; environment "$FLOTILLA_CLUSTER_AGENT_ENV"; }
+  echo '  orchestrator:'
+  environment "${FLOTILLA_CLUSTER_ORCHESTRATOR_ENV:-}"
+  # Not on the edge node when there are others: losing an orchestrator's
+  # node keeps the edge.
+  local where='[node.role == manager]'
+  [ "$n" -lt 3 ] || where='[node.role == manager, node.labels.edge != true]'
+  echo "    deploy: { placement: { constraints: $where } }"
   # One API replica per node, each published on its node: the host reaches
   # the API at any node's address.
   cat <<EOF
@@ -416,6 +433,7 @@ print_env() {
   echo "export FLOTILLA_CLUSTER_DOMAIN=$DOMAIN"
   echo "export FLOTILLA_CLUSTER_REGISTRY=$REGISTRY"
   echo "export FLOTILLA_CLUSTER_NODES=$(node_count)"
+  echo "export FLOTILLA_CLUSTER_ADDRESSES=$(for i in $(seq 1 "$(node_count)"); do printf '%s,' "$(node_ip "$i")"; done | sed 's/,$//')"
   echo "export FLOTILLA_CLUSTER_DIR=$STATE"
 }
 
@@ -437,8 +455,10 @@ up() {
   start_redis
   start_oidc
   form_swarm "$n"
-  [ -s "$STATE/image" ] && registry_up && curl -sf "http://$REGISTRY/v2/flotilla/flotillad/tags/list" >/dev/null \
-    || build_and_push
+  # The images again only when the flotillad to package changed.
+  if [ "$(image_source)" != "$(cat "$STATE/image-source" 2>/dev/null)" ] || [ ! -s "$STATE/image" ]; then
+    build_and_push
+  fi
   deploy_stack "$n"
   say "waiting for $n ready nodes"
   wait_for 180 "$n nodes ready in Flotilla (scripts/cluster.sh status)" all_ready "$n"
@@ -507,7 +527,7 @@ down() {
     for g in "${c}"flo-node[0-9]*; do [ -d "$g" ] && find "$g" -depth -type d -exec rmdir {} \; 2>/dev/null; done
   done
   # Engines' mounts stay in their own namespaces; any that leaked is undone.
-  grep -o " $STATE/[^ ]*" /proc/self/mounts | sort -r | while read -r m; do umount -l "$m"; done
+  { grep -o " $STATE/[^ ]*" /proc/self/mounts || true; } | sort -r | while read -r m; do umount -l "$m"; done
   rm -rf "$STATE"
   say "down: nothing of the cluster is left"
 }

@@ -72,9 +72,15 @@ impl Default for OrchestratorConfig {
     }
 }
 
-/// A process-unique suffix for the lease holder's name.
+/// A process-unique suffix for the lease holder's name, after the host's
+/// name: operators (and tests) see which machine leads (the stack names an
+/// orchestrator task's host after its node).
 fn uuid_like() -> String {
-    format!("{}-{:x}", std::process::id(), Utc::now().timestamp_nanos_opt().unwrap_or_default())
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')).collect();
+    let pid = std::process::id();
+    let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    if host.is_empty() { format!("{pid}-{nanos:x}") } else { format!("{host}-{pid}-{nanos:x}") }
 }
 
 /// What one round did.

@@ -6,6 +6,7 @@
 //! overridden with `FLOTILLA_TEST_DATABASE_URL` and `FLOTILLA_TEST_REDIS_URL`.
 
 pub mod acme;
+pub mod cluster;
 mod database;
 mod docker;
 pub mod oidc;
@@ -14,6 +15,7 @@ mod redis_prefix;
 pub mod traefik;
 
 pub use acme::{TestDnsServer, TestPebble};
+pub use cluster::TestCluster;
 pub use database::TestDb;
 pub use docker::{DEMO_IMAGE, TEST_LABEL, TestDocker};
 pub use oidc::TestOidcProvider;
@@ -89,4 +91,21 @@ where
         Err(e) => eprintln!("test cleanup: no runtime: {e}"),
     });
     let _ = handle.join();
+}
+
+/// Polls `check` every 200 ms until it gives `Some`, or panics after `limit`
+/// saying what it waited for.
+pub async fn wait_until<T, F, Fut>(what: &str, limit: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

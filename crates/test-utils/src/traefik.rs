@@ -275,9 +275,14 @@ pub struct LoopingClient {
 
 impl LoopingClient {
     pub fn start(traefik: &TestTraefik, host: &str, every: Duration) -> Self {
+        Self::start_at(traefik.url(), traefik.client.clone(), host, every)
+    }
+
+    /// The same against any edge at `url` (`http://address:port`).
+    pub fn start_at(url: String, client: reqwest::Client, host: &str, every: Duration) -> Self {
         let stop = tokio_util::sync::CancellationToken::new();
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (url, host, client) = (traefik.url(), host.to_owned(), traefik.client.clone());
+        let host = host.to_owned();
         let (until, record) = (stop.clone(), seen.clone());
         let started = Instant::now();
         let task = tokio::spawn(async move {

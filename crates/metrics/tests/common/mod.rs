@@ -243,19 +243,4 @@ pub async fn get_json(base: &str, path: &str) -> (u16, serde_json::Value) {
     (status, response.json().await.expect("JSON"))
 }
 
-/// Polls `check` every 200 ms until it gives `Some`, or panics after `limit`
-/// saying what it waited for.
-pub async fn wait_until<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+pub use flotilla_test_utils::wait_until;

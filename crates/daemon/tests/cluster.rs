@@ -1,0 +1,379 @@
+//! Flotilla on a real multi-node cluster (scripts/cluster.sh): three Docker
+//! Engines in their own network namespaces joined into one swarm, Flotilla
+//! installed by `docker stack deploy` of stack/flotilla.yml, the real
+//! Traefik on node 1, images pulled from the cluster's registry. Each test
+//! loops a client through Traefik while a node is lost, cut off or drained,
+//! and counts what failed.
+//!
+//! The cluster is shared: the first test brings it up (about 35 s), the
+//! others reuse it, one at a time (nextest test group `cluster`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use flotilla_test_utils::{LoopingClient, Sample, TestCluster, unique_suffix, wait_until};
+use serde_json::{Value, json};
+
+const EVERY: Duration = Duration::from_millis(50);
+
+async fn cluster() -> TestCluster {
+    TestCluster::ensure(Path::new(env!("CARGO_BIN_EXE_flotillad"))).await
+}
+
+/// Creates `name` with `replicas` replicas of the demo app from the
+/// cluster's registry, one per node (`spread`), routed at
+/// `name.<platform domain>`; returns its id and domain.
+async fn create(cluster: &TestCluster, name: &str, image: &str, replicas: u32) -> (String, String) {
+    let domain = format!("{name}.{}", cluster.domain);
+    let (status, body) = cluster
+        .call(
+            "DeploymentService",
+            "CreateDeployment",
+            json!({
+                "name": name, "image": image, "port": 8080, "domain": domain, "replicas": replicas,
+                "placement": { "strategy": "spread" },
+                "healthCheck": { "kind": "HEALTH_CHECK_KIND_HTTP", "httpPath": "/", "intervalMs": 500 }
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    (body["deployment"]["id"].as_str().expect("id").to_owned(), domain)
+}
+
+fn demo(cluster: &TestCluster) -> String {
+    format!("{}/flotilla/demo-http:1", cluster.registry)
+}
+
+fn index(replica: &Value) -> u64 {
+    replica["index"].as_u64().unwrap_or(0)
+}
+
+/// Replica index → node id.
+fn placement(deployment: &Value) -> Vec<(u64, String)> {
+    let mut placed: Vec<(u64, String)> = deployment["replicas"]
+        .as_array()
+        .map(|r| r.iter().map(|r| (index(r), r["nodeId"].as_str().unwrap_or_default().to_owned())).collect())
+        .unwrap_or_default();
+    placed.sort();
+    placed
+}
+
+fn failures(samples: &[Sample]) -> Vec<&Sample> {
+    samples.iter().filter(|s| s.outcome != Ok(200)).collect()
+}
+
+fn client(cluster: &TestCluster, domain: &str) -> LoopingClient {
+    LoopingClient::start_at(cluster.edge.clone(), cluster.http.clone(), domain, EVERY)
+}
+
+/// Waits until Traefik answered for `domain`, 200 with a page that names
+/// `needle`.
+async fn through_edge(cluster: &TestCluster, domain: &str, needle: &str) {
+    wait_until(&format!("{domain} answering with {needle:?} through Traefik"), Duration::from_secs(60), || async {
+        let answer = cluster.http.get(format!("{}/", cluster.edge)).header("host", domain).send().await.ok()?;
+        let ok = answer.status() == 200;
+        (ok && answer.text().await.ok()?.contains(needle)).then_some(())
+    })
+    .await;
+}
+
+/// Running containers of `id` on every engine that answers, by node number.
+fn containers(cluster: &TestCluster, id: &str) -> Vec<(usize, String)> {
+    (1..=cluster.addresses.len())
+        .flat_map(|node| cluster.containers_of(node, id).into_iter().map(move |c| (node, c)))
+        .collect()
+}
+
+#[tokio::test]
+async fn replicas_spread_over_the_nodes_are_served_measured_and_logged_by_each_node() {
+    let cluster = cluster().await;
+    // An image no engine has: each node pulls it from the registry.
+    let image = format!("{}/flotilla/demo-http:pulled-{}", cluster.registry, unique_suffix());
+    for args in [vec!["tag", &demo(&cluster), &image], vec!["push", "-q", &image], vec!["rmi", &image]] {
+        cluster.docker(1, &args).expect("a fresh tag in the registry");
+    }
+    for node in 1..=3 {
+        assert!(cluster.docker(node, &["image", "inspect", &image]).is_err(), "node {node} has {image} already");
+    }
+    let name = format!("spread-{}", unique_suffix());
+    let (id, domain) = create(&cluster, &name, &image, 3).await;
+    let deployment = cluster.wait_running(&id, 3, Duration::from_secs(120)).await;
+    let mut nodes: Vec<usize> = Vec::new();
+    for (_, node) in placement(&deployment) {
+        nodes.push(cluster.node_number(&node).await);
+    }
+    nodes.sort();
+    assert_eq!(nodes, [1, 2, 3], "one replica on each node: {deployment}");
+    for node in 1..=3 {
+        assert_eq!(cluster.containers_of(node, &id).len(), 1, "node {node} runs its replica from the pulled image");
+    }
+
+    // Traefik on node 1 reaches the replicas on nodes 2 and 3.
+    for replica in 0..3 {
+        through_edge(&cluster, &domain, &format!("replica {replica},")).await;
+    }
+
+    // Each node's agent measures its own replica...
+    let measured = wait_until("metrics of every replica", Duration::from_secs(60), || async {
+        let (status, body) =
+            cluster.call("DeploymentService", "GetDeploymentMetrics", json!({ "deploymentId": id })).await;
+        assert_eq!(status, 200, "{body}");
+        let points = body["points"].as_array().cloned().unwrap_or_default();
+        let mut replicas: Vec<u64> = points.iter().map(|p| p["replicaIndex"].as_u64().unwrap_or(0)).collect();
+        replicas.sort();
+        replicas.dedup();
+        (replicas == [0, 1, 2]).then_some(points.len())
+    })
+    .await;
+    // ...and serves its logs: the app logs each request Traefik sent it.
+    for replica in 0..3 {
+        let lines = logs(&cluster, &id, replica).await;
+        assert!(lines.iter().any(|l| l.contains("url:/")), "replica {replica}'s log: {lines:?}");
+    }
+    eprintln!("spread: replicas on nodes {nodes:?}, {measured} metric points, logs from each node");
+    cluster.delete(&id).await;
+    assert!(containers(&cluster, &id).is_empty(), "deleted everywhere");
+}
+
+/// The last lines of one replica's log, through the API (Connect streaming
+/// over JSON: 5-byte envelopes).
+async fn logs(cluster: &TestCluster, id: &str, replica: i32) -> Vec<String> {
+    let request = serde_json::to_vec(&json!({ "deploymentId": id, "tail": 50, "replicaIndex": replica })).unwrap();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(request.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(&request);
+    let answer = cluster
+        .http
+        .post(format!("{}/flotilla.v1.DeploymentService/StreamDeploymentLogs", cluster.apis[0]))
+        .bearer_auth(&cluster.token)
+        .header("content-type", "application/connect+json")
+        .body(body)
+        .send()
+        .await
+        .expect("the logs stream");
+    let bytes = answer.bytes().await.expect("the stream's body");
+    let (mut lines, mut rest) = (Vec::new(), &bytes[..]);
+    while rest.len() >= 5 {
+        let (flags, len) = (rest[0], u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize);
+        let message: Value = serde_json::from_slice(&rest[5..5 + len]).unwrap_or(Value::Null);
+        if flags & 2 != 0 {
+            assert!(message.get("error").is_none(), "the logs stream ended with {message}");
+        } else {
+            lines.push(message["text"].as_str().unwrap_or_default().to_owned());
+        }
+        rest = &rest[5 + len..];
+    }
+    lines
+}
+
+/// What a node's loss cost, measured from the moment it was lost.
+struct Loss {
+    down: Duration,
+    serving: Duration,
+    routed: Duration,
+    requests: usize,
+    failed: Vec<Sample>,
+}
+
+/// Loses node `lost` (by `how`), with a client looping through Traefik:
+/// waits until Flotilla marks it down, runs its replica elsewhere and
+/// Traefik serves that replacement.
+async fn lose_node(cluster: &TestCluster, lost: usize, how: &str, name: &str) -> (String, String, Loss) {
+    let (id, domain) = create(cluster, name, &demo(cluster), 3).await;
+    let deployment = cluster.wait_running(&id, 3, Duration::from_secs(120)).await;
+    let lost_id = cluster.node_id(lost).await;
+    let (moved, _) = placement(&deployment).into_iter().find(|(_, node)| *node == lost_id).expect("a replica there");
+    through_edge(cluster, &domain, &format!("replica {moved},")).await;
+    let client = client(cluster, &domain);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let lost_at = Instant::now();
+    let since = client.now();
+    cluster.script(&[how, &lost.to_string()]);
+    wait_until(&format!("node {lost} down"), Duration::from_secs(60), || async {
+        let nodes = cluster.nodes().await;
+        nodes.iter().any(|n| n["id"] == lost_id.as_str() && n["status"] == "down").then_some(())
+    })
+    .await;
+    let down = lost_at.elapsed();
+    let elsewhere = wait_until("the lost replica running elsewhere", Duration::from_secs(60), || async {
+        let deployment = cluster.deployment(&id).await;
+        let replica = deployment["replicas"].as_array()?.iter().find(|r| index(r) == moved)?.clone();
+        (replica["nodeId"] != lost_id.as_str() && replica["serving"] == true)
+            .then(|| replica["nodeId"].as_str().unwrap_or_default().to_owned())
+    })
+    .await;
+    let serving = lost_at.elapsed();
+    let new_node = format!("on node {elsewhere}");
+    client
+        .wait_for(since, "the replacement serving", Duration::from_secs(30), |s| {
+            s.body.contains(&format!("replica {moved},")) && s.body.contains(&new_node)
+        })
+        .await;
+    let routed = lost_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let samples = client.stop().await;
+    let failed: Vec<Sample> = failures(&samples).into_iter().cloned().collect();
+    (id, domain, Loss { down, serving, routed, requests: samples.len(), failed })
+}
+
+#[tokio::test]
+async fn a_node_that_loses_power_is_replaced_and_cleaned_up_when_it_returns() {
+    let cluster = cluster().await;
+    let (id, _, loss) = lose_node(&cluster, 3, "kill-node", &format!("power-{}", unique_suffix())).await;
+    eprintln!(
+        "power cut of node 3: down after {:.1} s, replica serving elsewhere after {:.1} s, routed after {:.1} s; \
+         {} of {} requests through Traefik failed: {:?}",
+        loss.down.as_secs_f64(),
+        loss.serving.as_secs_f64(),
+        loss.routed.as_secs_f64(),
+        loss.failed.len(),
+        loss.requests,
+        loss.failed.iter().map(|s| (s.at, s.outcome.clone())).collect::<Vec<_>>()
+    );
+    // Only a request already on its way to the node may be lost.
+    assert!(loss.failed.len() <= 1, "{} requests failed", loss.failed.len());
+
+    // Back: its stale container is removed and it takes work again.
+    let back = Instant::now();
+    cluster.script(&["start-node", "3"]);
+    wait_until("node 3's stale replica removed", Duration::from_secs(90), || async {
+        cluster.containers_of(3, &id).is_empty().then_some(())
+    })
+    .await;
+    let cleaned = back.elapsed();
+    cluster.restore().await;
+    let (status, body) = cluster.call("DeploymentService", "ScaleDeployment", json!({ "id": id, "replicas": 4 })).await;
+    assert_eq!(status, 200, "{body}");
+    let deployment = cluster.wait_running(&id, 4, Duration::from_secs(90)).await;
+    let node3 = cluster.node_id(3).await;
+    assert!(placement(&deployment).iter().any(|(_, n)| *n == node3), "node 3 takes work again: {deployment}");
+    assert_eq!(containers(&cluster, &id).len(), 4, "one container per replica across the engines");
+    eprintln!("node 3 back: stale container removed {:.1} s after its engine started", cleaned.as_secs_f64());
+    cluster.delete(&id).await;
+}
+
+#[tokio::test]
+async fn a_node_cut_off_is_replaced_and_no_replica_runs_twice_once_it_is_back() {
+    let cluster = cluster().await;
+    let (id, _, loss) = lose_node(&cluster, 3, "partition", &format!("cut-{}", unique_suffix())).await;
+    eprintln!(
+        "partition of node 3: down after {:.1} s, replica serving elsewhere after {:.1} s, routed after {:.1} s; \
+         {} of {} requests through Traefik failed",
+        loss.down.as_secs_f64(),
+        loss.serving.as_secs_f64(),
+        loss.routed.as_secs_f64(),
+        loss.failed.len(),
+        loss.requests,
+    );
+    let healed = Instant::now();
+    cluster.script(&["heal", "3"]);
+    wait_until("one container per replica across the engines", Duration::from_secs(90), || async {
+        let running = containers(&cluster, &id);
+        (running.len() == 3).then_some(running)
+    })
+    .await;
+    let converged = healed.elapsed();
+    cluster.restore().await;
+    // Stays so: node 3's agent does not start its old replica again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(containers(&cluster, &id).len(), 3, "no replica runs twice after the heal");
+    eprintln!("partition healed: converged in {:.1} s", converged.as_secs_f64());
+    assert!(loss.failed.len() <= 1, "{} requests failed: {:?}", loss.failed.len(), loss.failed);
+    cluster.delete(&id).await;
+}
+
+#[tokio::test]
+async fn draining_a_node_moves_its_replicas_without_a_failed_request() {
+    let cluster = cluster().await;
+    let (id, domain) = create(&cluster, &format!("drain-{}", unique_suffix()), &demo(&cluster), 3).await;
+    cluster.wait_running(&id, 3, Duration::from_secs(120)).await;
+    let client = client(&cluster, &domain);
+    let node2 = cluster.node_id(2).await;
+    let started = Instant::now();
+    let (status, body) = cluster.call("NodeService", "DrainNode", json!({ "id": node2 })).await;
+    assert_eq!(status, 200, "{body}");
+    wait_until("node 2 emptied", Duration::from_secs(90), || async {
+        let deployment = cluster.deployment(&id).await;
+        let moved = placement(&deployment).iter().all(|(_, n)| *n != node2);
+        (moved && cluster.containers_of(2, &id).is_empty() && deployment["status"] == "DEPLOYMENT_STATUS_RUNNING")
+            .then_some(())
+    })
+    .await;
+    let drained = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let samples = client.stop().await;
+    let failed = failures(&samples);
+    eprintln!("drain of node 2: {:.1} s, {} of {} requests failed", drained.as_secs_f64(), failed.len(), samples.len());
+    assert!(failed.is_empty(), "{failed:?}");
+    let (status, body) = cluster.call("NodeService", "ActivateNode", json!({ "id": node2 })).await;
+    assert_eq!(status, 200, "{body}");
+    let nodes = cluster.nodes().await;
+    assert!(nodes.iter().any(|n| n["id"] == node2.as_str() && n["availability"] == "active"), "{nodes:?}");
+    cluster.delete(&id).await;
+}
+
+#[tokio::test]
+async fn the_orchestrator_leader_s_node_lost_another_leads_and_nothing_is_placed_twice() {
+    let cluster = cluster().await;
+    let (status, body) = cluster.call("NodeService", "ListNodes", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let leader = body["leader"].as_str().unwrap_or_default().to_owned();
+    // The stack names an orchestrator's host after its node.
+    let lost: usize = leader
+        .strip_prefix("orchestrator-node")
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the leader {leader:?} names its node"));
+    assert_ne!(lost, 1, "orchestrators run off the edge node");
+    let lost_at = Instant::now();
+    cluster.script(&["kill-node", &lost.to_string()]);
+    let new_leader = wait_until("another orchestrator leading", Duration::from_secs(60), || async {
+        let (_, body) = cluster.call("NodeService", "ListNodes", json!({})).await;
+        let now = body["leader"].as_str().unwrap_or_default().to_owned();
+        (!now.is_empty() && now != leader).then_some(now)
+    })
+    .await;
+    let took_over = lost_at.elapsed();
+    // The new leader places a new deployment, each replica once.
+    let (id, domain) = create(&cluster, &format!("lead-{}", unique_suffix()), &demo(&cluster), 2).await;
+    let deployment = cluster.wait_running(&id, 2, Duration::from_secs(120)).await;
+    through_edge(&cluster, &domain, "Hello from").await;
+    let indexes: Vec<u64> = placement(&deployment).into_iter().map(|(i, _)| i).collect();
+    assert_eq!(indexes, [0, 1], "{deployment}");
+    assert_eq!(containers(&cluster, &id).len(), 2, "each replica placed once");
+    eprintln!("leader {leader} lost with node {lost}: {new_leader} leads after {:.1} s", took_over.as_secs_f64());
+    cluster.restore().await;
+    assert_eq!(containers(&cluster, &id).len(), 2, "still each replica once with node {lost} back");
+    cluster.delete(&id).await;
+}
+
+#[tokio::test]
+async fn the_control_database_restarted_loses_nothing_and_the_agents_catch_up() {
+    let cluster = cluster().await;
+    let (id, domain) = create(&cluster, &format!("db-{}", unique_suffix()), &demo(&cluster), 2).await;
+    cluster.wait_running(&id, 2, Duration::from_secs(120)).await;
+    let client = client(&cluster, &domain);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.script(&["restart-db"]);
+    // Everything is still there, and the cluster works on.
+    let deployment = cluster.wait_running(&id, 2, Duration::from_secs(60)).await;
+    assert_eq!(deployment["replicas"].as_array().map(Vec::len), Some(2));
+    let restarted = Instant::now();
+    cluster.restore().await;
+    let (second, second_domain) = create(&cluster, &format!("db2-{}", unique_suffix()), &demo(&cluster), 1).await;
+    cluster.wait_running(&second, 1, Duration::from_secs(120)).await;
+    through_edge(&cluster, &second_domain, "Hello from").await;
+    let caught_up = restarted.elapsed();
+    let samples = client.stop().await;
+    let failed = failures(&samples);
+    eprintln!(
+        "database restarted: a new deployment served {:.1} s later; {} of {} requests failed",
+        caught_up.as_secs_f64(),
+        failed.len(),
+        samples.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    cluster.delete(&id).await;
+    cluster.delete(&second).await;
+}
