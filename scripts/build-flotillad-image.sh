@@ -44,7 +44,8 @@ cp "$binary" "$ctx/rootfs/flotillad"
 cp "$certs" "$ctx/rootfs/etc/ssl/certs/"
 # A dynamically linked binary brings its libraries (and the loader).
 if ldd "$binary" >/dev/null 2>&1; then
-  ldd "$binary" | grep -o '/[^ ]*' | sort -u | while read -r lib; do
+  # (ldd says "statically linked", with no path, of a static-pie binary.)
+  { ldd "$binary" | grep -o '/[^ ]*' || true; } | sort -u | while read -r lib; do
     mkdir -p "$ctx/rootfs$(dirname "$lib")"
     cp -L "$lib" "$ctx/rootfs$lib"
   done

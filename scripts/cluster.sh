@@ -63,7 +63,7 @@ node_ip() { echo "$NET.$((10 + $1))"; }
 node_dir() { echo "$STATE/node$1"; }
 dk() { local i=$1; shift; docker -H "unix://$(node_dir "$i")/docker.sock" "$@"; }
 alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
-pid_of() { cat "$1" 2>/dev/null || true; }
+pid_of() { local pid; pid=$(cat "$1" 2>/dev/null || true); echo "$pid"; }
 node_count() { cat "$STATE/nodes" 2>/dev/null || echo 0; }
 engine_up() { dk "$1" version >/dev/null 2>&1; }
 
@@ -366,10 +366,15 @@ override() {
   echo '  orchestrator:'
   environment "${FLOTILLA_CLUSTER_ORCHESTRATOR_ENV:-}"
   # Not on the edge node when there are others: losing an orchestrator's
-  # node keeps the edge.
-  local where='[node.role == manager]'
-  [ "$n" -lt 3 ] || where='[node.role == manager, node.labels.edge != true]'
-  echo "    deploy: { placement: { constraints: $where } }"
+  # node keeps the edge. Its two replicas then fill the two other managers,
+  # so an update stops one before starting its successor (the other leads
+  # meanwhile).
+  if [ "$n" -ge 3 ]; then
+    echo '    deploy:'
+    echo '      placement: { constraints: [node.role == manager, node.labels.edge != true] }'
+    echo '      update_config: { order: stop-first }'
+    echo '      rollback_config: { order: stop-first }'
+  fi
   # One API replica per node, each published on its node: the host reaches
   # the API at any node's address.
   cat <<EOF
@@ -404,6 +409,18 @@ deploy_stack() {
     docker stack deploy --with-registry-auth -c flotilla.yml -c "$STATE/override.yml" "$STACK" >"$STATE/deploy.log" 2>&1) \
     || fail "docker stack deploy failed: $(cat "$STATE/deploy.log")"
   say "stack deployed ($(cat "$STATE/image"))"
+}
+
+# Every service of the stack runs all its tasks and is not updating.
+stack_settled() {
+  local service
+  for service in agent orchestrator api traefik; do
+    local state replicas
+    state=$(dk 1 service inspect "${STACK}_$service" --format '{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}') || return 1
+    case $state in updating | rollback_started | paused | rollback_paused) return 1 ;; esac
+    replicas=$(dk 1 service ls --filter "name=${STACK}_$service" --format '{{.Replicas}}' | head -1 | cut -d' ' -f1)
+    [ -n "$replicas" ] && [ "${replicas%/*}" = "${replicas#*/}" ] || return 1
+  done
 }
 
 api_url() {
@@ -460,7 +477,8 @@ up() {
     build_and_push
   fi
   deploy_stack "$n"
-  say "waiting for $n ready nodes"
+  say "waiting for the stack's services and $n ready nodes"
+  wait_for 300 "the stack's services to run and finish updating (scripts/cluster.sh status)" stack_settled
   wait_for 180 "$n nodes ready in Flotilla (scripts/cluster.sh status)" all_ready "$n"
   say "up in $((SECONDS - started)) s: $n nodes ready"
   echo

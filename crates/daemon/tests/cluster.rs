@@ -321,7 +321,7 @@ async fn the_orchestrator_leader_s_node_lost_another_leads_and_nothing_is_placed
     let leader = body["leader"].as_str().unwrap_or_default().to_owned();
     // The stack names an orchestrator's host after its node.
     let lost: usize = leader
-        .strip_prefix("orchestrator-node")
+        .strip_prefix("orchestrator@node")
         .and_then(|rest| rest.split('-').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("the leader {leader:?} names its node"));

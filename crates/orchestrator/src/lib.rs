@@ -66,21 +66,21 @@ impl Default for OrchestratorConfig {
             batch_size: 500,
             edge: EdgeSettings::default(),
             default_strategy: PlacementStrategy::LeastLoaded,
-            holder: format!("orchestrator-{}", uuid_like()),
+            holder: holder_name(),
             lease_ttl: Duration::from_secs(6),
         }
     }
 }
 
-/// A process-unique suffix for the lease holder's name, after the host's
-/// name: operators (and tests) see which machine leads (the stack names an
+/// The lease holder's name, unique per process: `orchestrator@HOST-PID-T`,
+/// so operators (and tests) see which machine leads (the stack names an
 /// orchestrator task's host after its node).
-fn uuid_like() -> String {
+fn holder_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')).collect();
     let pid = std::process::id();
     let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default();
-    if host.is_empty() { format!("{pid}-{nanos:x}") } else { format!("{host}-{pid}-{nanos:x}") }
+    format!("orchestrator@{}-{pid}-{nanos:x}", if host.is_empty() { "unknown" } else { &host })
 }
 
 /// What one round did.
