@@ -28,6 +28,12 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The cluster tests bring up scripts/cluster.sh's cluster (and reuse it
+# when it is up, as on a developer's machine); CI takes it down at the end.
+if [ "${CI:-}" = true ]; then
+  trap 'scripts/cluster.sh down >/dev/null 2>&1 || true' EXIT
+fi
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast "$@"

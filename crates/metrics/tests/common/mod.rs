@@ -243,4 +243,5 @@ pub async fn get_json(base: &str, path: &str) -> (u16, serde_json::Value) {
     (status, response.json().await.expect("JSON"))
 }
 
+#[allow(unused_imports)]
 pub use flotilla_test_utils::wait_until;
