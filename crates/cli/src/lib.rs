@@ -271,6 +271,13 @@ pub struct DeployArgs {
     pub cpus: Option<i64>,
     #[arg(long)]
     pub replicas: Option<i32>,
+    /// How nodes are chosen: least-loaded, round-robin, binpack or spread
+    /// (default: the cluster's).
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// Only nodes with this label, NAME=value; repeatable.
+    #[arg(long = "constraint", value_parser = parse_env)]
+    pub constraints: Vec<(String, String)>,
     /// Project id (default: your default project).
     #[arg(long)]
     pub project: Option<String>,
@@ -280,6 +287,15 @@ pub struct DeployArgs {
     /// How long to wait until it runs.
     #[arg(long, default_value = "120", value_parser = parse_seconds)]
     pub timeout: Duration,
+}
+
+/// The placement `flo deploy` asks for; none leaves the cluster's default
+/// (the server checks the strategy's name).
+fn placement(strategy: Option<String>, constraints: Vec<(String, String)>) -> Option<pb::Placement> {
+    (strategy.is_some() || !constraints.is_empty()).then(|| pb::Placement {
+        strategy: strategy.unwrap_or_default(),
+        constraints: constraints.into_iter().collect(),
+    })
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -653,6 +669,7 @@ impl Flo {
                 cpu_millis: args.cpus.unwrap_or(0),
             }),
             replicas: args.replicas,
+            placement: placement(args.strategy, args.constraints),
             ..Default::default()
         };
         let created = self
@@ -1335,6 +1352,35 @@ fn domain_summary(status: &pb::GetDomainStatusResponse) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn deploy_takes_a_strategy_and_constraints() {
+        let cli = Cli::try_parse_from([
+            "flo",
+            "deploy",
+            "web",
+            "--image",
+            "demo",
+            "--port",
+            "8080",
+            "--strategy",
+            "spread",
+            "--constraint",
+            "region=eu",
+            "--constraint",
+            "disk=ssd",
+        ])
+        .expect("parses");
+        let Command::Deploy(args) = cli.command else { panic!("a deploy") };
+        let asked = placement(args.strategy, args.constraints).expect("a placement");
+        assert_eq!(asked.strategy, "spread");
+        assert_eq!(asked.constraints.get("region").map(String::as_str), Some("eu"));
+        assert_eq!(asked.constraints.len(), 2);
+        assert_eq!(placement(None, Vec::new()), None, "the cluster's default");
+        assert!(
+            Cli::try_parse_from(["flo", "deploy", "web", "--image", "d", "--port", "1", "--constraint", "x"]).is_err()
+        );
+    }
+
     use super::*;
 
     #[test]
