@@ -47,6 +47,22 @@ stop_process() {
   rm -f "$1"
 }
 
+# wait_answering URL PIDFILE NAME LOG: until URL answers (30 s at most);
+# fails with the end of LOG if the process exits or never answers.
+wait_answering() {
+  for _ in $(seq 1 300); do
+    curl -fsS "$1" >/dev/null 2>&1 && return 0
+    if ! kill -0 "$(cat "$2")" 2>/dev/null; then
+      echo "quickstart: $3 exited; its log:" >&2
+      tail -20 "$4" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+  echo "quickstart: $3 does not answer at $1 after 30 s; see $4" >&2
+  exit 1
+}
+
 stop_daemon() {
   stop_process "$traefik_pidfile" Traefik
   stop_process "$pidfile" flotillad
@@ -107,16 +123,7 @@ nohup "$bin/flotillad" all \
   --advertise-address 127.0.0.1 \
   >"$log" 2>&1 &
 echo $! >"$pidfile"
-for _ in $(seq 1 300); do
-  curl -fsS "$api/health" >/dev/null 2>&1 && break
-  if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    echo "quickstart: flotillad exited; its log:" >&2
-    tail -20 "$log" >&2
-    exit 1
-  fi
-  sleep 0.1
-done
-curl -fsS "$api/health" >/dev/null || { echo "quickstart: flotillad is not healthy; see $log" >&2; exit 1; }
+wait_answering "$api/health" "$pidfile" flotillad "$log"
 echo "flotillad is up (pid $(cat "$pidfile"), log $log)"
 
 step "starting Traefik (the edge) on 127.0.0.1:$edge_port"
@@ -126,15 +133,7 @@ step "starting Traefik (the edge) on 127.0.0.1:$edge_port"
   --log-file "$state/traefik.log" --access-log-file "$state/traefik-access.log" >"$state/traefik.yaml"
 nohup "$FLOTILLA_TRAEFIK" --configFile="$state/traefik.yaml" >/dev/null 2>&1 &
 echo $! >"$traefik_pidfile"
-for _ in $(seq 1 300); do
-  curl -fsS "http://127.0.0.1:$((edge_port + 2))/ping" >/dev/null 2>&1 && break
-  if ! kill -0 "$(cat "$traefik_pidfile")" 2>/dev/null; then
-    echo "quickstart: Traefik exited; its log:" >&2
-    tail -20 "$state/traefik.log" >&2
-    exit 1
-  fi
-  sleep 0.1
-done
+wait_answering "http://127.0.0.1:$((edge_port + 2))/ping" "$traefik_pidfile" Traefik "$state/traefik.log"
 echo "Traefik is up (pid $(cat "$traefik_pidfile"), log $state/traefik.log, access log $state/traefik-access.log)"
 
 step "deploying the demo app '$app' through the API"
