@@ -298,7 +298,7 @@ impl Orchestrator {
     #[tracing::instrument(skip_all, fields(term = lease.term), err)]
     async fn round(&self, lease: &Lease) -> Result<RoundReport, StoreError> {
         let mut report = RoundReport::default();
-        self.watch_nodes(lease, &mut report).await?;
+        let changed_nodes = self.watch_nodes(lease, &mut report).await?;
         let drains = self.store.advance_drains(lease).await?;
         report.drain_moving = drains.moving;
         report.drain_retired = drains.retiring.len();
@@ -308,6 +308,11 @@ impl Orchestrator {
             tracing::info!(moving = drains.moving, retiring = ?drains.retiring, restored = drains.restored, "drain step");
         }
         self.place(lease, &mut report).await?;
+        // A node marked down may be alive (cut off, or too slow to beat in
+        // time) and one back still runs what was placed elsewhere: once the
+        // replacements are placed its agent removes them now, not at its
+        // next timed pass.
+        self.wake_nodes(changed_nodes.iter()).await;
         for need in self.store.generations_to_prepare(self.config.batch_size).await? {
             let route = need.domain.clone().map(|domain| self.route_record(&need, domain));
             if let PlacementOutcome::Prepared(nodes) =
@@ -335,7 +340,8 @@ impl Orchestrator {
 
     /// Silent nodes go down (their replicas are placed elsewhere this very
     /// round); nodes heard from again are ready.
-    async fn watch_nodes(&self, lease: &Lease, report: &mut RoundReport) -> Result<(), StoreError> {
+    /// Marks nodes down or back; returns those that changed.
+    async fn watch_nodes(&self, lease: &Lease, report: &mut RoundReport) -> Result<Vec<NodeId>, StoreError> {
         let changes = self.store.watch_node_health(lease, self.config.heartbeat_timeout).await?;
         for node in &changes.down {
             tracing::warn!(node.id = %node, timeout = ?self.config.heartbeat_timeout, "node missed its heartbeats: down");
@@ -351,7 +357,7 @@ impl Orchestrator {
         report.nodes_down = changes.down.iter().map(ToString::to_string).collect();
         report.nodes_back = changes.back.iter().map(ToString::to_string).collect();
         report.evicted = changes.evicted;
-        Ok(())
+        Ok(changes.down.into_iter().chain(changes.back).collect())
     }
 
     /// Places every missing replica: one snapshot, one decision per replica,
