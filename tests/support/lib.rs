@@ -17,6 +17,7 @@ use flotilla_edge::EdgeSettings;
 use flotilla_orchestrator::OrchestratorConfig;
 use flotilla_redis::WakeBus;
 use flotilla_telemetry::Telemetry;
+use flotilla_test_utils::connect::{Envelopes, Frame};
 use flotilla_test_utils::{TestDb, TestDocker, TestRedis, init_tracing};
 use flotilla_types::NodeId;
 use serde_json::{Value, json};
@@ -276,9 +277,7 @@ impl TestFlotilla {
         want: usize,
         timeout: Duration,
     ) -> (Vec<Vec<u8>>, Option<Value>) {
-        let mut envelope = vec![0u8];
-        envelope.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        envelope.extend_from_slice(&payload);
+        let envelope = flotilla_test_utils::connect::envelope(&payload);
         let mut request = self
             .http
             .post(format!("{}/{path}", self.base_url))
@@ -294,27 +293,18 @@ impl TestFlotilla {
             return (Vec::new(), Some(serde_json::json!({ "error": error })));
         }
         let deadline = tokio::time::Instant::now() + timeout;
-        let (mut buffer, mut messages, mut end) = (Vec::<u8>::new(), Vec::new(), None);
+        let (mut envelopes, mut messages, mut end) = (Envelopes::default(), Vec::new(), None);
         while messages.len() < want && end.is_none() {
             let chunk = match tokio::time::timeout_at(deadline, response.chunk()).await {
                 Ok(chunk) => chunk.expect("reading the stream"),
                 Err(_) => break,
             };
             let Some(chunk) = chunk else { break };
-            buffer.extend_from_slice(&chunk);
-            // Whole envelopes: a flag byte, a big-endian length, the message.
-            while buffer.len() >= 5 {
-                let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
-                if buffer.len() < 5 + length {
-                    break;
+            for frame in envelopes.push(&chunk) {
+                match frame {
+                    Frame::Message(message) => messages.push(message),
+                    Frame::End(json) => end = Some(serde_json::from_slice(&json).expect("a JSON end of stream")),
                 }
-                let message = buffer[5..5 + length].to_vec();
-                if buffer[0] & 0x02 != 0 {
-                    end = Some(serde_json::from_slice(&message).expect("a JSON end of stream"));
-                } else {
-                    messages.push(message);
-                }
-                buffer.drain(..5 + length);
             }
         }
         (messages, end)

@@ -190,13 +190,11 @@ impl TestCluster {
         .await;
     }
 
-    /// Running containers of deployment `id` on node `node`'s engine (none
-    /// when the engine does not answer).
-    pub fn containers_of(&self, node: usize, id: &str) -> Vec<String> {
+    /// Running containers of deployment `id` on node `node`'s engine; an
+    /// error when the engine does not answer.
+    pub fn containers_of(&self, node: usize, id: &str) -> Result<Vec<String>, String> {
         let filter = format!("label=flotilla.deployment.id={id}");
-        self.docker(node, &["ps", "-q", "--filter", &filter])
-            .map(|out| out.lines().map(str::to_owned).collect())
-            .unwrap_or_default()
+        self.docker(node, &["ps", "-q", "--filter", &filter]).map(|out| out.lines().map(str::to_owned).collect())
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod acme;
 pub mod cluster;
+pub mod connect;
 mod database;
 mod docker;
 pub mod oidc;
@@ -95,7 +96,22 @@ where
 
 /// Polls `check` every 200 ms until it gives `Some`, or panics after `limit`
 /// saying what it waited for.
-pub async fn wait_until<T, F, Fut>(what: &str, limit: std::time::Duration, mut check: F) -> T
+pub async fn wait_until<T, F, Fut>(what: &str, limit: std::time::Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    wait_until_every(what, limit, std::time::Duration::from_millis(200), check).await
+}
+
+/// [`wait_until`], polling every `every` (where the moment matters, as
+/// for a client looping through the edge).
+pub async fn wait_until_every<T, F, Fut>(
+    what: &str,
+    limit: std::time::Duration,
+    every: std::time::Duration,
+    mut check: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -106,6 +122,6 @@ where
             return value;
         }
         assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tokio::time::sleep(every).await;
     }
 }
