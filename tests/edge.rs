@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use flotilla_e2e::{DEMO_IMAGE, TestFlotilla, is_running};
-use flotilla_test_utils::{LoopingClient, Sample, TestTraefik, TraefikOptions};
+use flotilla_test_utils::{LoopingClient, Sample, TestTraefik, TraefikOptions, wait_until_every};
 use serde_json::{Value, json};
 
 /// A Traefik taking `flotilla`'s route table, long-polled as shipped.
@@ -45,11 +45,15 @@ async fn traefik_takes_an_empty_table_then_the_first_route_then_none_again() {
         routers.as_array().unwrap().iter().all(|r| r["provider"] != "http" || r["name"] == canary.as_str()),
         "no route from Flotilla yet: {routers}"
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while flotilla.count("SELECT count(*) FROM edge_proxies WHERE snapshot IS NOT NULL").await != 1 {
-        assert!(Instant::now() < deadline, "the proxy never said it serves a table");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_every(
+        "the proxy saying it serves a table",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            (flotilla.count("SELECT count(*) FROM edge_proxies WHERE snapshot IS NOT NULL").await == 1).then_some(())
+        },
+    )
+    .await;
 
     let id = flotilla
         .create(json!({ "name": "first", "image": DEMO_IMAGE, "port": 8080, "domain": "first.example.test" }))
@@ -157,11 +161,13 @@ async fn a_route_appears_once_a_replica_serves_and_goes_before_its_container_sto
     let since = client.now();
     client.wait_for(since, "replica 2", Duration::from_secs(10), |s| s.body.contains("replica 2,")).await;
     scale(1).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while flotilla.count("SELECT count(*) FROM deployment_locations").await != 1 {
-        assert!(Instant::now() < deadline, "the scaled-away replicas were not removed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_every(
+        "the scaled-away replicas removed",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || async { (flotilla.count("SELECT count(*) FROM deployment_locations").await == 1).then_some(()) },
+    )
+    .await;
     let after = client.now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let samples = client.stop().await;
@@ -279,11 +285,10 @@ async fn no_request_fails_through_traefik_across_a_deployment_s_whole_life() {
     let delete = client.now();
     marks.push(("delete", delete));
     call("DeleteDeployment", json!({ "id": id })).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !flotilla.docker.containers().await.is_empty() {
-        assert!(Instant::now() < deadline, "the containers were not removed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_every("the containers removed", Duration::from_secs(60), Duration::from_millis(50), || async {
+        flotilla.docker.containers().await.is_empty().then_some(())
+    })
+    .await;
     client.wait_for(delete, "404 once deleted", Duration::from_secs(10), |s| s.outcome == Ok(404)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let samples = client.stop().await;
@@ -613,11 +618,11 @@ async fn a_drained_node_and_a_node_that_goes_down_cost_no_request_through_traefi
     .await;
     flotilla.add_agent(1, |_| {}).await;
     flotilla.add_agent(2, |_| {}).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while flotilla.connect_node("ListNodes", json!({})).await.1["nodes"].as_array().map_or(0, Vec::len) < 3 {
-        assert!(Instant::now() < deadline, "three nodes register");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_every("three nodes registered", Duration::from_secs(15), Duration::from_millis(50), || async {
+        let nodes = flotilla.connect_node("ListNodes", json!({})).await.1;
+        (nodes["nodes"].as_array().map_or(0, Vec::len) >= 3).then_some(())
+    })
+    .await;
     let traefik = traefik_for(&flotilla);
     let host = "nodes.example.test";
     let id = flotilla.create(two_replicas_with_probes("nodes", host, json!([]))).await;

@@ -11,6 +11,7 @@ use common::*;
 use flotilla_metrics::SourceChoice;
 use flotilla_store::metrics::{MetricsStore, Retention};
 use flotilla_test_utils::TestDb;
+use flotilla_test_utils::wait_until;
 use flotilla_types::DeploymentId;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

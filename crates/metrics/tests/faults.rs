@@ -16,6 +16,7 @@ use flotilla_metrics::{Batch, BreakerConfig, MetricsConfig, SourceChoice, Writer
 use flotilla_store::metrics::{MetricsStore, Retention};
 use flotilla_test_utils::TestDb;
 use flotilla_test_utils::proxy::Proxy;
+use flotilla_test_utils::wait_until;
 use flotilla_types::DeploymentId;
 use flotilla_types::metrics::{Sample, SampleKey};
 use serde_json::Value;

@@ -11,6 +11,7 @@ use common::*;
 use flotilla_metrics::{Filter, LiveView, MetricsConfig, SourceChoice};
 use flotilla_redis::LiveFeed;
 use flotilla_test_utils::TestRedis;
+use flotilla_test_utils::wait_until;
 use flotilla_types::DeploymentId;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -242,6 +242,3 @@ pub async fn get_json(base: &str, path: &str) -> (u16, serde_json::Value) {
     let status = response.status().as_u16();
     (status, response.json().await.expect("JSON"))
 }
-
-#[allow(unused_imports)]
-pub use flotilla_test_utils::wait_until;
