@@ -327,10 +327,13 @@ build_and_push() {
   local tag; tag=cluster-$(date +%s)
   "$root/scripts/build-flotillad-image.sh" --tag "flotilla/flotillad:$tag" "${args[@]}"
   "$root/scripts/build-traefik-image.sh" --tag flotilla/traefik:cluster
-  "$root/scripts/build-images.sh" >/dev/null
+  local demos=(flotilla/demo-http:1 flotilla/demo-http:2 flotilla/demo-http:latest flotilla/demo-broken:latest)
+  # Built once (scripts/test.sh builds them before the suite): not again
+  # while other tests run containers of them.
+  docker image inspect "${demos[@]}" >/dev/null 2>&1 || "$root/scripts/build-images.sh" >/dev/null
   push "flotilla/flotillad:$tag"
   push flotilla/traefik:cluster
-  for image in flotilla/demo-http:1 flotilla/demo-http:2 flotilla/demo-http:latest flotilla/demo-broken:latest; do
+  for image in "${demos[@]}"; do
     push "$image"
   done
   docker rmi "flotilla/flotillad:$tag" >/dev/null

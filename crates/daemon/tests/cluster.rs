@@ -296,6 +296,8 @@ async fn draining_a_node_moves_its_replicas_without_a_failed_request() {
     let cluster = cluster().await;
     let (id, domain) = create(&cluster, &format!("drain-{}", unique_suffix()), &demo(&cluster), 3).await;
     cluster.wait_running(&id, 3, Duration::from_secs(120)).await;
+    // Traefik takes the route moments after the API says it runs.
+    through_edge(&cluster, &domain, "Hello from").await;
     let client = client(&cluster, &domain);
     let node2 = cluster.node_id(2).await;
     let started = Instant::now();
@@ -361,6 +363,8 @@ async fn the_control_database_restarted_loses_nothing_and_the_agents_catch_up() 
     let cluster = cluster().await;
     let (id, domain) = create(&cluster, &format!("db-{}", unique_suffix()), &demo(&cluster), 2).await;
     cluster.wait_running(&id, 2, Duration::from_secs(120)).await;
+    // Traefik takes the route moments after the API says it runs.
+    through_edge(&cluster, &domain, "Hello from").await;
     let client = client(&cluster, &domain);
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.script(&["restart-db"]);
