@@ -452,6 +452,7 @@ impl OrchestratorProcess {
                     store,
                     wake,
                     flotilla_telemetry::Telemetry::new("orchestrator", "test"),
+                    None,
                 );
                 orchestrator.spawn(&tokio_util::task::TaskTracker::new(), cancel);
                 std::future::pending::<()>().await;

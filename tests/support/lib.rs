@@ -161,8 +161,9 @@ impl TestFlotilla {
         let docker = DockerClient::connect(&DockerConfig::default()).await.expect("Docker");
         let wake = WakeBus::with_redis(&self.redis.url, &self.redis.prefix).expect("Redis");
         let telemetry = Telemetry::new("agent", "test");
-        let agent =
-            Agent::new(config, self.db.store.clone(), docker, wake.clone(), telemetry).await.expect("agent starts");
+        let agent = Agent::new(config, self.db.store.clone(), docker, wake.clone(), telemetry, "extra-agent".into())
+            .await
+            .expect("agent starts");
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let listener = wake.spawn_listener(vec![flotilla_redis::agent_topic(agent.node_id().as_str())], cancel.clone());

@@ -23,6 +23,9 @@ pub enum AgentError {
     #[error("no free host port in {start}-{end}")]
     NoFreePort { start: u16, end: u16 },
 
+    #[error("the agent's HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
+
     #[error("replica {replica} has no container on node {node}")]
     NoContainer { replica: String, node: String },
 }

@@ -16,6 +16,7 @@
 mod error;
 mod events;
 pub mod exits;
+pub mod fence;
 mod host;
 mod identity;
 pub mod metrics;
@@ -29,7 +30,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,8 +41,9 @@ use flotilla_redis::{ORCHESTRATOR_TOPIC, WakeBus, agent_topic};
 use flotilla_runtime::{Next, PeriodicTask, run_periodically};
 use flotilla_store::{NodeHeartbeat, Store};
 use flotilla_telemetry::Telemetry;
+use flotilla_telemetry::liveness::AgentProber;
 use flotilla_types::status::Health;
-use flotilla_types::{NodeId, ReplicaId};
+use flotilla_types::{DeploymentId, NodeId, ReplicaId};
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -55,6 +57,13 @@ pub use ports::PortAllocator;
 pub use reconcile::PassReport;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How often a cut-off agent checks whether to fence itself.
+const FENCE_TICK: Duration = Duration::from_millis(500);
+/// How long a peer has to answer a cut-off agent.
+const PEER_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The peer list is read again every this many successful heartbeats.
+const PEER_REFRESH_BEATS: u64 = 10;
 
 /// Name of the network replicas of `shared` deployments join.
 pub const SHARED_NETWORK: &str = "flotilla-apps";
@@ -100,6 +109,10 @@ pub struct AgentConfig {
     pub node_labels: BTreeMap<String, String>,
     /// Labels added to every container and network (tests use them to clean up).
     pub extra_container_labels: BTreeMap<String, String>,
+    /// Out of contact with the control database this long, and reaching no
+    /// majority of the nodes, the agent stops its `fence` replicas (see
+    /// [`fence`]); `None`: never.
+    pub fence_after: Option<Duration>,
 }
 
 impl Default for AgentConfig {
@@ -110,7 +123,7 @@ impl Default for AgentConfig {
             advertise_address: None,
             publish_ip: IpAddr::from([0, 0, 0, 0]),
             port_range: 20000..=29999,
-            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
             reconcile_interval: Duration::from_secs(60),
             events: true,
             max_parallel_starts: 4,
@@ -123,6 +136,7 @@ impl Default for AgentConfig {
             probe_tick: Duration::from_millis(250),
             node_labels: BTreeMap::new(),
             extra_container_labels: BTreeMap::new(),
+            fence_after: Some(Duration::from_secs(3)),
         }
     }
 }
@@ -169,6 +183,13 @@ pub struct Agent {
     joined_networks: Mutex<HashSet<String>>,
     /// Waits for the edge proxies before a container that served stops.
     edge: Arc<EdgeSync>,
+    /// Contact with the control database and the other nodes.
+    fence: fence::Fence,
+    /// Deployments on this node whose replicas may run twice rather than
+    /// stop when it is cut off (`node_loss: replace`), as of the last pass.
+    replaceable: Mutex<HashSet<DeploymentId>>,
+    /// Successful heartbeats, to refresh the peer list every few.
+    beats: AtomicU64,
 }
 
 impl Agent {
@@ -180,6 +201,7 @@ impl Agent {
         docker: DockerClient,
         wake: WakeBus,
         telemetry: Telemetry,
+        internal_token: Arc<str>,
     ) -> Result<Arc<Self>, AgentError> {
         // Taken before any container list, so the events feed misses nothing.
         let started_nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default() - 1_000_000_000;
@@ -197,6 +219,8 @@ impl Agent {
         let edge_stats = Arc::new(flotilla_edge::metrics::EdgeStats::default());
         telemetry.register(Box::new(flotilla_edge::metrics::sync_collector(&edge_stats)));
         let edge = EdgeSync::new(store.clone(), config.edge, edge_stats);
+        let prober = AgentProber::new(internal_token, PEER_PROBE_TIMEOUT).map_err(AgentError::HttpClient)?;
+        let fence = fence::Fence::new(config.fence_after, Some(prober));
         tracing::info!(
             node.id = %node_id,
             engine = %engine.server_version,
@@ -233,6 +257,9 @@ impl Agent {
             own_container,
             joined_networks: Mutex::new(HashSet::new()),
             edge,
+            fence,
+            replaceable: Mutex::new(HashSet::new()),
+            beats: AtomicU64::new(0),
         }))
     }
 
@@ -330,6 +357,18 @@ impl Agent {
             .instrument(span.clone()),
         );
         let agent = self.clone();
+        let fence = PeriodicTask { name: "agent.fence", interval: FENCE_TICK, wake: None, pass_at_start: false };
+        tasks.spawn(
+            run_periodically(fence, cancel.clone(), move || {
+                let agent = agent.clone();
+                async move {
+                    agent.fence_pass().await;
+                    Next::Interval
+                }
+            })
+            .instrument(span.clone()),
+        );
+        let agent = self.clone();
         let probes =
             PeriodicTask { name: "agent.probes", interval: self.config.probe_tick, wake: None, pass_at_start: false };
         tasks.spawn(
@@ -345,8 +384,21 @@ impl Agent {
     }
 
     async fn heartbeat_pass(&self) -> Next {
+        let sent = Instant::now();
         match self.heartbeat().await {
             Ok(()) => {
+                if self.fence.contact(sent) {
+                    tracing::warn!(
+                        "in contact again after fencing: the next pass restarts or removes the stopped replicas"
+                    );
+                    self.reconcile_wake.notify_one();
+                }
+                if self.beats.fetch_add(1, Ordering::Relaxed) % PEER_REFRESH_BEATS == 0 {
+                    match self.store.peer_agent_urls(&self.node_id).await {
+                        Ok(peers) => self.fence.set_peers(peers),
+                        Err(error) => tracing::debug!(%error, "could not refresh the peer list"),
+                    }
+                }
                 if !self.registered.swap(true, Ordering::Relaxed) {
                     // The node just (re)joined: work waiting for a node can be placed now.
                     self.wake.wake(ORCHESTRATOR_TOPIC).await;
@@ -393,6 +445,7 @@ impl Agent {
             used_memory_bytes,
             max_deployments: self.config.max_deployments,
             agent_version: AGENT_VERSION.to_owned(),
+            fence_after: self.fence.after(),
         };
         self.store.upsert_heartbeat(&beat).await?;
         self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
@@ -459,6 +512,23 @@ impl Agent {
             {
                 tracing::warn!(%error, "could not record a replica's health");
             }
+        }
+    }
+
+    /// Whether this node can run its replicas, asked by the orchestrator
+    /// when its heartbeats stop and by peers when theirs do: not when its
+    /// engine does not answer or it fenced itself.
+    pub async fn liveness(&self, within: Duration) -> Result<(), String> {
+        if self.fence.is_fenced() {
+            return Err(format!(
+                "fenced: out of contact with the control database for {:?} and with most nodes",
+                self.fence.silent_for()
+            ));
+        }
+        match tokio::time::timeout(within, self.docker.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("the Docker Engine did not answer within {within:?}")),
         }
     }
 

@@ -13,6 +13,7 @@ pub const RECONCILE_LAST_DURATION_SECONDS: &str = "flotilla_agent_reconcile_last
 pub const CONTAINERS_CREATED_TOTAL: &str = "flotilla_agent_containers_created_total";
 pub const CONTAINERS_REMOVED_TOTAL: &str = "flotilla_agent_containers_removed_total";
 pub const CONTAINERS_STOPPED_TOTAL: &str = "flotilla_agent_containers_stopped_total";
+pub const REPLICAS_FENCED_TOTAL: &str = "flotilla_agent_replicas_fenced_total";
 pub const REPLICA_FAILURES_TOTAL: &str = "flotilla_agent_replica_failures_total";
 pub const HEARTBEATS_TOTAL: &str = "flotilla_agent_heartbeats_total";
 pub const ROLLOUTS_TOTAL: &str = "flotilla_agent_rollouts_total";
@@ -33,6 +34,7 @@ pub struct AgentStats {
     pub containers_created: AtomicU64,
     pub containers_removed: AtomicU64,
     pub containers_stopped: AtomicU64,
+    pub replicas_fenced: AtomicU64,
     pub replica_failures: AtomicU64,
     pub heartbeats: AtomicU64,
     pub heartbeat_failures: AtomicU64,
@@ -76,6 +78,11 @@ pub fn collector(stats: &Arc<AgentStats>, events: &Arc<EventFeed>) -> FnCollecto
             CONTAINERS_STOPPED_TOTAL,
             "Containers of stopped deployments stopped (and kept).",
             read(|s| &s.containers_stopped),
+        ),
+        MetricSpec::counter(
+            REPLICAS_FENCED_TOTAL,
+            "Replicas stopped because this node was cut off from the control database and most nodes.",
+            read(|s| &s.replicas_fenced),
         ),
         MetricSpec::counter(
             REPLICA_FAILURES_TOTAL,

@@ -12,7 +12,9 @@ use flotilla_redis::ORCHESTRATOR_TOPIC;
 use flotilla_store::Assignment;
 use flotilla_store::replicas::{AdoptOutcome, Adoption, ReplicaObservation};
 use flotilla_types::status::Health;
-use flotilla_types::{DeploymentId, DesiredState, HealthCheckKind, NetworkMode, ReplicaId, ReplicaState, labels};
+use flotilla_types::{
+    DeploymentId, DesiredState, HealthCheckKind, NetworkMode, NodeLoss, ReplicaId, ReplicaState, labels,
+};
 use futures::StreamExt;
 use serde::Serialize;
 
@@ -118,6 +120,11 @@ impl Agent {
             }
         }
         let mut assignments = self.store.node_assignments(&self.node_id).await?;
+        *self.replaceable.lock().unwrap_or_else(|e| e.into_inner()) = assignments
+            .iter()
+            .filter(|a| a.deployment.spec.placement.node_loss == NodeLoss::Replace)
+            .map(|a| a.deployment.id)
+            .collect();
         self.record_exits(&mut assignments, &containers, &deaths).await?;
         let held = self.restarts_held(&assignments);
         let actions = plan::plan(PlanInput {

@@ -122,6 +122,7 @@ pub fn spec_input(request: pb::CreateDeploymentRequest) -> Result<DeploymentSpec
         limits: limits(request.limits.unwrap_or_default()),
         replicas: request.replicas,
         placement_strategy: request.placement.as_ref().map(|p| p.strategy.clone()).unwrap_or_default(),
+        placement_node_loss: request.placement.as_ref().map(|p| p.node_loss.clone()).unwrap_or_default(),
         placement_constraints: request.placement.map(|p| p.constraints.into_iter().collect()).unwrap_or_default(),
     })
 }
@@ -267,6 +268,7 @@ pub fn deployment(view: &DeploymentView) -> pb::Deployment {
         placement: Some(pb::Placement {
             strategy: d.spec.placement.strategy.map(|s| s.as_str().to_owned()).unwrap_or_default(),
             constraints: d.spec.placement.constraints.as_map().clone().into_iter().collect(),
+            node_loss: d.spec.placement.node_loss.as_str().to_owned(),
         }),
         placement_message: d.placement_message.clone().unwrap_or_default(),
     }

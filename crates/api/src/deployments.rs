@@ -454,6 +454,7 @@ fn apply_update(current: &DeploymentSpec, request: pb::UpdateDeploymentRequest) 
     }
     if let Some(placement) = request.placement {
         input.placement_strategy = placement.strategy;
+        input.placement_node_loss = placement.node_loss;
         input.placement_constraints = placement.constraints.into_iter().collect();
     }
     Ok(DeploymentSpec::validate(input)?)

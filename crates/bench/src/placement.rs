@@ -280,6 +280,7 @@ fn heartbeat(i: usize) -> anyhow::Result<NodeHeartbeat> {
         used_memory_bytes: 0,
         max_deployments: 100_000,
         agent_version: "bench".into(),
+        fence_after: None,
     })
 }
 
@@ -312,7 +313,8 @@ async fn place_all(count: usize, replicas: i32, nodes: usize, batch: i64) -> any
         holder: format!("bench-{batch}"),
         ..OrchestratorConfig::default()
     };
-    let orchestrator = Orchestrator::new(config, store.clone(), WakeBus::local_only(), Telemetry::new("bench", "0"));
+    let orchestrator =
+        Orchestrator::new(config, store.clone(), WakeBus::local_only(), Telemetry::new("bench", "0"), None);
     if !orchestrator.lead_once().await? {
         bail!("the bench orchestrator could not take the lease");
     }

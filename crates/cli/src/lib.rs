@@ -278,6 +278,11 @@ pub struct DeployArgs {
     /// Only nodes with this label, NAME=value; repeatable.
     #[arg(long = "constraint", value_parser = parse_env)]
     pub constraints: Vec<(String, String)>,
+    /// When a node is lost: `fence` (default; at most one copy runs, the
+    /// replacement starts a few seconds later) or `replace` (at once; a
+    /// cut-off node's copy may run on until it returns).
+    #[arg(long, value_parser = ["fence", "replace"])]
+    pub node_loss: Option<String>,
     /// Project id (default: your default project).
     #[arg(long)]
     pub project: Option<String>,
@@ -291,10 +296,15 @@ pub struct DeployArgs {
 
 /// The placement `flo deploy` asks for; none leaves the cluster's default
 /// (the server checks the strategy's name).
-fn placement(strategy: Option<String>, constraints: Vec<(String, String)>) -> Option<pb::Placement> {
-    (strategy.is_some() || !constraints.is_empty()).then(|| pb::Placement {
+fn placement(
+    strategy: Option<String>,
+    constraints: Vec<(String, String)>,
+    node_loss: Option<String>,
+) -> Option<pb::Placement> {
+    (strategy.is_some() || !constraints.is_empty() || node_loss.is_some()).then(|| pb::Placement {
         strategy: strategy.unwrap_or_default(),
         constraints: constraints.into_iter().collect(),
+        node_loss: node_loss.unwrap_or_default(),
     })
 }
 
@@ -669,7 +679,7 @@ impl Flo {
                 cpu_millis: args.cpus.unwrap_or(0),
             }),
             replicas: args.replicas,
-            placement: placement(args.strategy, args.constraints),
+            placement: placement(args.strategy, args.constraints, args.node_loss),
             ..Default::default()
         };
         let created = self
@@ -1368,14 +1378,20 @@ mod tests {
             "region=eu",
             "--constraint",
             "disk=ssd",
+            "--node-loss",
+            "replace",
         ])
         .expect("parses");
         let Command::Deploy(args) = cli.command else { panic!("a deploy") };
-        let asked = placement(args.strategy, args.constraints).expect("a placement");
+        let asked = placement(args.strategy, args.constraints, args.node_loss).expect("a placement");
         assert_eq!(asked.strategy, "spread");
+        assert_eq!(asked.node_loss, "replace");
         assert_eq!(asked.constraints.get("region").map(String::as_str), Some("eu"));
         assert_eq!(asked.constraints.len(), 2);
-        assert_eq!(placement(None, Vec::new()), None, "the cluster's default");
+        assert_eq!(placement(None, Vec::new(), None), None, "the cluster's default");
+        assert!(
+            Cli::try_parse_from(["flo", "deploy", "web", "--image", "d", "--port", "1", "--node-loss", "x"]).is_err()
+        );
         assert!(
             Cli::try_parse_from(["flo", "deploy", "web", "--image", "d", "--port", "1", "--constraint", "x"]).is_err()
         );

@@ -12,6 +12,7 @@ use flotilla_agent::AgentConfig;
 use flotilla_edge::{EdgeSettings, EdgeSyncConfig, ServeConfig, Tls};
 use flotilla_metrics::{BreakerConfig, MetricsConfig, SourceChoice};
 use flotilla_orchestrator::OrchestratorConfig;
+use flotilla_orchestrator::liveness::NodeWatchConfig;
 use flotilla_store::metrics::Retention;
 use flotilla_types::{NodeId, PlacementStrategy};
 
@@ -445,7 +446,10 @@ pub struct AgentArgs {
     #[arg(long, env = "FLOTILLA_PORT_RANGE", default_value = "20000-29999", value_parser = parse_port_range)]
     pub port_range: RangeInclusive<u16>,
 
-    #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    /// How often this node reports to the control database. The
+    /// orchestrator asks a node's agent directly once it misses about two,
+    /// so a lost node is noticed within seconds.
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 
     #[arg(long, env = "FLOTILLA_RECONCILE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
@@ -510,9 +514,23 @@ pub struct AgentArgs {
 #[derive(Debug, Clone, Args)]
 pub struct OrchestratorArgs {
     /// A node silent for this long is `down`: no new replicas, and its
-    /// replicas are placed on other nodes.
+    /// replicas are placed on other nodes. Sooner when its agent does not
+    /// answer (see --suspect-after).
     #[arg(long, env = "FLOTILLA_HEARTBEAT_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     pub heartbeat_timeout: Duration,
+
+    /// A node silent for this long is suspect: its agent is asked whether it
+    /// and its Docker Engine are alive, and the node is down at once if not.
+    #[arg(long, env = "FLOTILLA_SUSPECT_AFTER", default_value = "2s", value_parser = parse_duration)]
+    pub suspect_after: Duration,
+
+    /// How long a suspect node's agent has to answer.
+    #[arg(long, env = "FLOTILLA_NODE_PROBE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub node_probe_timeout: Duration,
+
+    /// How often the leader looks for silent nodes.
+    #[arg(long, env = "FLOTILLA_NODE_WATCH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub node_watch_interval: Duration,
 
     /// How replicas of deployments that name no strategy are placed:
     /// least-loaded, round-robin, binpack or spread (resource-based).
@@ -660,6 +678,12 @@ impl DaemonConfig {
             interval: o.placement_interval,
             default_strategy: o.placement_strategy,
             lease_ttl: o.leader_lease,
+            node_watch: NodeWatchConfig {
+                every: o.node_watch_interval,
+                suspect_after: o.suspect_after,
+                probe_timeout: o.node_probe_timeout,
+                ..NodeWatchConfig::default()
+            },
             edge: self.edge_settings(),
             ..OrchestratorConfig::default()
         }

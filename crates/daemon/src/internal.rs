@@ -1,5 +1,7 @@
 //! Endpoints one Flotilla process serves another: a replica's log lines,
-//! from the agent of the replica's node, for the API's StreamDeploymentLogs.
+//! from the agent of the replica's node, for the API's StreamDeploymentLogs;
+//! whether the agent and its engine are alive, for the orchestrator's node
+//! watch when the node's heartbeats stop.
 //! Every request carries the internal token all processes of a cluster
 //! share (`--internal-token`); nothing here is for users.
 
@@ -32,7 +34,20 @@ struct LogQuery {
 pub fn router(agent: Arc<Agent>, token: Arc<str>) -> axum::Router {
     axum::Router::new()
         .route("/internal/v1/replicas/{replica}/logs", axum::routing::get(replica_logs))
+        .route(flotilla_telemetry::liveness::AGENT_LIVENESS_PATH, axum::routing::get(liveness))
         .with_state(Internal { agent, token })
+}
+
+/// 200 when this node can run its replicas, 503 with the reason when its
+/// engine does not answer or it fenced itself.
+async fn liveness(State(internal): State<Internal>, headers: HeaderMap) -> Response {
+    if !bearer_matches(&headers, &internal.token) {
+        return (StatusCode::UNAUTHORIZED, "internal token required").into_response();
+    }
+    match internal.agent.liveness(std::time::Duration::from_millis(800)).await {
+        Ok(()) => (StatusCode::OK, "alive").into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+    }
 }
 
 async fn replica_logs(

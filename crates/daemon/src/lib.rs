@@ -21,6 +21,7 @@ use flotilla_redis::ratelimit::{Limit, RateLimiter};
 use flotilla_redis::{LiveFeed, ORCHESTRATOR_TOPIC, RedisError, WakeBus, agent_topic};
 use flotilla_store::metrics::{MetricsStore, Retention};
 use flotilla_store::{Store, StoreConfig, StoreError};
+use flotilla_telemetry::liveness::AgentProber;
 use flotilla_telemetry::{Health, Telemetry};
 use flotilla_types::NodeId;
 use tokio::net::TcpListener;
@@ -63,6 +64,8 @@ pub enum DaemonError {
     Certificates(#[from] flotilla_acme::AcmeError),
     #[error("DNS: {0}")]
     Dns(#[from] flotilla_dns::DnsError),
+    #[error("the node watch's HTTP client: {0}")]
+    NodeWatch(#[source] reqwest::Error),
 }
 
 /// Everything a daemon is started with, in code (tests) or from flags.
@@ -248,16 +251,40 @@ impl Daemon {
             None
         };
 
-        let orchestrator = roles.orchestrator.then(|| {
-            topics.push(ORCHESTRATOR_TOPIC.to_owned());
-            Orchestrator::new(settings.orchestrator.clone(), store.clone(), wake.clone(), telemetry.clone())
-        });
+        let internal_token: Arc<str> = match &settings.internal_token {
+            Some(token) => token.as_str().into(),
+            None => {
+                use base64::Engine as _;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>()).into()
+            }
+        };
+        let orchestrator = match roles.orchestrator {
+            true => {
+                topics.push(ORCHESTRATOR_TOPIC.to_owned());
+                let prober = AgentProber::new(internal_token.clone(), settings.orchestrator.node_watch.probe_timeout)
+                    .map_err(DaemonError::NodeWatch)?;
+                Some(Orchestrator::new(
+                    settings.orchestrator.clone(),
+                    store.clone(),
+                    wake.clone(),
+                    telemetry.clone(),
+                    Some(prober),
+                ))
+            }
+            false => None,
+        };
 
         let (agent, pipeline) = if roles.agent {
             let docker = DockerClient::connect(&settings.docker).await?;
-            let agent =
-                Agent::new(settings.agent.clone(), store.clone(), docker.clone(), wake.clone(), telemetry.clone())
-                    .await?;
+            let agent = Agent::new(
+                settings.agent.clone(),
+                store.clone(),
+                docker.clone(),
+                wake.clone(),
+                telemetry.clone(),
+                internal_token.clone(),
+            )
+            .await?;
             topics.push(agent_topic(agent.node_id().as_str()));
             let pipeline = match &settings.metrics.pipeline {
                 Some(config) => Some(
@@ -278,13 +305,6 @@ impl Daemon {
             (None, None)
         };
 
-        let internal_token: Arc<str> = match &settings.internal_token {
-            Some(token) => token.as_str().into(),
-            None => {
-                use base64::Engine as _;
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>()).into()
-            }
-        };
         let api_state = if roles.api {
             let auth = match &settings.auth {
                 AuthSettings::None => return Err(DaemonError::NoAuthentication),

@@ -4,6 +4,10 @@
 //! lease's term, so a replica that lost the lease (paused, cut off) cannot
 //! place anything twice.
 //!
+//! Between rounds, the node watch ([`liveness`]) asks the agents of nodes
+//! silent for two heartbeats whether they are alive, and takes the
+//! unreachable down at once.
+//!
 //! A round: the node health watch (silent nodes go down and their replicas
 //! are taken off them), one step of every drain, placement of every missing
 //! replica (one [`select::Placer`] per round; all decisions committed in one
@@ -11,6 +15,7 @@
 //! deployments. Rounds are idempotent and level-triggered: they run on every
 //! wake-up and on a timer.
 
+pub mod liveness;
 pub mod metrics;
 pub mod select;
 
@@ -23,7 +28,9 @@ use chrono::{DateTime, Utc};
 use flotilla_edge::EdgeSettings;
 use flotilla_redis::{ORCHESTRATOR_TOPIC, WakeBus, agent_topic};
 use flotilla_runtime::{Next, PeriodicTask, run_periodically};
-use flotilla_store::placement::{Lease, NewReplica, PlacementNeed, PlacementOutcome, PlacementPlan};
+use flotilla_store::placement::{
+    HealthWatch, Lease, NewReplica, PlacementNeed, PlacementOutcome, PlacementPlan, SilentNode,
+};
 use flotilla_store::routes::RouteRecord;
 use flotilla_store::{Store, StoreError};
 use flotilla_telemetry::Telemetry;
@@ -34,6 +41,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use flotilla_telemetry::liveness::{AgentProber, Liveness};
+use liveness::NodeWatchConfig;
 use select::{Candidate, Placer, Request};
 
 /// How long CreateDeployment's idempotency keys are kept.
@@ -56,6 +65,7 @@ pub struct OrchestratorConfig {
     pub holder: String,
     /// A leader not renewing its lease for this long is replaced.
     pub lease_ttl: Duration,
+    pub node_watch: NodeWatchConfig,
 }
 
 impl Default for OrchestratorConfig {
@@ -68,6 +78,7 @@ impl Default for OrchestratorConfig {
             default_strategy: PlacementStrategy::LeastLoaded,
             holder: holder_name(),
             lease_ttl: Duration::from_secs(6),
+            node_watch: NodeWatchConfig::default(),
         }
     }
 }
@@ -124,10 +135,19 @@ pub struct Orchestrator {
     /// Why the lease could not be taken or renewed last time (the control
     /// database away): a follower for that reason is not healthy.
     lease_error: Mutex<Option<String>>,
+    /// Asks silent nodes' agents whether they are alive; without it, nodes
+    /// go down only after the heartbeat timeout.
+    prober: Option<AgentProber>,
 }
 
 impl Orchestrator {
-    pub fn new(config: OrchestratorConfig, store: Store, wake: WakeBus, telemetry: Telemetry) -> Arc<Self> {
+    pub fn new(
+        config: OrchestratorConfig,
+        store: Store,
+        wake: WakeBus,
+        telemetry: Telemetry,
+        prober: Option<AgentProber>,
+    ) -> Arc<Self> {
         let stats = Arc::new(metrics::OrchestratorStats::default());
         telemetry.register(Box::new(metrics::collector(&stats)));
         Arc::new(Self {
@@ -139,6 +159,7 @@ impl Orchestrator {
             last_round: Mutex::new(RoundReport::default()),
             lease: watch::Sender::new(None),
             lease_error: Mutex::new(None),
+            prober,
         })
     }
 
@@ -168,6 +189,20 @@ impl Orchestrator {
             wake: Some(self.wake.waiter(ORCHESTRATOR_TOPIC)),
             pass_at_start: true,
         };
+        let watcher = self.clone();
+        let node_watch = PeriodicTask {
+            name: "orchestrator.node_watch",
+            interval: self.config.node_watch.every,
+            wake: None,
+            pass_at_start: false,
+        };
+        tracker.spawn(
+            run_periodically(node_watch, cancel.clone(), move || {
+                let watcher = watcher.clone();
+                async move { watcher.watch_silent_nodes().await }
+            })
+            .instrument(tracing::info_span!("orchestrator.node_watch")),
+        );
         tracker.spawn(
             run_periodically(task, cancel, move || {
                 let orchestrator = orchestrator.clone();
@@ -298,7 +333,7 @@ impl Orchestrator {
     #[tracing::instrument(skip_all, fields(term = lease.term), err)]
     async fn round(&self, lease: &Lease) -> Result<RoundReport, StoreError> {
         let mut report = RoundReport::default();
-        let changed_nodes = self.watch_nodes(lease, &mut report).await?;
+        let changed_nodes = self.watch_nodes(lease, Vec::new(), &mut report).await?;
         let drains = self.store.advance_drains(lease).await?;
         report.drain_moving = drains.moving;
         report.drain_retired = drains.retiring.len();
@@ -338,13 +373,87 @@ impl Orchestrator {
         Ok(report)
     }
 
+    /// Between rounds, while leading: nodes silent past the heartbeat
+    /// timeout wake a round at once (rather than at its timer), and the
+    /// agents of nodes silent for `suspect_after` are asked whether they are
+    /// alive; those that do not answer go down now and a round places their
+    /// replicas elsewhere.
+    async fn watch_silent_nodes(&self) -> Next {
+        let Some(lease) = self.lease() else { return Next::Interval };
+        let watch = &self.config.node_watch;
+        let silent = match self.store.silent_nodes(watch.suspect_after).await {
+            Ok(silent) => silent,
+            Err(error) => {
+                tracing::debug!(%error, "could not list silent nodes");
+                return Next::RetrySoon;
+            }
+        };
+        if silent.is_empty() {
+            return Next::Interval;
+        }
+        let unreachable = match &self.prober {
+            Some(prober) => self.probe_silent(prober, &silent).await,
+            None => Vec::new(),
+        };
+        let mut report = RoundReport::default();
+        match self.watch_nodes(&lease, unreachable, &mut report).await {
+            // Place what the down nodes held now, not at the round's timer.
+            Ok(changed) if report.evicted > 0 || !changed.is_empty() => self.wake.notify_local(ORCHESTRATOR_TOPIC),
+            Ok(_) => {}
+            Err(StoreError::NotLeader { .. }) => self.set_lease(None),
+            Err(error) => {
+                tracing::warn!(%error, "node watch failed");
+                return Next::RetrySoon;
+            }
+        }
+        Next::Interval
+    }
+
+    /// Asks each silent node's agent whether it is alive; returns those that
+    /// are not.
+    async fn probe_silent(&self, prober: &AgentProber, silent: &[SilentNode]) -> Vec<NodeId> {
+        let probes = silent
+            .iter()
+            .filter_map(|n| Some((n, n.agent_url.as_deref()?)))
+            .map(|(node, url)| async move { (node, prober.probe(url).await) });
+        let answers = futures::future::join_all(probes).await;
+        self.stats.node_probes.fetch_add(answers.len() as u64, Ordering::Relaxed);
+        let mut unreachable = Vec::new();
+        for (node, answer) in answers {
+            match answer {
+                Liveness::Alive => tracing::debug!(
+                    node.id = %node.node_id, silent_for = ?node.silent_for,
+                    "silent node's agent answers: left to the heartbeat timeout"
+                ),
+                Liveness::Unavailable(reason) | Liveness::NoAnswer(reason) => {
+                    tracing::warn!(node.id = %node.node_id, silent_for = ?node.silent_for, %reason, "silent node unreachable");
+                    unreachable.push(node.node_id.clone());
+                }
+            }
+        }
+        self.stats.nodes_unreachable.fetch_add(unreachable.len() as u64, Ordering::Relaxed);
+        unreachable
+    }
+
     /// Silent nodes go down (their replicas are placed elsewhere this very
     /// round); nodes heard from again are ready.
     /// Marks nodes down or back; returns those that changed.
-    async fn watch_nodes(&self, lease: &Lease, report: &mut RoundReport) -> Result<Vec<NodeId>, StoreError> {
-        let changes = self.store.watch_node_health(lease, self.config.heartbeat_timeout).await?;
+    async fn watch_nodes(
+        &self,
+        lease: &Lease,
+        unreachable: Vec<NodeId>,
+        report: &mut RoundReport,
+    ) -> Result<Vec<NodeId>, StoreError> {
+        let watch = HealthWatch {
+            timeout: self.config.heartbeat_timeout,
+            unreachable,
+            suspect_after: self.config.node_watch.suspect_after,
+            fence_margin: self.config.node_watch.fence_margin,
+        };
+        let changes = self.store.watch_node_health(lease, &watch).await?;
         for node in &changes.down {
-            tracing::warn!(node.id = %node, timeout = ?self.config.heartbeat_timeout, "node missed its heartbeats: down");
+            let reason = if watch.unreachable.contains(node) { "unreachable" } else { "missed its heartbeats" };
+            tracing::warn!(node.id = %node, timeout = ?self.config.heartbeat_timeout, reason, "node down");
         }
         for node in &changes.back {
             tracing::info!(node.id = %node, "node is sending heartbeats again: ready");

@@ -14,6 +14,8 @@ pub const LEADER: &str = "flotilla_orchestrator_leader";
 pub const LEADERSHIP_CHANGES_TOTAL: &str = "flotilla_orchestrator_leadership_changes_total";
 pub const NODES_DOWN_TOTAL: &str = "flotilla_orchestrator_nodes_down_total";
 pub const REPLICAS_EVICTED_TOTAL: &str = "flotilla_orchestrator_replicas_evicted_total";
+pub const NODE_PROBES_TOTAL: &str = "flotilla_orchestrator_node_probes_total";
+pub const NODES_UNREACHABLE_TOTAL: &str = "flotilla_orchestrator_nodes_unreachable_total";
 pub const REPLICAS_RETIRED_TOTAL: &str = "flotilla_orchestrator_replicas_retired_total";
 
 #[derive(Debug, Default)]
@@ -29,6 +31,10 @@ pub struct OrchestratorStats {
     pub nodes_down: AtomicU64,
     pub evicted: AtomicU64,
     pub retired: AtomicU64,
+    /// Agents of silent nodes asked whether they are alive.
+    pub node_probes: AtomicU64,
+    /// Of those, nodes found unreachable and marked down early.
+    pub nodes_unreachable: AtomicU64,
 }
 
 pub fn collector(stats: &Arc<OrchestratorStats>) -> FnCollector {
@@ -60,7 +66,21 @@ pub fn collector(stats: &Arc<OrchestratorStats>) -> FnCollector {
             "Times this orchestrator became or stopped being the leader.",
             read(|s| &s.leadership_changes),
         ),
-        MetricSpec::counter(NODES_DOWN_TOTAL, "Nodes marked down after missing heartbeats.", read(|s| &s.nodes_down)),
+        MetricSpec::counter(
+            NODES_DOWN_TOTAL,
+            "Nodes marked down (heartbeats missed, or agent unreachable).",
+            read(|s| &s.nodes_down),
+        ),
+        MetricSpec::counter(
+            NODE_PROBES_TOTAL,
+            "Agents of silent nodes asked directly whether they are alive.",
+            read(|s| &s.node_probes),
+        ),
+        MetricSpec::counter(
+            NODES_UNREACHABLE_TOTAL,
+            "Probes of silent nodes that found the agent unreachable, its engine away, or the node fenced.",
+            read(|s| &s.nodes_unreachable),
+        ),
         MetricSpec::counter(
             REPLICAS_EVICTED_TOTAL,
             "Replica rows taken off down nodes to be placed elsewhere.",

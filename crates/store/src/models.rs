@@ -7,7 +7,7 @@ use flotilla_types::serving::{ServingFacts, is_serving};
 use flotilla_types::status::{Health, ReplicaGeneration, ReplicaView, Rollout, derive_rollout, derive_status};
 use flotilla_types::{
     Constraints, DeploymentId, DeploymentSpec, DeploymentStatus, DesiredState, EnvVar, HealthCheck, Hostname,
-    ImageReference, NetworkMode, NodeId, OrganizationId, PathPrefix, Placement, PlacementStrategy, ProjectId,
+    ImageReference, NetworkMode, NodeId, NodeLoss, OrganizationId, PathPrefix, Placement, PlacementStrategy, ProjectId,
     ReplicaId, ReplicaState, ResourceLimits, RestartPolicy,
 };
 use uuid::Uuid;
@@ -180,6 +180,9 @@ pub struct NodeHeartbeat {
     pub used_memory_bytes: i64,
     pub max_deployments: i32,
     pub agent_version: String,
+    /// How long the agent waits, cut off, before stopping its `fence`
+    /// replicas; `None`: it never does.
+    pub fence_after: Option<std::time::Duration>,
 }
 
 // ---- row decoding -------------------------------------------------------
@@ -205,6 +208,7 @@ pub(crate) struct DeploymentRow {
     pub network_mode: String,
     pub placement_strategy: Option<String>,
     pub placement_constraints: sqlx::types::Json<BTreeMap<String, String>>,
+    pub node_loss: String,
     pub placement_message: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -212,16 +216,18 @@ pub(crate) struct DeploymentRow {
 
 pub(crate) const DEPLOYMENT_COLUMNS: &str = "id, organization_id, project_id, name, image, container_port, env, domain, \
      path_prefix, memory_limit_bytes, cpu_limit_millis, replicas, desired_state, generation, restart_policy, health_check, \
-     network_mode, placement_strategy, placement_constraints, placement_message, created_at, updated_at";
+     network_mode, placement_strategy, placement_constraints, node_loss, placement_message, created_at, updated_at";
 
 /// A deployment's placement as its columns store it.
 pub(crate) fn stored_placement(
     strategy: Option<&str>,
     constraints: &BTreeMap<String, String>,
+    node_loss: &str,
 ) -> Result<Placement, flotilla_types::FieldError> {
     Ok(Placement {
         strategy: strategy.map(|s| PlacementStrategy::parse("placement_strategy", s)).transpose()?,
         constraints: Constraints::parse("placement_constraints", constraints)?,
+        node_loss: NodeLoss::parse("node_loss", node_loss)?,
     })
 }
 
@@ -244,8 +250,9 @@ impl TryFrom<DeploymentRow> for DeploymentRecord {
         let replicas = u32::try_from(row.replicas).map_err(|e| bad(e.to_string()))?;
         let network_mode =
             NetworkMode::parse(&row.network_mode).ok_or_else(|| bad(format!("network mode {:?}", row.network_mode)))?;
-        let placement = stored_placement(row.placement_strategy.as_deref(), &row.placement_constraints.0)
-            .map_err(|e| bad(e.to_string()))?;
+        let placement =
+            stored_placement(row.placement_strategy.as_deref(), &row.placement_constraints.0, &row.node_loss)
+                .map_err(|e| bad(e.to_string()))?;
         Ok(Self {
             id: row.id.into(),
             organization_id: row.organization_id.into(),

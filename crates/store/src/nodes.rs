@@ -6,6 +6,11 @@ use sqlx::types::Json;
 use crate::models::{NODE_COLUMNS, NodeRow, collect};
 use crate::{NodeHeartbeat, NodeRecord, Store, StoreError};
 
+/// The nodes that make up the cluster when counting a majority (a cut-off
+/// agent's, the orchestrator's): those heard from this recently. A node
+/// gone for longer no longer counts.
+pub const NODE_MEMBERSHIP: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl Store {
     /// Registers or refreshes a node. Availability (an operator's decision)
     /// and status (the orchestrator's) are left as they are; the deployment
@@ -21,13 +26,14 @@ impl Store {
         sqlx::query(
             "INSERT INTO node_metadata (node_id, hostname, address, role, labels, total_cpu_millis, \
              total_memory_bytes, used_cpu_millis, used_memory_bytes, max_deployments, agent_version, \
-             deployment_count, last_heartbeat) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, now()) \
+             deployment_count, last_heartbeat, fence_after_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, now(), $12) \
              ON CONFLICT (node_id) DO UPDATE SET hostname = EXCLUDED.hostname, address = EXCLUDED.address, \
              role = EXCLUDED.role, labels = EXCLUDED.labels, total_cpu_millis = EXCLUDED.total_cpu_millis, \
              total_memory_bytes = EXCLUDED.total_memory_bytes, used_cpu_millis = EXCLUDED.used_cpu_millis, \
              used_memory_bytes = EXCLUDED.used_memory_bytes, max_deployments = EXCLUDED.max_deployments, \
-             agent_version = EXCLUDED.agent_version, last_heartbeat = now(), updated_at = now()",
+             agent_version = EXCLUDED.agent_version, last_heartbeat = now(), updated_at = now(), \
+             fence_after_ms = EXCLUDED.fence_after_ms, unreachable_at = NULL",
         )
         .bind(beat.node_id.as_str())
         .bind(&beat.hostname)
@@ -40,6 +46,7 @@ impl Store {
         .bind(beat.used_memory_bytes)
         .bind(beat.max_deployments)
         .bind(&beat.agent_version)
+        .bind(beat.fence_after.map(|d| d.as_millis() as i64))
         .execute(&mut *tx)
         .await
         .map_err(StoreError::db(op))?;
@@ -53,6 +60,20 @@ impl Store {
         .map_err(StoreError::db(op))?;
         tx.commit().await.map_err(StoreError::db(op))?;
         Ok(())
+    }
+
+    /// The agent URLs of the cluster's other nodes: those heard from within
+    /// [`NODE_MEMBERSHIP`]. A cut-off agent asks them whether they answer.
+    pub async fn peer_agent_urls(&self, node: &NodeId) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT e.agent_url FROM node_endpoints e JOIN node_metadata n ON n.node_id = e.node_id \
+             WHERE n.node_id <> $1 AND n.last_heartbeat > now() - make_interval(secs => $2) ORDER BY n.node_id",
+        )
+        .bind(node.as_str())
+        .bind(NODE_MEMBERSHIP.as_secs_f64())
+        .fetch_all(self.pool())
+        .await
+        .map_err(StoreError::db("listing peer agents"))
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {

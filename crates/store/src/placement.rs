@@ -90,6 +90,30 @@ pub struct NodeSnapshot {
     pub reserved_memory_bytes: i64,
 }
 
+/// What the health watch goes by.
+#[derive(Debug, Clone)]
+pub struct HealthWatch {
+    /// A node silent this long is down.
+    pub timeout: Duration,
+    /// Nodes whose agent was just found unreachable (or fenced)...
+    pub unreachable: Vec<NodeId>,
+    /// ...are down if still silent this long.
+    pub suspect_after: Duration,
+    /// A `fence` replica on a lost node is placed elsewhere once the node is
+    /// silent for its agent's fence time plus this: time for the agent to
+    /// ask its peers and stop the container.
+    pub fence_margin: Duration,
+}
+
+/// A node that has not sent a heartbeat for a while (not yet down).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SilentNode {
+    pub node_id: NodeId,
+    /// Where its agent answers, when it announced it.
+    pub agent_url: Option<String>,
+    pub silent_for: Duration,
+}
+
 /// Node state changes made by the health watch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeHealthChanges {
@@ -129,6 +153,7 @@ struct NeedRow {
     generation: i64,
     placement_strategy: Option<String>,
     placement_constraints: Json<BTreeMap<String, String>>,
+    node_loss: String,
     placed: Vec<i32>,
     nodes: Vec<String>,
 }
@@ -136,8 +161,9 @@ struct NeedRow {
 impl NeedRow {
     fn into_need(self) -> Result<PlacementNeed, StoreError> {
         let bad = |detail: String| StoreError::Corrupt { table: "deployments", id: self.id.to_string(), detail };
-        let placement = stored_placement(self.placement_strategy.as_deref(), &self.placement_constraints.0)
-            .map_err(|e| bad(e.to_string()))?;
+        let placement =
+            stored_placement(self.placement_strategy.as_deref(), &self.placement_constraints.0, &self.node_loss)
+                .map_err(|e| bad(e.to_string()))?;
         Ok(PlacementNeed {
             deployment_id: self.id.into(),
             domain: self
@@ -160,7 +186,7 @@ impl NeedRow {
 }
 
 const NEED_COLUMNS: &str = "d.id, d.name, d.domain, d.path_prefix, d.container_port, d.memory_limit_bytes, d.cpu_limit_millis, \
-     d.replicas, d.generation, d.placement_strategy, d.placement_constraints";
+     d.replicas, d.generation, d.placement_strategy, d.placement_constraints, d.node_loss";
 
 /// Inside `tx`: fails with `NotLeader` unless `lease` still holds. The row
 /// lock keeps another replica from taking the lease until `tx` ends.
@@ -492,48 +518,115 @@ impl Store {
         Ok(row.map(|(holder, term)| Lease { holder, term }))
     }
 
-    /// The health watch: nodes silent for `timeout` go `down` and their
-    /// replica rows are taken off them (to be placed elsewhere; if the node
-    /// comes back, its agent removes the containers it finds without rows,
-    /// or adopts them when nobody took their place); `down` nodes heard from
-    /// again are `ready`. Fenced by `lease`.
-    pub async fn watch_node_health(&self, lease: &Lease, timeout: Duration) -> Result<NodeHealthChanges, StoreError> {
+    /// The health watch, fenced by `lease`:
+    /// - nodes silent for `timeout`, and nodes in `unreachable` silent for
+    ///   `suspect_after` (a heartbeat that arrived meanwhile wins), go
+    ///   `down`;
+    /// - `down` nodes heard from since they went down are `ready`;
+    /// - replica rows on down nodes are taken off them, to be placed
+    ///   elsewhere: `replace` replicas at once, `fence` replicas once the
+    ///   node is known unreachable (or cannot be asked) and silent for its
+    ///   agent's fence time plus `fence_margin`, so its agent has surely
+    ///   stopped them. If the node comes back, its agent removes the
+    ///   containers it finds without rows, or adopts them when nobody took
+    ///   their place.
+    pub async fn watch_node_health(&self, lease: &Lease, watch: &HealthWatch) -> Result<NodeHealthChanges, StoreError> {
         let op = "watching node health";
         let mut tx = self.pool().begin().await.map_err(StoreError::db(op))?;
         fence(&mut tx, lease, op).await?;
-        let down: Vec<String> = sqlx::query_scalar(
-            "UPDATE node_metadata SET status = 'down', updated_at = now() \
-             WHERE status <> 'down' AND last_heartbeat < now() - make_interval(secs => $1) RETURNING node_id",
+        let unreachable: Vec<&str> = watch.unreachable.iter().map(NodeId::as_str).collect();
+        sqlx::query(
+            "UPDATE node_metadata SET unreachable_at = now() WHERE node_id = ANY($1) AND unreachable_at IS NULL \
+             AND last_heartbeat < now() - make_interval(secs => $2)",
         )
-        .bind(timeout.as_secs_f64())
+        .bind(&unreachable)
+        .bind(watch.suspect_after.as_secs_f64())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(op))?;
+        let down: Vec<String> = sqlx::query_scalar(
+            "UPDATE node_metadata SET status = 'down', down_at = now(), updated_at = now() \
+             WHERE status <> 'down' AND (last_heartbeat < now() - make_interval(secs => $1) \
+             OR (unreachable_at IS NOT NULL AND last_heartbeat < now() - make_interval(secs => $2))) \
+             RETURNING node_id",
+        )
+        .bind(watch.timeout.as_secs_f64())
+        .bind(watch.suspect_after.as_secs_f64())
         .fetch_all(&mut *tx)
         .await
         .map_err(StoreError::db(op))?;
         let back: Vec<String> = sqlx::query_scalar(
             "UPDATE node_metadata SET status = 'ready', updated_at = now() \
-             WHERE status <> 'ready' AND last_heartbeat >= now() - make_interval(secs => $1) RETURNING node_id",
+             WHERE status <> 'ready' AND last_heartbeat >= now() - make_interval(secs => $1) \
+             AND last_heartbeat > coalesce(down_at, '-infinity') RETURNING node_id",
         )
-        .bind(timeout.as_secs_f64())
+        .bind(watch.timeout.as_secs_f64())
         .fetch_all(&mut *tx)
         .await
         .map_err(StoreError::db(op))?;
-        let evicted = sqlx::query(
-            "DELETE FROM deployment_locations l USING node_metadata n \
-             WHERE n.node_id = l.node_id AND n.status = 'down'",
+        // `fence` replicas move only while most of the cluster is heard from:
+        // with most nodes silent at once, the orchestrator's side of a cut may
+        // be the minority, and the silent side runs its copies on.
+        let evicted_from: Vec<String> = sqlx::query_scalar(
+            "WITH members AS (SELECT count(*) AS total, \
+             count(*) FILTER (WHERE last_heartbeat >= now() - make_interval(secs => $2)) AS heard \
+             FROM node_metadata WHERE last_heartbeat > now() - make_interval(secs => $3)) \
+             DELETE FROM deployment_locations l USING node_metadata n, deployments d \
+             WHERE n.node_id = l.node_id AND d.id = l.deployment_id AND n.status = 'down' \
+             AND (d.node_loss = 'replace' OR ((n.unreachable_at IS NOT NULL \
+             OR NOT EXISTS (SELECT 1 FROM node_endpoints e WHERE e.node_id = n.node_id)) \
+             AND n.last_heartbeat < now() - make_interval(secs => coalesce(n.fence_after_ms, 0) / 1000.0 + $1) \
+             AND (SELECT heard * 2 > total FROM members))) \
+             RETURNING l.node_id",
         )
-        .execute(&mut *tx)
+        .bind(watch.fence_margin.as_secs_f64())
+        .bind(watch.suspect_after.as_secs_f64())
+        .bind(crate::nodes::NODE_MEMBERSHIP.as_secs_f64())
+        .fetch_all(&mut *tx)
         .await
-        .map_err(StoreError::db(op))?
-        .rows_affected() as usize;
-        if evicted > 0 {
-            sqlx::query("UPDATE node_metadata SET deployment_count = 0 WHERE status = 'down'")
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::db(op))?;
+        .map_err(StoreError::db(op))?;
+        if !evicted_from.is_empty() {
+            sqlx::query(
+                "UPDATE node_metadata n SET deployment_count = \
+                 (SELECT count(*) FROM deployment_locations l WHERE l.node_id = n.node_id) \
+                 WHERE n.node_id = ANY($1)",
+            )
+            .bind(&evicted_from)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(op))?;
         }
         tx.commit().await.map_err(StoreError::db(op))?;
         let ids = |v: Vec<String>| v.iter().filter_map(|n| NodeId::parse(n).ok()).collect();
-        Ok(NodeHealthChanges { down: ids(down), back: ids(back), evicted })
+        Ok(NodeHealthChanges { down: ids(down), back: ids(back), evicted: evicted_from.len() })
+    }
+
+    /// Nodes silent for `silent_for` worth asking whether they are alive:
+    /// those not down yet, and down ones still holding replica rows whose
+    /// agent was not found unreachable (their `fence` replicas wait on it);
+    /// with the URL their agent serves on (if announced) and how long they
+    /// have been silent.
+    pub async fn silent_nodes(&self, silent_for: Duration) -> Result<Vec<SilentNode>, StoreError> {
+        let rows: Vec<(String, Option<String>, f64)> = sqlx::query_as(
+            "SELECT n.node_id, e.agent_url, extract(epoch FROM now() - n.last_heartbeat)::float8 \
+             FROM node_metadata n LEFT JOIN node_endpoints e ON e.node_id = n.node_id \
+             WHERE n.last_heartbeat < now() - make_interval(secs => $1) AND (n.status <> 'down' \
+             OR (n.unreachable_at IS NULL AND EXISTS (SELECT 1 FROM deployment_locations l WHERE l.node_id = n.node_id)))",
+        )
+        .bind(silent_for.as_secs_f64())
+        .fetch_all(self.pool())
+        .await
+        .map_err(StoreError::db("listing silent nodes"))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(node, agent_url, silent)| {
+                Some(SilentNode {
+                    node_id: NodeId::parse(&node).ok()?,
+                    agent_url,
+                    silent_for: Duration::from_secs_f64(silent.max(0.0)),
+                })
+            })
+            .collect())
     }
 
     /// One step of every drain under way, fenced by `lease`:

@@ -157,8 +157,8 @@ impl<'a> Tenant<'a> {
         let sql = format!(
             "INSERT INTO deployments (id, organization_id, project_id, name, image, container_port, env, domain, \
              memory_limit_bytes, cpu_limit_millis, replicas, restart_policy, health_check, network_mode, \
-             placement_strategy, placement_constraints, path_prefix) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+             placement_strategy, placement_constraints, path_prefix, node_loss) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
              RETURNING {DEPLOYMENT_COLUMNS}"
         );
         let row: DeploymentRow = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -179,6 +179,7 @@ impl<'a> Tenant<'a> {
             .bind(spec.placement.strategy.map(|s| s.as_str()))
             .bind(Json(spec.placement.constraints.as_map()))
             .bind(spec.path_prefix.as_str())
+            .bind(spec.placement.node_loss.as_str())
             .fetch_one(executor)
             .await
             .map_err(|e| claim_error(e, spec, "creating a deployment"))?;
@@ -200,7 +201,7 @@ impl<'a> Tenant<'a> {
             "UPDATE deployments SET image = $4, container_port = $5, env = $6, domain = $7, memory_limit_bytes = $8, \
              cpu_limit_millis = $9, replicas = $10, restart_policy = $11, health_check = $12, network_mode = $13, \
              generation = generation + CASE WHEN $14 THEN 1 ELSE 0 END, placement_strategy = $15, \
-             placement_constraints = $16, path_prefix = $17, updated_at = now() \
+             placement_constraints = $16, path_prefix = $17, node_loss = $18, updated_at = now() \
              WHERE organization_id = $1 AND id = $2 AND generation = $3 AND desired_state <> 'deleted' \
              RETURNING {DEPLOYMENT_COLUMNS}"
         );
@@ -222,6 +223,7 @@ impl<'a> Tenant<'a> {
             .bind(spec.placement.strategy.map(|s| s.as_str()))
             .bind(Json(spec.placement.constraints.as_map()))
             .bind(spec.path_prefix.as_str())
+            .bind(spec.placement.node_loss.as_str())
             .fetch_optional(self.pool)
             .await
             .map_err(|e| claim_error(e, spec, "updating a deployment"))?;

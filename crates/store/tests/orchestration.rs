@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use flotilla_store::placement::{Lease, NewReplica, PlacementPlan};
+use flotilla_store::placement::{HealthWatch, Lease, NewReplica, PlacementPlan};
 use flotilla_store::replicas::ReplicaObservation;
 use flotilla_store::routes::RouteRecord;
 use flotilla_store::tenant::{CreatedOnce, ensure_organization};
@@ -17,6 +17,26 @@ use flotilla_types::{
 };
 
 const TTL: Duration = Duration::from_secs(30);
+
+/// The health watch as the orchestrator runs it by default, with nodes
+/// found `unreachable` by its probes.
+fn health_watch(unreachable: &[&str]) -> HealthWatch {
+    HealthWatch {
+        timeout: Duration::from_secs(15),
+        unreachable: unreachable.iter().map(|n| NodeId::parse(n).unwrap()).collect(),
+        suspect_after: Duration::from_secs(2),
+        fence_margin: Duration::from_secs(4),
+    }
+}
+
+async fn silent_for(db: &TestDb, node: &str, seconds: u32) {
+    sqlx::query("UPDATE node_metadata SET last_heartbeat = now() - make_interval(secs => $2) WHERE node_id = $1")
+        .bind(node)
+        .bind(f64::from(seconds))
+        .execute(db.pool())
+        .await
+        .unwrap();
+}
 
 async fn deployment(store: &Store, org: OrganizationId, name: &str, domain: &str) -> (DeploymentId, i64) {
     let spec = DeploymentSpec::validate(DeploymentSpecInput {
@@ -102,7 +122,7 @@ async fn one_leader_at_a_time_and_a_deposed_leader_writes_nothing() {
     let (d, generation) = deployment(store, org, "web", "").await;
     let err = store.commit_placements(&a, &[plan(d, generation, vec![replica("n1", 0)], "")], None).await.unwrap_err();
     assert!(matches!(err, StoreError::NotLeader { .. }), "{err}");
-    assert!(matches!(store.watch_node_health(&a, TTL).await, Err(StoreError::NotLeader { .. })));
+    assert!(matches!(store.watch_node_health(&a, &health_watch(&[])).await, Err(StoreError::NotLeader { .. })));
     assert_eq!(store.deployments_to_place(10).await.unwrap().len(), 1, "still unplaced");
     assert_eq!(store.acquire_lease("a", TTL).await.unwrap(), None, "a cannot take it back while b holds it");
 
@@ -129,7 +149,12 @@ async fn a_silent_node_goes_down_its_replicas_are_freed_and_it_comes_back() {
     let first = replica("n1", 0);
     let second = replica("n22", 1);
     let spec_replicas: i32 = 2;
-    sqlx::query("UPDATE deployments SET replicas = $1").bind(spec_replicas).execute(db.pool()).await.unwrap();
+    // Replaced at once, two copies or not (fence: the next test).
+    sqlx::query("UPDATE deployments SET replicas = $1, node_loss = 'replace'")
+        .bind(spec_replicas)
+        .execute(db.pool())
+        .await
+        .unwrap();
     store
         .commit_placements(&lease, &[plan(d, generation, vec![first.clone(), second.clone()], "web.example.com")], None)
         .await
@@ -143,7 +168,7 @@ async fn a_silent_node_goes_down_its_replicas_are_freed_and_it_comes_back() {
         .execute(db.pool())
         .await
         .unwrap();
-    let changes = store.watch_node_health(&lease, Duration::from_secs(15)).await.unwrap();
+    let changes = store.watch_node_health(&lease, &health_watch(&[])).await.unwrap();
     assert_eq!(changes.down, [NodeId::parse("n1").unwrap()]);
     assert_eq!(changes.evicted, 1);
     assert_eq!(servers(store, "web.example.com").await, ["10.0.0.3:30002"], "out of the route table at once");
@@ -154,14 +179,109 @@ async fn a_silent_node_goes_down_its_replicas_are_freed_and_it_comes_back() {
     let node = store.node(&NodeId::parse("n1").unwrap()).await.unwrap().unwrap();
     assert_eq!((node.status.as_str(), node.deployment_count), ("down", 0));
     // Idempotent: a second pass changes nothing.
-    assert_eq!(store.watch_node_health(&lease, Duration::from_secs(15)).await.unwrap(), Default::default());
+    assert_eq!(store.watch_node_health(&lease, &health_watch(&[])).await.unwrap(), Default::default());
 
     // Heard from again: ready, and placeable.
     store.upsert_heartbeat(&node_heartbeat("n1")).await.unwrap();
-    let changes = store.watch_node_health(&lease, Duration::from_secs(15)).await.unwrap();
+    let changes = store.watch_node_health(&lease, &health_watch(&[])).await.unwrap();
     assert_eq!(changes.back, [NodeId::parse("n1").unwrap()]);
     let (snapshot, _) = store.placement_snapshot(Duration::from_secs(15)).await.unwrap();
     assert!(snapshot.iter().all(|n| n.node.status == "ready" && n.heartbeat_fresh));
+}
+
+#[tokio::test]
+async fn fence_replicas_move_only_once_their_cut_off_node_has_surely_stopped_them() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let lease: Lease = store.acquire_lease("leader", TTL).await.unwrap().unwrap();
+    let (org, _) = ensure_organization(db.pool(), "o", "O").await.unwrap();
+    for node in ["n1", "n22", "n333"] {
+        let mut beat = node_heartbeat(node);
+        beat.fence_after = Some(Duration::from_secs(3));
+        store.upsert_heartbeat(&beat).await.unwrap();
+        store.set_agent_url(&NodeId::parse(node).unwrap(), &format!("http://{node}:7800")).await.unwrap();
+    }
+    let (fenced, fenced_generation) = deployment(store, org, "job", "").await;
+    let (replaced, replaced_generation) = deployment(store, org, "web", "").await;
+    sqlx::query("UPDATE deployments SET node_loss = 'replace' WHERE id = $1")
+        .bind(replaced.as_uuid())
+        .execute(db.pool())
+        .await
+        .unwrap();
+    store
+        .commit_placements(
+            &lease,
+            &[
+                plan(fenced, fenced_generation, vec![replica("n1", 0)], ""),
+                plan(replaced, replaced_generation, vec![replica("n1", 0)], ""),
+            ],
+            None,
+        )
+        .await
+        .unwrap();
+    let n1 = NodeId::parse("n1").unwrap();
+    let placed = |needs: Vec<flotilla_store::placement::PlacementNeed>| {
+        needs.into_iter().map(|n| n.deployment_id).collect::<Vec<_>>()
+    };
+
+    // Silent for 5 s: only suspect; its agent found unreachable: down, and
+    // the `replace` replica is freed at once; the `fence` one waits for the
+    // node's fence time (3 s) and the margin (4 s).
+    silent_for(&db, "n1", 5).await;
+    assert_eq!(store.watch_node_health(&lease, &health_watch(&[])).await.unwrap(), Default::default());
+    assert_eq!(store.silent_nodes(Duration::from_secs(2)).await.unwrap()[0].node_id, n1);
+    let changes = store.watch_node_health(&lease, &health_watch(&["n1"])).await.unwrap();
+    assert_eq!((changes.down.as_slice(), changes.evicted), (std::slice::from_ref(&n1), 1));
+    assert_eq!(placed(store.deployments_to_place(10).await.unwrap()), [replaced]);
+    assert_eq!(store.silent_nodes(Duration::from_secs(2)).await.unwrap(), [], "known unreachable: asked no more");
+
+    // Past the fence time and margin, but most of the cluster silent too
+    // (this side of a cut may be the minority): still held.
+    silent_for(&db, "n1", 8).await;
+    silent_for(&db, "n22", 30).await;
+    assert_eq!(store.watch_node_health(&lease, &health_watch(&[])).await.unwrap().evicted, 0);
+    assert_eq!(placed(store.deployments_to_place(10).await.unwrap()), [replaced]);
+
+    // A majority heard from again: the fenced replica moves.
+    store.upsert_heartbeat(&node_heartbeat("n22")).await.unwrap();
+    let changes = store.watch_node_health(&lease, &health_watch(&[])).await.unwrap();
+    assert_eq!(changes.evicted, 1);
+    let mut to_place = placed(store.deployments_to_place(10).await.unwrap());
+    to_place.sort();
+    let mut both = vec![fenced, replaced];
+    both.sort();
+    assert_eq!(to_place, both);
+
+    // The node's next heartbeat: ready again, no longer unreachable.
+    store.upsert_heartbeat(&node_heartbeat("n1")).await.unwrap();
+    let changes = store.watch_node_health(&lease, &health_watch(&[])).await.unwrap();
+    assert_eq!(changes.back, [n1.clone()]);
+}
+
+#[tokio::test]
+async fn a_node_alive_but_silent_keeps_its_fence_replicas() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let lease: Lease = store.acquire_lease("leader", TTL).await.unwrap().unwrap();
+    let (org, _) = ensure_organization(db.pool(), "o", "O").await.unwrap();
+    for node in ["n1", "n22", "n333"] {
+        store.upsert_heartbeat(&node_heartbeat(node)).await.unwrap();
+        store.set_agent_url(&NodeId::parse(node).unwrap(), &format!("http://{node}:7800")).await.unwrap();
+    }
+    let (d, generation) = deployment(store, org, "job", "").await;
+    store.commit_placements(&lease, &[plan(d, generation, vec![replica("n1", 0)], "")], None).await.unwrap();
+
+    // Past the heartbeat timeout, its agent answering (cut off from the
+    // database only): down, but its copy runs on and is not placed twice.
+    silent_for(&db, "n1", 20).await;
+    let changes = store.watch_node_health(&lease, &health_watch(&[])).await.unwrap();
+    assert_eq!((changes.down.len(), changes.evicted), (1, 0));
+    assert!(store.deployments_to_place(10).await.unwrap().is_empty());
+    assert_eq!(store.silent_nodes(Duration::from_secs(2)).await.unwrap().len(), 1, "still asked");
+    // Then found unreachable: it moves.
+    let changes = store.watch_node_health(&lease, &health_watch(&["n1"])).await.unwrap();
+    assert_eq!(changes.evicted, 1);
+    assert_eq!(store.deployments_to_place(10).await.unwrap().len(), 1);
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@
 
 mod collector;
 pub mod internal_token;
+pub mod liveness;
 pub mod logging;
 
 use std::collections::BTreeMap;

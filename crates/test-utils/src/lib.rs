@@ -43,6 +43,7 @@ pub fn node_heartbeat(node: &str) -> flotilla_store::NodeHeartbeat {
         used_memory_bytes: 0,
         max_deployments: 10,
         agent_version: "test".to_owned(),
+        fence_after: None,
     }
 }
 

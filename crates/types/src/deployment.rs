@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::health::{HealthCheck, NetworkMode, RestartPolicy};
-use crate::placement::{Constraints, PlacementStrategy};
+use crate::placement::{Constraints, NodeLoss, PlacementStrategy};
 use crate::validate::PathPrefix;
 use crate::validate::{self, FieldError, Hostname, ImageReference};
 
@@ -81,6 +81,8 @@ pub struct DeploymentSpecInput {
     /// Empty: the cluster's default strategy.
     pub placement_strategy: String,
     pub placement_constraints: BTreeMap<String, String>,
+    /// Empty: `fence`.
+    pub placement_node_loss: String,
 }
 
 /// A validated deployment spec. Only [`DeploymentSpec::validate`] makes one.
@@ -108,6 +110,8 @@ pub struct Placement {
     /// `None`: the cluster's default.
     pub strategy: Option<PlacementStrategy>,
     pub constraints: Constraints,
+    #[serde(default)]
+    pub node_loss: NodeLoss,
 }
 
 impl DeploymentSpec {
@@ -186,6 +190,10 @@ impl DeploymentSpec {
             s => Some(PlacementStrategy::parse("placement.strategy", s)?),
         };
         let constraints = Constraints::parse("placement.constraints", &input.placement_constraints)?;
+        let node_loss = match input.placement_node_loss.trim() {
+            "" => NodeLoss::default(),
+            s => NodeLoss::parse("placement.node_loss", s)?,
+        };
         Ok(Self {
             name: input.name,
             image,
@@ -198,7 +206,7 @@ impl DeploymentSpec {
             health_check,
             restart_policy,
             network_mode: input.network_mode.unwrap_or_default(),
-            placement: Placement { strategy, constraints },
+            placement: Placement { strategy, constraints, node_loss },
         })
     }
 
@@ -218,6 +226,7 @@ impl DeploymentSpec {
             network_mode: Some(self.network_mode),
             placement_strategy: self.placement.strategy.map(|s| s.as_str().to_owned()).unwrap_or_default(),
             placement_constraints: self.placement.constraints.as_map().clone(),
+            placement_node_loss: self.placement.node_loss.as_str().to_owned(),
         }
     }
 

@@ -20,7 +20,7 @@ pub mod validate;
 pub use deployment::{DeploymentSpec, DeploymentSpecInput, EnvVar, Placement, ResourceLimits};
 pub use health::{HealthCheck, HealthCheckKind, NetworkMode, RestartPolicy};
 pub use ids::{DeploymentId, NodeId, OrganizationId, ProjectId, ReplicaId};
-pub use placement::{Constraints, PlacementStrategy};
+pub use placement::{Constraints, NodeLoss, PlacementStrategy};
 pub use snapshot::DbSnapshot;
 pub use status::{DeploymentStatus, DesiredState, ReplicaState};
 pub use validate::{FieldError, Hostname, ImageReference, PathPrefix};

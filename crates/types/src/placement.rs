@@ -65,6 +65,47 @@ impl FromStr for PlacementStrategy {
     }
 }
 
+/// What happens to a replica whose node is lost: powered off, or cut off
+/// from the cluster (a partition looks the same from outside).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeLoss {
+    /// At most one copy runs: a node cut off from the control database and
+    /// from most other nodes stops its copy (it fences itself), and the
+    /// replacement starts only once that has surely happened. Safe for apps
+    /// with side effects (jobs, consumers, anything not idempotent); the
+    /// replica is away a few seconds longer.
+    #[default]
+    Fence,
+    /// The replacement starts as soon as the node is down; a copy on a node
+    /// that was only cut off runs on until the node returns (then it is
+    /// removed). The fastest recovery, for stateless web apps.
+    Replace,
+}
+
+impl NodeLoss {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fence => "fence",
+            Self::Replace => "replace",
+        }
+    }
+
+    pub fn parse(field: &str, value: &str) -> Result<Self, FieldError> {
+        match value {
+            "fence" => Ok(Self::Fence),
+            "replace" => Ok(Self::Replace),
+            other => Err(FieldError::new(field, format!("unknown node loss policy {other:?}: use fence or replace"))),
+        }
+    }
+}
+
+impl fmt::Display for NodeLoss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Node labels a replica's node must carry, each with this exact value
 /// (`compute=true`, `region=eu`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
