@@ -379,13 +379,17 @@ override() {
     echo '      rollback_config: { order: stop-first }'
   fi
   # One API replica per node, each published on its node: the host reaches
-  # the API at any node's address.
+  # the API at any node's address. A node's port is free for a new task only
+  # once the old one stopped: updates stop first (start-first left the new
+  # task pending for good, "no suitable node (host-mode port in use)").
   cat <<EOF
   api:
     ports:
       - { target: 7800, published: $API_PORT, protocol: tcp, mode: host }
     deploy:
       replicas: $n
+      update_config: { order: stop-first }
+      rollback_config: { order: stop-first }
   # Beside the nodes (on the host), not in the stack: no images of them here.
   postgres: { deploy: { replicas: 0 } }
   redis: { deploy: { replicas: 0 } }

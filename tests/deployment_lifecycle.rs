@@ -67,6 +67,15 @@ async fn a_deployment_runs_serves_reports_and_is_deleted_over_connect_json() {
     // The secret's value never comes back.
     assert!(!created.to_string().contains("s3cret-value"), "{created}");
 
+    // By name in the default project, the way `flo` names it.
+    let (status, named) = flotilla.connect_json("GetDeployment", json!({ "name": name })).await;
+    assert_eq!((status, named["deployment"]["id"].as_str()), (200, Some(id.as_str())), "{named}");
+    assert_eq!(named["deployment"]["placement"]["nodeLoss"], "fence", "the default policy: {named}");
+    let (status, both) = flotilla.connect_json("GetDeployment", json!({ "id": id, "name": name })).await;
+    assert_eq!((status, both["code"].as_str()), (400, Some("invalid_argument")), "{both}");
+    let (status, other) = flotilla.connect_json("GetDeployment", json!({ "name": "no-such-app" })).await;
+    assert_eq!((status, other["code"].as_str()), (404, Some("not_found")), "{other}");
+
     let (_, running) = flotilla.wait_for(&id, RUN_TIMEOUT, is_running).await;
     let deployment = &running["deployment"];
     let replica = &deployment["replicas"][0];
@@ -159,7 +168,7 @@ async fn the_same_calls_work_over_grpc_and_connect_binary() {
     let (_, running) = flotilla.wait_for(&created.id, RUN_TIMEOUT, is_running).await;
     assert_eq!(running["deployment"]["replicas"].as_array().map(Vec::len), Some(2));
     let fetched = binary
-        .get_deployment(&pb::GetDeploymentRequest { id: created.id.clone() })
+        .get_deployment(&pb::GetDeploymentRequest { id: created.id.clone(), ..Default::default() })
         .await
         .expect("Connect binary get")
         .into_inner()
@@ -179,12 +188,17 @@ async fn the_same_calls_work_over_grpc_and_connect_binary() {
 
     // Errors carry the right code on both protocols.
     let missing = grpc
-        .get_deployment(pb::GetDeploymentRequest { id: "00000000-0000-0000-0000-000000000000".into() })
+        .get_deployment(pb::GetDeploymentRequest {
+            id: "00000000-0000-0000-0000-000000000000".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("not found");
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    let invalid =
-        binary.get_deployment(&pb::GetDeploymentRequest { id: "not-a-uuid".into() }).await.expect_err("invalid");
+    let invalid = binary
+        .get_deployment(&pb::GetDeploymentRequest { id: "not-a-uuid".into(), ..Default::default() })
+        .await
+        .expect_err("invalid");
     assert_eq!(invalid.code(), connectrpc_axum_client::Code::InvalidArgument);
 
     binary
@@ -230,6 +244,16 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
         ("missing port", without("port"), "port"),
         ("bad project id", with("projectId", json!("nope")), "project_id"),
         ("reserved variable", with("env", json!([{ "name": "FLOTILLA_NODE_ID", "value": "x" }])), "env[0].name"),
+        (
+            "two replica counts that disagree",
+            {
+                let mut body = with("replicaCount", json!(3));
+                body["replicas"] = json!(2);
+                body
+            },
+            "replica_count",
+        ),
+        ("unknown node-loss policy", with("placement", json!({ "nodeLoss": "maybe" })), "placement.node_loss"),
     ];
     for (case, body, field) in &cases {
         let (status, answer) = flotilla.connect_json("CreateDeployment", body.clone()).await;

@@ -23,6 +23,9 @@ pub enum AgentError {
     #[error("no free host port in {start}-{end}")]
     NoFreePort { start: u16, end: u16 },
 
+    #[error("the Docker Engine did not answer {what} within {after:?}")]
+    EngineSlow { what: &'static str, after: std::time::Duration },
+
     #[error("the agent's HTTP client: {0}")]
     HttpClient(#[source] reqwest::Error),
 

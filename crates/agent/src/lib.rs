@@ -58,6 +58,10 @@ pub use reconcile::PassReport;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// How often the engine's facts reported in heartbeats are read again.
+const ENGINE_FACTS_EVERY: Duration = Duration::from_secs(30);
+/// How long one read of them may take.
+const ENGINE_FACTS_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a cut-off agent checks whether to fence itself.
 const FENCE_TICK: Duration = Duration::from_millis(500);
 /// How long a peer has to answer a cut-off agent.
@@ -190,6 +194,16 @@ pub struct Agent {
     replaceable: Mutex<HashSet<DeploymentId>>,
     /// Successful heartbeats, to refresh the peer list every few.
     beats: AtomicU64,
+    /// What heartbeats report of the engine, read every
+    /// [`ENGINE_FACTS_EVERY`].
+    engine_facts: Mutex<EngineFacts>,
+}
+
+/// The engine as heartbeats report it.
+#[derive(Debug, Clone)]
+struct EngineFacts {
+    engine: EngineInfo,
+    swarm_labels: BTreeMap<String, String>,
 }
 
 impl Agent {
@@ -260,6 +274,7 @@ impl Agent {
             fence,
             replaceable: Mutex::new(HashSet::new()),
             beats: AtomicU64::new(0),
+            engine_facts: Mutex::new(EngineFacts { engine, swarm_labels: BTreeMap::new() }),
         }))
     }
 
@@ -314,6 +329,9 @@ impl Agent {
         let tasks = tracker.clone();
         tracker.spawn(
             async move {
+                if let Err(error) = agent.refresh_engine_facts().await {
+                    tracing::warn!(%error, "could not read the engine's facts");
+                }
                 agent.run_pass().await;
                 agent.spawn_loops(&tasks, &cancel);
                 cancel.cancelled().await;
@@ -353,6 +371,24 @@ impl Agent {
             run_periodically(reconcile, cancel.clone(), move || {
                 let agent = agent.clone();
                 async move { if agent.run_pass().await.error.is_some() { Next::RetrySoon } else { Next::Interval } }
+            })
+            .instrument(span.clone()),
+        );
+        let agent = self.clone();
+        let facts =
+            PeriodicTask { name: "agent.engine_facts", interval: ENGINE_FACTS_EVERY, wake: None, pass_at_start: false };
+        tasks.spawn(
+            run_periodically(facts, cancel.clone(), move || {
+                let agent = agent.clone();
+                async move {
+                    match agent.refresh_engine_facts().await {
+                        Ok(()) => Next::Interval,
+                        Err(error) => {
+                            tracing::warn!(%error, "could not read the engine's facts; heartbeats report the last ones");
+                            Next::RetrySoon
+                        }
+                    }
+                }
             })
             .instrument(span.clone()),
         );
@@ -414,33 +450,29 @@ impl Agent {
         }
     }
 
-    /// Writes this node's row in `node_metadata`.
+    /// Writes this node's row in `node_metadata`, from the engine facts
+    /// last read: a heartbeat never waits on the engine (a Swarm manager's
+    /// `docker info` waits for a Raft leader, 20 s during an election).
     #[tracing::instrument(skip_all, fields(node.id = %self.node_id), err)]
     pub async fn heartbeat(&self) -> Result<(), AgentError> {
-        let engine: EngineInfo = self.docker.info().await?;
-        let role = match (&engine.swarm_node_id, engine.swarm_manager) {
+        let facts = self.engine_facts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut labels = facts.swarm_labels;
+        // Configured labels win over Swarm's.
+        labels.extend(self.config.node_labels.clone());
+        let (used_cpu_millis, used_memory_bytes) = self.host.sample(facts.engine.cpus);
+        let role = match (&facts.engine.swarm_node_id, facts.engine.swarm_manager) {
             (None, _) => "standalone",
             (Some(_), true) => "manager",
             (Some(_), false) => "worker",
         };
-        let mut labels = BTreeMap::new();
-        if let (Some(swarm_id), true) = (&engine.swarm_node_id, engine.swarm_manager) {
-            match self.docker.swarm_node_labels(swarm_id).await {
-                Ok(swarm_labels) => labels.extend(swarm_labels),
-                Err(error) => tracing::debug!(%error, "swarm labels not readable"),
-            }
-        }
-        // Configured labels win over Swarm's.
-        labels.extend(self.config.node_labels.clone());
-        let (used_cpu_millis, used_memory_bytes) = self.host.sample(engine.cpus);
         let beat = NodeHeartbeat {
             node_id: self.node_id.clone(),
-            hostname: engine.hostname,
+            hostname: facts.engine.hostname,
             address: self.advertise_address.clone(),
             role: role.to_owned(),
             labels,
-            total_cpu_millis: engine.cpus.saturating_mul(1000),
-            total_memory_bytes: engine.memory_bytes,
+            total_cpu_millis: facts.engine.cpus.saturating_mul(1000),
+            total_memory_bytes: facts.engine.memory_bytes,
             used_cpu_millis,
             used_memory_bytes,
             max_deployments: self.config.max_deployments,
@@ -449,6 +481,25 @@ impl Agent {
         };
         self.store.upsert_heartbeat(&beat).await?;
         self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads the engine's facts (size, Swarm role and labels) for the
+    /// heartbeats; each read is bounded, and a failed one keeps the last.
+    pub async fn refresh_engine_facts(&self) -> Result<(), AgentError> {
+        let engine = match tokio::time::timeout(ENGINE_FACTS_TIMEOUT, self.docker.info()).await {
+            Ok(engine) => engine?,
+            Err(_) => return Err(AgentError::EngineSlow { what: "docker info", after: ENGINE_FACTS_TIMEOUT }),
+        };
+        let mut swarm_labels = self.engine_facts.lock().unwrap_or_else(|e| e.into_inner()).swarm_labels.clone();
+        if let (Some(swarm_id), true) = (&engine.swarm_node_id, engine.swarm_manager) {
+            match tokio::time::timeout(ENGINE_FACTS_TIMEOUT, self.docker.swarm_node_labels(swarm_id)).await {
+                Ok(Ok(labels)) => swarm_labels = labels.into_iter().collect(),
+                Ok(Err(error)) => tracing::debug!(%error, "swarm labels not readable"),
+                Err(_) => tracing::debug!("swarm labels not read in time (no Raft leader?)"),
+            }
+        }
+        *self.engine_facts.lock().unwrap_or_else(|e| e.into_inner()) = EngineFacts { engine, swarm_labels };
         Ok(())
     }
 

@@ -120,7 +120,15 @@ pub fn spec_input(request: pb::CreateDeploymentRequest) -> Result<DeploymentSpec
         domain: request.domain,
         path_prefix: request.path_prefix,
         limits: limits(request.limits.unwrap_or_default()),
-        replicas: request.replicas,
+        replicas: match (request.replicas, request.replica_count) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(FieldError::new(
+                    "replica_count",
+                    format!("{b} disagrees with replicas {a}: give one of them"),
+                ));
+            }
+            (a, b) => a.or(b),
+        },
         placement_strategy: request.placement.as_ref().map(|p| p.strategy.clone()).unwrap_or_default(),
         placement_node_loss: request.placement.as_ref().map(|p| p.node_loss.clone()).unwrap_or_default(),
         placement_constraints: request.placement.map(|p| p.constraints.into_iter().collect()).unwrap_or_default(),
@@ -277,6 +285,19 @@ pub fn deployment(view: &DeploymentView) -> pb::Deployment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_create_takes_the_replica_count_by_either_name() {
+        let count = |replicas, replica_count| {
+            spec_input(pb::CreateDeploymentRequest { replicas, replica_count, ..Default::default() })
+                .map(|input| input.replicas)
+        };
+        assert_eq!(count(Some(2), None).unwrap(), Some(2));
+        assert_eq!(count(None, Some(3)).unwrap(), Some(3), "as a Deployment spells it");
+        assert_eq!(count(Some(3), Some(3)).unwrap(), Some(3));
+        assert_eq!(count(None, None).unwrap(), None);
+        assert_eq!(count(Some(2), Some(3)).unwrap_err().field, "replica_count");
+    }
 
     #[test]
     fn protocol_health_checks_fill_defaults_and_refuse_negatives() {

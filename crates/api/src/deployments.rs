@@ -85,7 +85,15 @@ pub async fn get_deployment(
     ConnectRequest(request): ConnectRequest<pb::GetDeploymentRequest>,
 ) -> Reply<pb::GetDeploymentResponse> {
     api.observe("GetDeployment", async {
-        let id: DeploymentId = parse_id("id", &request.id)?;
+        let id: DeploymentId = match (request.id.is_empty(), request.name.is_empty()) {
+            (false, true) => parse_id("id", &request.id)?,
+            (true, false) => {
+                let project: Option<ProjectId> = parse_optional_id("project_id", &request.project_id)?;
+                api.store.tenant(caller.organization_id).deployment_named(project, &request.name).await?
+            }
+            (false, false) => return Err(FieldError::new("name", "give the id or the name, not both").into()),
+            (true, true) => return Err(FieldError::required("id").into()),
+        };
         if let Some(cached) = api.views.get(caller.organization_id, id) {
             return Ok(pb::GetDeploymentResponse { deployment: Some(cached.as_ref().clone()) });
         }

@@ -609,11 +609,11 @@ impl Flo {
     }
 
     async fn get(&self, id: &str) -> Result<pb::Deployment, CliError> {
-        let response = self
-            .client
-            .get_deployment(&pb::GetDeploymentRequest { id: id.to_owned() })
-            .await
-            .map_err(|e| self.err(e))?;
+        self.get_by(pb::GetDeploymentRequest { id: id.to_owned(), ..Default::default() }).await
+    }
+
+    async fn get_by(&self, request: pb::GetDeploymentRequest) -> Result<pb::Deployment, CliError> {
+        let response = self.client.get_deployment(&request).await.map_err(|e| self.err(e))?;
         response.into_inner().deployment.ok_or_else(|| CliError::Failed("the server sent no deployment".to_owned()))
     }
 
@@ -650,6 +650,11 @@ impl Flo {
     async fn find(&self, name_or_id: &str) -> Result<pb::Deployment, CliError> {
         if uuid::Uuid::parse_str(name_or_id).is_ok() {
             return self.get(name_or_id).await;
+        }
+        // In the default project, by the server; else among all of them.
+        match self.get_by(pb::GetDeploymentRequest { name: name_or_id.to_owned(), ..Default::default() }).await {
+            Err(CliError::NotFound(_)) => {}
+            found => return found,
         }
         self.all()
             .await?

@@ -11,6 +11,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
+
 use flotilla_test_utils::connect::{Envelopes, Frame, envelope};
 use flotilla_test_utils::{LoopingClient, Sample, TestCluster, unique_suffix, wait_until};
 use serde_json::{Value, json};
@@ -25,6 +27,17 @@ async fn cluster() -> TestCluster {
 /// cluster's registry, one per node (`spread`), routed at
 /// `name.<platform domain>`; returns its id and domain.
 async fn create(cluster: &TestCluster, name: &str, image: &str, replicas: u32) -> (String, String) {
+    create_with(cluster, name, image, replicas, "").await
+}
+
+/// [`create`], with a node-loss policy (empty: the default, `fence`).
+async fn create_with(
+    cluster: &TestCluster,
+    name: &str,
+    image: &str,
+    replicas: u32,
+    node_loss: &str,
+) -> (String, String) {
     let domain = format!("{name}.{}", cluster.domain);
     let (status, body) = cluster
         .call(
@@ -32,7 +45,7 @@ async fn create(cluster: &TestCluster, name: &str, image: &str, replicas: u32) -
             "CreateDeployment",
             json!({
                 "name": name, "image": image, "port": 8080, "domain": domain, "replicas": replicas,
-                "placement": { "strategy": "spread" },
+                "placement": { "strategy": "spread", "nodeLoss": node_loss },
                 "healthCheck": { "kind": "HEALTH_CHECK_KIND_HTTP", "httpPath": "/", "intervalMs": 500 }
             }),
         )
@@ -262,33 +275,103 @@ async fn a_node_that_loses_power_is_replaced_and_cleaned_up_when_it_returns() {
     cluster.delete(&id).await;
 }
 
+/// A container of replica `index` of `id` on `node`, as its engine tells.
+#[derive(Debug)]
+struct Run {
+    node: usize,
+    running: bool,
+    started: DateTime<Utc>,
+    finished: Option<DateTime<Utc>>,
+}
+
+/// Every container (running or not) of replica `index` of `id`, on every
+/// engine.
+fn runs(cluster: &TestCluster, id: &str, index: u64) -> Vec<Run> {
+    let (deployment, replica) =
+        (format!("label=flotilla.deployment.id={id}"), format!("label=flotilla.replica.index={index}"));
+    let mut runs = Vec::new();
+    for node in 1..=cluster.addresses.len() {
+        let ids =
+            cluster.docker(node, &["ps", "-aq", "--filter", &deployment, "--filter", &replica]).unwrap_or_default();
+        for container in ids.lines() {
+            let Ok(state) = cluster.docker(
+                node,
+                &["inspect", "-f", "{{.State.Running}} {{.State.StartedAt}} {{.State.FinishedAt}}", container],
+            ) else {
+                continue;
+            };
+            let fields: Vec<&str> = state.split_whitespace().collect();
+            let time = |i: usize| fields.get(i).and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.to_utc());
+            // Docker says 0001-01-01 for "never finished".
+            let finished = time(2).filter(|t| t.timestamp() > 0);
+            if let Some(started) = time(1) {
+                runs.push(Run { node, running: fields.first() == Some(&"true"), started, finished });
+            }
+        }
+    }
+    runs
+}
+
 #[tokio::test]
 async fn a_node_cut_off_is_replaced_and_no_replica_runs_twice_once_it_is_back() {
     let cluster = cluster().await;
+    // Beside the default (`fence`) deployment lose_node makes: one that
+    // prefers running twice to waiting.
+    let (replaced, _) =
+        create_with(&cluster, &format!("cut-replace-{}", unique_suffix()), &demo(&cluster), 3, "replace").await;
+    let before = cluster.wait_running(&replaced, 3, Duration::from_secs(120)).await;
+    let node3 = cluster.node_id(3).await;
+    let (replaced_index, _) = placement(&before).into_iter().find(|(_, n)| *n == node3).expect("a replica on node 3");
+
     let (id, loss) = lose_node(&cluster, 3, "partition", &format!("cut-{}", unique_suffix())).await;
     loss.report("partition of node 3");
+    assert!(loss.failed.len() <= 1, "{} requests failed: {:?}", loss.failed.len(), loss.failed);
+
+    // `fence`: node 3 stopped its copy before the replacement started.
+    let cut_index = placement(&cluster.deployment(&id).await)
+        .into_iter()
+        .map(|(i, _)| i)
+        .find(|i| runs(&cluster, &id, *i).iter().any(|r| r.node == 3))
+        .expect("a container of the fenced deployment on node 3");
+    let fenced = runs(&cluster, &id, cut_index);
+    let old = fenced.iter().find(|r| r.node == 3).expect("node 3's container");
+    let new = fenced.iter().find(|r| r.node != 3 && r.running).expect("the replacement");
+    assert!(!old.running, "node 3 fenced its copy: {fenced:?}");
+    let gap = new.started - old.finished.expect("stopped");
+    assert!(gap > chrono::TimeDelta::zero(), "the copy stopped before the replacement started: {fenced:?}");
+    eprintln!("fence: node 3's copy stopped {:.1} s before its replacement started", gap.as_seconds_f64());
+    // `replace`: moved at once, node 3's copy ran on meanwhile.
+    let both = wait_until("the replace deployment's replacement running", Duration::from_secs(30), || async {
+        let runs = runs(&cluster, &replaced, replaced_index);
+        (runs.iter().filter(|r| r.running).count() == 2).then_some(runs)
+    })
+    .await;
+    assert!(both.iter().any(|r| r.node == 3 && r.running), "node 3's copy runs on during the cut: {both:?}");
+
     let healed = Instant::now();
     cluster.script(&["heal", "3"]);
     wait_until("one container per replica across the engines", Duration::from_secs(90), || async {
-        let running = containers(&cluster, &id);
-        (running.len() == 3).then_some(running)
+        let running = (containers(&cluster, &id), containers(&cluster, &replaced));
+        (running.0.len() == 3 && running.1.len() == 3).then_some(running)
     })
     .await;
     let converged = healed.elapsed();
     cluster.restore().await;
-    // Stays so: node 3's agent does not start its old replica again.
+    // Stays so: node 3's agent does not start its old replicas again.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let running = containers(&cluster, &id);
-    assert_eq!(
-        running.len(),
-        3,
-        "no replica runs twice after the heal: containers by node {running:?}; nodes {:?}; deployment {}",
-        cluster.nodes().await,
-        cluster.deployment(&id).await
-    );
+    for deployment in [&id, &replaced] {
+        let running = containers(&cluster, deployment);
+        assert_eq!(
+            running.len(),
+            3,
+            "no replica runs twice after the heal: containers by node {running:?}; nodes {:?}; deployment {}",
+            cluster.nodes().await,
+            cluster.deployment(deployment).await
+        );
+    }
     eprintln!("partition healed: converged in {:.1} s", converged.as_secs_f64());
-    assert!(loss.failed.len() <= 1, "{} requests failed: {:?}", loss.failed.len(), loss.failed);
     cluster.delete(&id).await;
+    cluster.delete(&replaced).await;
 }
 
 #[tokio::test]

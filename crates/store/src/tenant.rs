@@ -296,6 +296,22 @@ impl<'a> Tenant<'a> {
         self.get_deployment(id).await
     }
 
+    /// The id of the deployment called `name` in `project` (default: the
+    /// organization's default project).
+    pub async fn deployment_named(&self, project: Option<ProjectId>, name: &str) -> Result<DeploymentId, StoreError> {
+        let project_id = self.resolve_project(project).await?;
+        let id: Option<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM deployments WHERE organization_id = $1 AND project_id = $2 AND name = $3",
+        )
+        .bind(self.organization_id.as_uuid())
+        .bind(project_id.as_uuid())
+        .bind(name)
+        .fetch_optional(self.pool)
+        .await
+        .map_err(StoreError::db("finding a deployment by name"))?;
+        id.map(DeploymentId::from).ok_or_else(|| StoreError::NotFound { entity: "deployment", id: name.to_owned() })
+    }
+
     pub async fn get_deployment(&self, id: DeploymentId) -> Result<DeploymentView, StoreError> {
         let sql = format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE organization_id = $1 AND id = $2");
         let row: Option<DeploymentRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
