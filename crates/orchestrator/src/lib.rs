@@ -373,11 +373,11 @@ impl Orchestrator {
         Ok(report)
     }
 
-    /// Between rounds, while leading: nodes silent past the heartbeat
-    /// timeout wake a round at once (rather than at its timer), and the
-    /// agents of nodes silent for `suspect_after` are asked whether they are
-    /// alive; those that do not answer go down now and a round places their
-    /// replicas elsewhere.
+    /// Between rounds, while leading (every second): the agents of nodes
+    /// silent for `suspect_after` are asked whether they are alive, and the
+    /// health watch runs: unreachable nodes go down now, as do nodes silent
+    /// past the heartbeat timeout, and what they held is freed; a round then
+    /// places it elsewhere at once (rather than at its timer).
     async fn watch_silent_nodes(&self) -> Next {
         let Some(lease) = self.lease() else { return Next::Interval };
         let watch = &self.config.node_watch;
@@ -388,13 +388,12 @@ impl Orchestrator {
                 return Next::RetrySoon;
             }
         };
-        if silent.is_empty() {
-            return Next::Interval;
-        }
         let unreachable = match &self.prober {
-            Some(prober) => self.probe_silent(prober, &silent).await,
-            None => Vec::new(),
+            Some(prober) if !silent.is_empty() => self.probe_silent(prober, &silent).await,
+            _ => Vec::new(),
         };
+        // Every pass, silent nodes or not: `fence` replicas of a node known
+        // lost move the moment its fence time has passed.
         let mut report = RoundReport::default();
         match self.watch_nodes(&lease, unreachable, &mut report).await {
             // Place what the down nodes held now, not at the round's timer.
