@@ -11,7 +11,11 @@ ALTER TABLE node_metadata
     ADD COLUMN unreachable_at timestamptz,
     -- How long the node's agent waits, cut off, before it stops its `fence`
     -- replicas (it says so in its heartbeats; NULL: it never fences).
-    ADD COLUMN fence_after_ms bigint CHECK (fence_after_ms >= 0);
+    ADD COLUMN fence_after_ms bigint CHECK (fence_after_ms >= 0),
+    -- Set by an agent stopping on purpose (an update, a restart); cleared
+    -- by its next heartbeat. Its node is left to the heartbeat timeout, not
+    -- taken down the moment its agent stops answering.
+    ADD COLUMN agent_stopping_at timestamptz;
 
 -- What happens to a replica whose node is lost: `fence` (at most one copy:
 -- a cut-off node stops its copy before a replacement starts) or `replace`

@@ -111,44 +111,6 @@ pub(crate) fn decide(answered: usize, peers: usize, silent_for: Duration) -> Fen
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const S: Duration = Duration::from_secs(5);
-
-    #[test]
-    fn a_node_alone_never_fences() {
-        assert_eq!(decide(0, 0, S), FenceCheck::Majority { reachable: 1, cluster: 1 });
-    }
-
-    #[test]
-    fn cut_off_from_every_peer_fences() {
-        assert_eq!(decide(0, 2, S), FenceCheck::Fence { reachable: 1, cluster: 3, silent_for: S });
-        assert_eq!(decide(0, 1, S), FenceCheck::Fence { reachable: 1, cluster: 2, silent_for: S });
-    }
-
-    #[test]
-    fn reaching_a_majority_keeps_running() {
-        assert_eq!(decide(1, 2, S), FenceCheck::Majority { reachable: 2, cluster: 3 });
-        assert_eq!(decide(2, 4, S), FenceCheck::Majority { reachable: 3, cluster: 5 });
-    }
-
-    #[test]
-    fn half_is_not_a_majority() {
-        assert_eq!(decide(1, 3, S), FenceCheck::Fence { reachable: 2, cluster: 4, silent_for: S });
-    }
-
-    #[tokio::test]
-    async fn in_contact_or_disabled_keeps() {
-        let fence = Fence::new(Some(Duration::from_secs(60)), None);
-        assert_eq!(fence.check().await, FenceCheck::Keep);
-        let prober = AgentProber::new("t".into(), Duration::from_millis(100)).unwrap();
-        let fence = Fence::new(Some(Duration::from_secs(60)), Some(prober));
-        assert_eq!(fence.check().await, FenceCheck::Keep);
-    }
-}
-
 impl crate::Agent {
     /// Checks whether this node is cut off and, if so, stops its `fence`
     /// replicas (with a second of grace: the orchestrator's margin counts
@@ -204,3 +166,41 @@ impl crate::Agent {
 
 /// SIGTERM-to-SIGKILL grace of a fenced replica.
 const FENCE_STOP_GRACE: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_node_alone_never_fences() {
+        assert_eq!(decide(0, 0, S), FenceCheck::Majority { reachable: 1, cluster: 1 });
+    }
+
+    #[test]
+    fn cut_off_from_every_peer_fences() {
+        assert_eq!(decide(0, 2, S), FenceCheck::Fence { reachable: 1, cluster: 3, silent_for: S });
+        assert_eq!(decide(0, 1, S), FenceCheck::Fence { reachable: 1, cluster: 2, silent_for: S });
+    }
+
+    #[test]
+    fn reaching_a_majority_keeps_running() {
+        assert_eq!(decide(1, 2, S), FenceCheck::Majority { reachable: 2, cluster: 3 });
+        assert_eq!(decide(2, 4, S), FenceCheck::Majority { reachable: 3, cluster: 5 });
+    }
+
+    #[test]
+    fn half_is_not_a_majority() {
+        assert_eq!(decide(1, 3, S), FenceCheck::Fence { reachable: 2, cluster: 4, silent_for: S });
+    }
+
+    #[tokio::test]
+    async fn in_contact_or_disabled_keeps() {
+        let fence = Fence::new(Some(Duration::from_secs(60)), None);
+        assert_eq!(fence.check().await, FenceCheck::Keep);
+        let prober = AgentProber::new("t".into(), Duration::from_millis(100)).unwrap();
+        let fence = Fence::new(Some(Duration::from_secs(60)), Some(prober));
+        assert_eq!(fence.check().await, FenceCheck::Keep);
+    }
+}

@@ -335,6 +335,11 @@ impl Agent {
                 agent.run_pass().await;
                 agent.spawn_loops(&tasks, &cancel);
                 cancel.cancelled().await;
+                // An update or restart: the node is not lost, its agent is
+                // only away a few seconds.
+                if let Err(error) = agent.store.announce_agent_stopping(&agent.node_id).await {
+                    tracing::warn!(%error, "could not announce this agent's stop");
+                }
                 agent.operations_cancel.cancel();
                 agent.operations.close();
                 agent.operations.wait().await;
@@ -429,7 +434,7 @@ impl Agent {
                     );
                     self.reconcile_wake.notify_one();
                 }
-                if self.beats.fetch_add(1, Ordering::Relaxed) % PEER_REFRESH_BEATS == 0 {
+                if self.beats.fetch_add(1, Ordering::Relaxed).is_multiple_of(PEER_REFRESH_BEATS) {
                     match self.store.peer_agent_urls(&self.node_id).await {
                         Ok(peers) => self.fence.set_peers(peers),
                         Err(error) => tracing::debug!(%error, "could not refresh the peer list"),

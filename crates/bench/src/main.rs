@@ -9,6 +9,7 @@
 #![allow(clippy::print_stdout)]
 
 mod api;
+mod cluster;
 mod edge;
 mod metrics;
 mod placement;
@@ -150,6 +151,20 @@ enum Bench {
         #[arg(long, default_value_t = 30)]
         runs: usize,
     },
+    /// On scripts/cluster.sh's cluster: node 3 lost by a power cut and a
+    /// partition in turn; a `fence` and a `replace` deployment moved and
+    /// routed through Traefik, beside a Swarm service rescheduled by Swarm;
+    /// then drains of node 2.
+    ClusterFailover {
+        /// Node losses (power cuts and partitions alternate).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, default_value_t = 5)]
+        drains: usize,
+        /// The flotillad the cluster runs (default: beside this binary).
+        #[arg(long)]
+        flotillad: Option<std::path::PathBuf>,
+    },
     /// Rows per second into PostgreSQL: the writer beside one INSERT per row.
     MetricsIngest {
         #[arg(long, default_value_t = 500_000)]
@@ -192,6 +207,13 @@ async fn main() -> anyhow::Result<()> {
         Bench::MetricsIngest { rows, baseline_rows, batch } => metrics::ingest(rows, baseline_rows, batch).await,
         Bench::RouteTable { routes, polls } => edge::table(&routes, polls).await,
         Bench::RoutePropagation { runs } => edge::propagation(runs).await,
+        Bench::ClusterFailover { runs, drains, flotillad } => {
+            let flotillad = match flotillad {
+                Some(path) => path,
+                None => std::env::current_exe()?.with_file_name("flotillad"),
+            };
+            cluster::failover(runs, drains, &flotillad).await
+        }
     }
 }
 

@@ -75,7 +75,7 @@ pub enum Command {
     /// Forget the token saved for this API.
     Logout,
     /// Deploy an image and wait until it runs.
-    Deploy(DeployArgs),
+    Deploy(Box<DeployArgs>),
     /// List deployments.
     Ls {
         /// Only those with this status: pending, deploying, running,
@@ -440,7 +440,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     let flo = Flo::connect(&cli, token.as_deref())?;
     match cli.command {
         Command::Login { .. } | Command::Logout => unreachable!("handled above"),
-        Command::Deploy(args) => flo.deploy(args).await,
+        Command::Deploy(args) => flo.deploy(*args).await,
         Command::Ls { status, node } => flo.list(status.unwrap_or(0), node.unwrap_or_default()).await,
         Command::Status { deployment } => {
             let d = flo.find(&deployment).await?;

@@ -452,6 +452,13 @@ pub struct AgentArgs {
     #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 
+    /// Cut off from the control database this long and reaching no
+    /// majority of the nodes, the agent stops its replicas of `fence`
+    /// deployments (`0s`: never). The orchestrator moves them once the node
+    /// has been silent this long plus 4 s.
+    #[arg(long, env = "FLOTILLA_FENCE_AFTER", default_value = "3s", value_parser = parse_duration)]
+    pub fence_after: Duration,
+
     #[arg(long, env = "FLOTILLA_RECONCILE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
 
@@ -621,6 +628,7 @@ impl DaemonConfig {
             reconcile_interval: a.reconcile_interval,
             events: !a.no_docker_events,
             orphan_grace: a.orphan_grace,
+            fence_after: Some(a.fence_after).filter(|d| !d.is_zero()),
             edge: EdgeSyncConfig {
                 timeout: a.edge_sync_timeout,
                 settle: a.edge_settle,

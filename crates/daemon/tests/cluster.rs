@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
+use flotilla_test_utils::cluster::replica_nodes;
 use flotilla_test_utils::connect::{Envelopes, Frame, envelope};
 use flotilla_test_utils::{LoopingClient, Sample, TestCluster, unique_suffix, wait_until};
 use serde_json::{Value, json};
@@ -23,53 +24,16 @@ async fn cluster() -> TestCluster {
     TestCluster::ensure(Path::new(env!("CARGO_BIN_EXE_flotillad"))).await
 }
 
-/// Creates `name` with `replicas` replicas of the demo app from the
-/// cluster's registry, one per node (`spread`), routed at
-/// `name.<platform domain>`; returns its id and domain.
 async fn create(cluster: &TestCluster, name: &str, image: &str, replicas: u32) -> (String, String) {
-    create_with(cluster, name, image, replicas, "").await
-}
-
-/// [`create`], with a node-loss policy (empty: the default, `fence`).
-async fn create_with(
-    cluster: &TestCluster,
-    name: &str,
-    image: &str,
-    replicas: u32,
-    node_loss: &str,
-) -> (String, String) {
-    let domain = format!("{name}.{}", cluster.domain);
-    let (status, body) = cluster
-        .call(
-            "DeploymentService",
-            "CreateDeployment",
-            json!({
-                "name": name, "image": image, "port": 8080, "domain": domain, "replicas": replicas,
-                "placement": { "strategy": "spread", "nodeLoss": node_loss },
-                "healthCheck": { "kind": "HEALTH_CHECK_KIND_HTTP", "httpPath": "/", "intervalMs": 500 }
-            }),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    (body["deployment"]["id"].as_str().expect("id").to_owned(), domain)
+    cluster.create(name, image, replicas, "").await
 }
 
 fn demo(cluster: &TestCluster) -> String {
-    format!("{}/flotilla/demo-http:1", cluster.registry)
+    cluster.demo_image()
 }
 
 fn index(replica: &Value) -> u64 {
     replica["index"].as_u64().unwrap_or(0)
-}
-
-/// Replica index → node id.
-fn placement(deployment: &Value) -> Vec<(u64, String)> {
-    let mut placed: Vec<(u64, String)> = deployment["replicas"]
-        .as_array()
-        .map(|r| r.iter().map(|r| (index(r), r["nodeId"].as_str().unwrap_or_default().to_owned())).collect())
-        .unwrap_or_default();
-    placed.sort();
-    placed
 }
 
 fn failures(samples: &[Sample]) -> Vec<&Sample> {
@@ -91,14 +55,6 @@ async fn through_edge(cluster: &TestCluster, domain: &str, needle: &str) {
     .await;
 }
 
-/// Running containers of `id` on every engine that answers (a node that
-/// is off runs nothing), by node number.
-fn containers(cluster: &TestCluster, id: &str) -> Vec<(usize, String)> {
-    (1..=cluster.addresses.len())
-        .flat_map(|node| cluster.containers_of(node, id).unwrap_or_default().into_iter().map(move |c| (node, c)))
-        .collect()
-}
-
 #[tokio::test]
 async fn replicas_spread_over_the_nodes_are_served_measured_and_logged_by_each_node() {
     let cluster = cluster().await;
@@ -114,7 +70,7 @@ async fn replicas_spread_over_the_nodes_are_served_measured_and_logged_by_each_n
     let (id, domain) = create(&cluster, &name, &image, 3).await;
     let deployment = cluster.wait_running(&id, 3, Duration::from_secs(120)).await;
     let mut nodes: Vec<usize> = Vec::new();
-    for (_, node) in placement(&deployment) {
+    for (_, node) in replica_nodes(&deployment) {
         nodes.push(cluster.node_number(&node).await);
     }
     nodes.sort();
@@ -148,7 +104,7 @@ async fn replicas_spread_over_the_nodes_are_served_measured_and_logged_by_each_n
     }
     eprintln!("spread: replicas on nodes {nodes:?}, {measured} metric points, logs from each node");
     cluster.delete(&id).await;
-    assert!(containers(&cluster, &id).is_empty(), "deleted everywhere");
+    assert!(cluster.all_containers_of(&id).is_empty(), "deleted everywhere");
 }
 
 /// The last lines of one replica's log, through the API (Connect streaming
@@ -212,7 +168,8 @@ async fn lose_node(cluster: &TestCluster, lost: usize, how: &str, name: &str) ->
     let (id, domain) = create(cluster, name, &demo(cluster), 3).await;
     let deployment = cluster.wait_running(&id, 3, Duration::from_secs(120)).await;
     let lost_id = cluster.node_id(lost).await;
-    let (moved, _) = placement(&deployment).into_iter().find(|(_, node)| *node == lost_id).expect("a replica there");
+    let (moved, _) =
+        replica_nodes(&deployment).into_iter().find(|(_, node)| *node == lost_id).expect("a replica there");
     through_edge(cluster, &domain, &format!("replica {moved},")).await;
     let client = client(cluster, &domain);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -269,8 +226,8 @@ async fn a_node_that_loses_power_is_replaced_and_cleaned_up_when_it_returns() {
     assert_eq!(status, 200, "{body}");
     let deployment = cluster.wait_running(&id, 4, Duration::from_secs(90)).await;
     let node3 = cluster.node_id(3).await;
-    assert!(placement(&deployment).iter().any(|(_, n)| *n == node3), "node 3 takes work again: {deployment}");
-    assert_eq!(containers(&cluster, &id).len(), 4, "one container per replica across the engines");
+    assert!(replica_nodes(&deployment).iter().any(|(_, n)| *n == node3), "node 3 takes work again: {deployment}");
+    assert_eq!(cluster.all_containers_of(&id).len(), 4, "one container per replica across the engines");
     eprintln!("node 3 back: stale container removed {:.1} s after its engine started", cleaned.as_secs_f64());
     cluster.delete(&id).await;
 }
@@ -318,17 +275,18 @@ async fn a_node_cut_off_is_replaced_and_no_replica_runs_twice_once_it_is_back() 
     // Beside the default (`fence`) deployment lose_node makes: one that
     // prefers running twice to waiting.
     let (replaced, _) =
-        create_with(&cluster, &format!("cut-replace-{}", unique_suffix()), &demo(&cluster), 3, "replace").await;
+        cluster.create(&format!("cut-replace-{}", unique_suffix()), &demo(&cluster), 3, "replace").await;
     let before = cluster.wait_running(&replaced, 3, Duration::from_secs(120)).await;
     let node3 = cluster.node_id(3).await;
-    let (replaced_index, _) = placement(&before).into_iter().find(|(_, n)| *n == node3).expect("a replica on node 3");
+    let (replaced_index, _) =
+        replica_nodes(&before).into_iter().find(|(_, n)| *n == node3).expect("a replica on node 3");
 
     let (id, loss) = lose_node(&cluster, 3, "partition", &format!("cut-{}", unique_suffix())).await;
     loss.report("partition of node 3");
     assert!(loss.failed.len() <= 1, "{} requests failed: {:?}", loss.failed.len(), loss.failed);
 
     // `fence`: node 3 stopped its copy before the replacement started.
-    let cut_index = placement(&cluster.deployment(&id).await)
+    let cut_index = replica_nodes(&cluster.deployment(&id).await)
         .into_iter()
         .map(|(i, _)| i)
         .find(|i| runs(&cluster, &id, *i).iter().any(|r| r.node == 3))
@@ -351,7 +309,7 @@ async fn a_node_cut_off_is_replaced_and_no_replica_runs_twice_once_it_is_back() 
     let healed = Instant::now();
     cluster.script(&["heal", "3"]);
     wait_until("one container per replica across the engines", Duration::from_secs(90), || async {
-        let running = (containers(&cluster, &id), containers(&cluster, &replaced));
+        let running = (cluster.all_containers_of(&id), cluster.all_containers_of(&replaced));
         (running.0.len() == 3 && running.1.len() == 3).then_some(running)
     })
     .await;
@@ -360,7 +318,7 @@ async fn a_node_cut_off_is_replaced_and_no_replica_runs_twice_once_it_is_back() 
     // Stays so: node 3's agent does not start its old replicas again.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for deployment in [&id, &replaced] {
-        let running = containers(&cluster, deployment);
+        let running = cluster.all_containers_of(deployment);
         assert_eq!(
             running.len(),
             3,
@@ -388,7 +346,7 @@ async fn draining_a_node_moves_its_replicas_without_a_failed_request() {
     assert_eq!(status, 200, "{body}");
     wait_until("node 2 emptied", Duration::from_secs(90), || async {
         let deployment = cluster.deployment(&id).await;
-        let moved = placement(&deployment).iter().all(|(_, n)| *n != node2);
+        let moved = replica_nodes(&deployment).iter().all(|(_, n)| *n != node2);
         let emptied = cluster.containers_of(2, &id).is_ok_and(|c| c.is_empty());
         (moved && emptied && deployment["status"] == "DEPLOYMENT_STATUS_RUNNING").then_some(())
     })
@@ -432,12 +390,12 @@ async fn the_orchestrator_leader_s_node_lost_another_leads_and_nothing_is_placed
     let (id, domain) = create(&cluster, &format!("lead-{}", unique_suffix()), &demo(&cluster), 2).await;
     let deployment = cluster.wait_running(&id, 2, Duration::from_secs(120)).await;
     through_edge(&cluster, &domain, "Hello from").await;
-    let indexes: Vec<u64> = placement(&deployment).into_iter().map(|(i, _)| i).collect();
+    let indexes: Vec<u64> = replica_nodes(&deployment).into_iter().map(|(i, _)| i).collect();
     assert_eq!(indexes, [0, 1], "{deployment}");
-    assert_eq!(containers(&cluster, &id).len(), 2, "each replica placed once");
+    assert_eq!(cluster.all_containers_of(&id).len(), 2, "each replica placed once");
     eprintln!("leader {leader} lost with node {lost}: {new_leader} leads after {:.1} s", took_over.as_secs_f64());
     cluster.restore().await;
-    assert_eq!(containers(&cluster, &id).len(), 2, "still each replica once with node {lost} back");
+    assert_eq!(cluster.all_containers_of(&id).len(), 2, "still each replica once with node {lost} back");
     cluster.delete(&id).await;
 }
 

@@ -33,7 +33,7 @@ impl Store {
              total_memory_bytes = EXCLUDED.total_memory_bytes, used_cpu_millis = EXCLUDED.used_cpu_millis, \
              used_memory_bytes = EXCLUDED.used_memory_bytes, max_deployments = EXCLUDED.max_deployments, \
              agent_version = EXCLUDED.agent_version, last_heartbeat = now(), updated_at = now(), \
-             fence_after_ms = EXCLUDED.fence_after_ms, unreachable_at = NULL",
+             fence_after_ms = EXCLUDED.fence_after_ms, unreachable_at = NULL, agent_stopping_at = NULL",
         )
         .bind(beat.node_id.as_str())
         .bind(&beat.hostname)
@@ -59,6 +59,18 @@ impl Store {
         .await
         .map_err(StoreError::db(op))?;
         tx.commit().await.map_err(StoreError::db(op))?;
+        Ok(())
+    }
+
+    /// Notes that `node`'s agent stops on purpose (an update, a restart):
+    /// until its next heartbeat its silence is left to the heartbeat
+    /// timeout, its agent not asked.
+    pub async fn announce_agent_stopping(&self, node: &NodeId) -> Result<(), StoreError> {
+        sqlx::query("UPDATE node_metadata SET agent_stopping_at = now() WHERE node_id = $1")
+            .bind(node.as_str())
+            .execute(self.pool())
+            .await
+            .map_err(StoreError::db("announcing an agent's stop"))?;
         Ok(())
     }
 

@@ -603,17 +603,26 @@ impl Store {
 
     /// Nodes silent for `silent_for` worth asking whether they are alive:
     /// those not down yet, and down ones still holding replica rows whose
-    /// agent was not found unreachable (their `fence` replicas wait on it);
+    /// agent was not found unreachable (their `fence` replicas wait on it),
+    /// unless their agent said it was stopping on purpose less than
+    /// `restart_grace` ago;
     /// with the URL their agent serves on (if announced) and how long they
     /// have been silent.
-    pub async fn silent_nodes(&self, silent_for: Duration) -> Result<Vec<SilentNode>, StoreError> {
+    pub async fn silent_nodes(
+        &self,
+        silent_for: Duration,
+        restart_grace: Duration,
+    ) -> Result<Vec<SilentNode>, StoreError> {
         let rows: Vec<(String, Option<String>, f64)> = sqlx::query_as(
             "SELECT n.node_id, e.agent_url, extract(epoch FROM now() - n.last_heartbeat)::float8 \
              FROM node_metadata n LEFT JOIN node_endpoints e ON e.node_id = n.node_id \
-             WHERE n.last_heartbeat < now() - make_interval(secs => $1) AND (n.status <> 'down' \
+             WHERE n.last_heartbeat < now() - make_interval(secs => $1) \
+             AND (n.agent_stopping_at IS NULL OR n.agent_stopping_at < now() - make_interval(secs => $2)) \
+             AND (n.status <> 'down' \
              OR (n.unreachable_at IS NULL AND EXISTS (SELECT 1 FROM deployment_locations l WHERE l.node_id = n.node_id)))",
         )
         .bind(silent_for.as_secs_f64())
+        .bind(restart_grace.as_secs_f64())
         .fetch_all(self.pool())
         .await
         .map_err(StoreError::db("listing silent nodes"))?;

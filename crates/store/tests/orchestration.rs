@@ -229,11 +229,15 @@ async fn fence_replicas_move_only_once_their_cut_off_node_has_surely_stopped_the
     // node's fence time (3 s) and the margin (4 s).
     silent_for(&db, "n1", 5).await;
     assert_eq!(store.watch_node_health(&lease, &health_watch(&[])).await.unwrap(), Default::default());
-    assert_eq!(store.silent_nodes(Duration::from_secs(2)).await.unwrap()[0].node_id, n1);
+    assert_eq!(store.silent_nodes(Duration::from_secs(2), Duration::from_secs(15)).await.unwrap()[0].node_id, n1);
     let changes = store.watch_node_health(&lease, &health_watch(&["n1"])).await.unwrap();
     assert_eq!((changes.down.as_slice(), changes.evicted), (std::slice::from_ref(&n1), 1));
     assert_eq!(placed(store.deployments_to_place(10).await.unwrap()), [replaced]);
-    assert_eq!(store.silent_nodes(Duration::from_secs(2)).await.unwrap(), [], "known unreachable: asked no more");
+    assert_eq!(
+        store.silent_nodes(Duration::from_secs(2), Duration::from_secs(15)).await.unwrap(),
+        [],
+        "known unreachable: asked no more"
+    );
 
     // Past the fence time and margin, but most of the cluster silent too
     // (this side of a cut may be the minority): still held.
@@ -255,7 +259,29 @@ async fn fence_replicas_move_only_once_their_cut_off_node_has_surely_stopped_the
     // The node's next heartbeat: ready again, no longer unreachable.
     store.upsert_heartbeat(&node_heartbeat("n1")).await.unwrap();
     let changes = store.watch_node_health(&lease, &health_watch(&[])).await.unwrap();
-    assert_eq!(changes.back, [n1.clone()]);
+    assert_eq!(changes.back, [n1]);
+}
+
+#[tokio::test]
+async fn an_agent_stopping_on_purpose_is_not_asked_until_the_timeout() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let n1 = NodeId::parse("n1").unwrap();
+    store.upsert_heartbeat(&node_heartbeat("n1")).await.unwrap();
+    store.announce_agent_stopping(&n1).await.unwrap();
+    silent_for(&db, "n1", 5).await;
+    let (suspect, grace) = (Duration::from_secs(2), Duration::from_secs(15));
+    assert_eq!(store.silent_nodes(suspect, grace).await.unwrap(), [], "an update, not a loss");
+    sqlx::query("UPDATE node_metadata SET agent_stopping_at = now() - interval '20 seconds'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(store.silent_nodes(suspect, grace).await.unwrap().len(), 1, "not back in time: asked");
+    // The next heartbeat clears it.
+    store.upsert_heartbeat(&node_heartbeat("n1")).await.unwrap();
+    let stopping: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT agent_stopping_at FROM node_metadata").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(stopping, None);
 }
 
 #[tokio::test]
@@ -277,7 +303,11 @@ async fn a_node_alive_but_silent_keeps_its_fence_replicas() {
     let changes = store.watch_node_health(&lease, &health_watch(&[])).await.unwrap();
     assert_eq!((changes.down.len(), changes.evicted), (1, 0));
     assert!(store.deployments_to_place(10).await.unwrap().is_empty());
-    assert_eq!(store.silent_nodes(Duration::from_secs(2)).await.unwrap().len(), 1, "still asked");
+    assert_eq!(
+        store.silent_nodes(Duration::from_secs(2), Duration::from_secs(15)).await.unwrap().len(),
+        1,
+        "still asked"
+    );
     // Then found unreachable: it moves.
     let changes = store.watch_node_health(&lease, &health_watch(&["n1"])).await.unwrap();
     assert_eq!(changes.evicted, 1);

@@ -100,6 +100,11 @@ impl TestCluster {
         }
     }
 
+    /// Where `scripts/cluster.sh` is.
+    pub fn script_path(&self) -> &Path {
+        &self.script
+    }
+
     /// `scripts/cluster.sh ARGS`: its output; panics if it fails.
     pub fn script(&self, args: &[&str]) -> String {
         run(&self.script, args).unwrap_or_else(|e| panic!("scripts/cluster.sh {args:?}: {e}"))
@@ -190,12 +195,60 @@ impl TestCluster {
         .await;
     }
 
+    /// Creates `name` with `replicas` replicas of `image`, one per node
+    /// (`spread`), routed at `name.<platform domain>`, checked over HTTP
+    /// every 500 ms, with node-loss policy `node_loss` (empty: the
+    /// default); returns its id and domain.
+    pub async fn create(&self, name: &str, image: &str, replicas: u32, node_loss: &str) -> (String, String) {
+        let domain = format!("{name}.{}", self.domain);
+        let (status, body) = self
+            .call(
+                "DeploymentService",
+                "CreateDeployment",
+                json!({
+                    "name": name, "image": image, "port": 8080, "domain": domain, "replicas": replicas,
+                    "placement": { "strategy": "spread", "nodeLoss": node_loss },
+                    "healthCheck": { "kind": "HEALTH_CHECK_KIND_HTTP", "httpPath": "/", "intervalMs": 500 }
+                }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        (body["deployment"]["id"].as_str().expect("id").to_owned(), domain)
+    }
+
+    /// The demo app in the cluster's registry.
+    pub fn demo_image(&self) -> String {
+        format!("{}/flotilla/demo-http:1", self.registry)
+    }
+
+    /// Running containers of deployment `id` on every engine that answers
+    /// (a node that is off runs nothing), by node number.
+    pub fn all_containers_of(&self, id: &str) -> Vec<(usize, String)> {
+        (1..=self.addresses.len())
+            .flat_map(|node| self.containers_of(node, id).unwrap_or_default().into_iter().map(move |c| (node, c)))
+            .collect()
+    }
+
     /// Running containers of deployment `id` on node `node`'s engine; an
     /// error when the engine does not answer.
     pub fn containers_of(&self, node: usize, id: &str) -> Result<Vec<String>, String> {
         let filter = format!("label=flotilla.deployment.id={id}");
         self.docker(node, &["ps", "-q", "--filter", &filter]).map(|out| out.lines().map(str::to_owned).collect())
     }
+}
+
+/// A deployment's replicas as (replica index, node id), by index.
+pub fn replica_nodes(deployment: &Value) -> Vec<(u64, String)> {
+    let mut placed: Vec<(u64, String)> = deployment["replicas"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .map(|r| (r["index"].as_u64().unwrap_or(0), r["nodeId"].as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    placed.sort();
+    placed
 }
 
 fn run(script: &Path, args: &[&str]) -> Result<String, String> {
