@@ -286,6 +286,7 @@ start_oidc() {
 # --- the swarm
 
 swarm_state() { dk "$1" info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null; }
+swarm_has_leader() { dk 1 node ls >/dev/null 2>&1; }
 
 form_swarm() {
   local n=$1
@@ -303,6 +304,10 @@ form_swarm() {
       --listen-addr "$(node_ip "$i"):2377" "$(node_ip 1):2377" >/dev/null
     say "node $i joined as a $role"
   done
+  # A manager that just came back (a healed link, a restarted engine) makes
+  # the managers elect a leader again: nothing can be asked of the swarm
+  # until one is chosen ("The swarm does not have a leader").
+  wait_for 120 "the swarm to have a leader" swarm_has_leader
   for i in $(seq 1 "$n"); do
     local labels=(--label-add compute=true)
     [ "$i" = 1 ] && labels+=(--label-add edge=true)

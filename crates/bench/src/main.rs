@@ -547,7 +547,7 @@ fn synthetic(size: usize) -> (Vec<Assignment>, Vec<ManagedContainer>) {
                 placement_reason: None,
                 moving: false,
                 retiring: false,
-                node_ready: true,
+                node_reachable: true,
                 restart_count: 0,
                 last_exit_code: None,
                 last_exit_at: None,

@@ -381,9 +381,7 @@ impl Orchestrator {
     async fn watch_silent_nodes(&self) -> Next {
         let Some(lease) = self.lease() else { return Next::Interval };
         let watch = &self.config.node_watch;
-        // An agent that said it stops (an update) is given the heartbeat
-        // timeout to come back before it is asked.
-        let silent = match self.store.silent_nodes(watch.suspect_after, self.config.heartbeat_timeout).await {
+        let silent = match self.store.silent_nodes(watch.suspect_after, watch.restart_grace).await {
             Ok(silent) => silent,
             Err(error) => {
                 tracing::debug!(%error, "could not list silent nodes");

@@ -27,6 +27,11 @@ pub struct NodeWatchConfig {
     /// peers, up to a second, then stops its containers with a second of
     /// grace).
     pub fence_margin: Duration,
+    /// An agent that said it stops (an update) is not asked for this long:
+    /// a failed update is rolled back by Swarm in about 30 s, its node's
+    /// apps running all along. Its node still goes down at the heartbeat
+    /// timeout, but its replicas are still sent requests.
+    pub restart_grace: Duration,
 }
 
 impl Default for NodeWatchConfig {
@@ -36,6 +41,7 @@ impl Default for NodeWatchConfig {
             suspect_after: Duration::from_secs(2),
             probe_timeout: Duration::from_secs(1),
             fence_margin: Duration::from_secs(4),
+            restart_grace: Duration::from_secs(60),
         }
     }
 }

@@ -58,8 +58,9 @@ pub struct ReplicaRecord {
     /// Its replacement serves: out of routing, stopped once the edge
     /// proxies have taken that in.
     pub retiring: bool,
-    /// Its node is `ready` (not down or suspect).
-    pub node_ready: bool,
+    /// Its node is `ready`, or down but not found unreachable (see
+    /// [`flotilla_types::serving::ServingFacts::node_reachable`]).
+    pub node_reachable: bool,
     /// Times its container exited since it was made (crashes, kills).
     pub restart_count: u32,
     /// The exit code of the last exit.
@@ -79,7 +80,7 @@ impl ReplicaRecord {
             health: self.health,
             retiring: self.retiring,
             has_endpoint: self.address.is_some() && self.port.is_some(),
-            node_ready: self.node_ready,
+            node_reachable: self.node_reachable,
         })
     }
 
@@ -301,19 +302,23 @@ pub(crate) struct ReplicaRow {
     pub placement_reason: Option<String>,
     pub moving: bool,
     pub retiring: bool,
-    pub node_ready: bool,
+    pub node_reachable: bool,
     pub restart_count: i32,
     pub last_exit_code: Option<i32>,
     pub last_exit_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
 }
 
-pub(crate) const REPLICA_COLUMNS: &str = "l.id, l.deployment_id, l.replica_index, l.generation, l.target_generation, \
+pub(crate) const REPLICA_COLUMNS: &str = concat!(
+    "l.id, l.deployment_id, l.replica_index, l.generation, l.target_generation, \
      l.failed_generation, l.rollout_message, l.node_id, l.container_id, l.container_name, l.status, l.health_status, \
      l.address, l.port, l.container_port, l.status_message, l.placement_reason, coalesce(l.drain_state = 'moving', false) AS moving, \
      coalesce(l.drain_state = 'retiring', false) AS retiring, \
-     coalesce((SELECT n.status = 'ready' FROM node_metadata n WHERE n.node_id = l.node_id), false) AS node_ready, \
-     l.restart_count, l.last_exit_code, l.last_exit_at, l.updated_at";
+     coalesce((SELECT ",
+    crate::serving::node_reachable!(),
+    " FROM node_metadata n WHERE n.node_id = l.node_id), false) AS node_reachable, \
+     l.restart_count, l.last_exit_code, l.last_exit_at, l.updated_at"
+);
 
 impl TryFrom<ReplicaRow> for ReplicaRecord {
     type Error = StoreError;
@@ -340,7 +345,7 @@ impl TryFrom<ReplicaRow> for ReplicaRecord {
             placement_reason: row.placement_reason,
             moving: row.moving,
             retiring: row.retiring,
-            node_ready: row.node_ready,
+            node_reachable: row.node_reachable,
             restart_count: u32::try_from(row.restart_count).unwrap_or_default(),
             last_exit_code: row.last_exit_code,
             last_exit_at: row.last_exit_at,

@@ -2,11 +2,26 @@
 //! rows the edge may send requests to. `tests/schema.rs` checks the two
 //! agree on every combination of the facts they look at.
 
+/// Whether node `n` may be sent requests: ready, or down while its agent
+/// still answers (cut off from the database only) or was not asked (an agent
+/// stopped for an update): not once found unreachable. The node part of
+/// [`SERVING`], and `ReplicaRecord::node_reachable`.
+macro_rules! node_reachable {
+    () => {
+        "(n.status = 'ready' OR n.unreachable_at IS NULL)"
+    };
+}
+pub(crate) use node_reachable;
+
 /// A condition over a replica row `l` and its deployment `d`.
-pub(crate) const SERVING: &str = "(d.desired_state = 'running' AND l.replica_index < d.replicas \
+pub(crate) const SERVING: &str = concat!(
+    "(d.desired_state = 'running' AND l.replica_index < d.replicas \
      AND l.status = 'running' AND l.health_status NOT IN ('starting', 'unhealthy') \
      AND l.drain_state IS DISTINCT FROM 'retiring' AND l.address IS NOT NULL AND l.port IS NOT NULL \
-     AND EXISTS (SELECT 1 FROM node_metadata n WHERE n.node_id = l.node_id AND n.status = 'ready'))";
+     AND EXISTS (SELECT 1 FROM node_metadata n WHERE n.node_id = l.node_id AND ",
+    node_reachable!(),
+    "))"
+);
 
 /// A deployment `d` that is down rather than not up yet: scaled to zero, or
 /// a replica it wants is unhealthy or exited by itself since it last

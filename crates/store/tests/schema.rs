@@ -111,9 +111,12 @@ async fn the_serving_rule_and_its_sql_twin_agree() {
     use flotilla_types::serving::{all_combinations, is_serving};
     let db = TestDb::new().await;
     let (org, project) = flotilla_store::tenant::ensure_organization(db.pool(), "twins", "Twins").await.unwrap();
+    // Down and found unreachable: a node down only by its heartbeats (its
+    // agent answers) still serves.
     for (node, status) in [("ready-node", "ready"), ("down-node", "down")] {
         sqlx::query(
-            "INSERT INTO node_metadata (node_id, hostname, address, status, last_heartbeat) VALUES ($1, $1, '10.0.0.1', $2, now())",
+            "INSERT INTO node_metadata (node_id, hostname, address, status, last_heartbeat, unreachable_at) \
+             VALUES ($1, $1, '10.0.0.1', $2, now(), CASE WHEN $2 = 'down' THEN now() END)",
         )
         .bind(node)
         .bind(status)
@@ -149,7 +152,7 @@ async fn the_serving_rule_and_its_sql_twin_agree() {
     )
     .bind(&replicas)
     .bind(&deployments)
-    .bind(facts.iter().map(|f| if f.node_ready { "ready-node" } else { "down-node" }.to_owned()).collect::<Vec<_>>())
+    .bind(facts.iter().map(|f| if f.node_reachable { "ready-node" } else { "down-node" }.to_owned()).collect::<Vec<_>>())
     .bind(facts.iter().map(|f| f.replica_index).collect::<Vec<_>>())
     .bind(facts.iter().map(|f| f.state.as_str().to_owned()).collect::<Vec<_>>())
     .bind(facts.iter().map(|f| f.health.as_str().to_owned()).collect::<Vec<_>>())

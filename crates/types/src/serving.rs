@@ -21,8 +21,11 @@ pub struct ServingFacts {
     pub retiring: bool,
     /// Its node's address and host port are known.
     pub has_endpoint: bool,
-    /// Its node is `ready` (not down or suspect).
-    pub node_ready: bool,
+    /// Its node is `ready`, or `down` without having been found
+    /// unreachable: alive but cut off from the database (its agent answers
+    /// the orchestrator), or its agent stopped for an update. A node whose
+    /// agent (or engine) did not answer is not sent requests.
+    pub node_reachable: bool,
 }
 
 /// A replica serves when its deployment runs and still wants it, it runs,
@@ -35,7 +38,7 @@ pub fn is_serving(facts: &ServingFacts) -> bool {
         && !matches!(facts.health, Health::Starting | Health::Unhealthy)
         && !facts.retiring
         && facts.has_endpoint
-        && facts.node_ready
+        && facts.node_reachable
 }
 
 /// Every combination of facts worth telling apart (for tests of the twins).
@@ -54,7 +57,7 @@ pub fn all_combinations() -> Vec<ServingFacts> {
                             health: *health,
                             retiring: bits & 1 != 0,
                             has_endpoint: bits & 2 != 0,
-                            node_ready: bits & 4 != 0,
+                            node_reachable: bits & 4 != 0,
                         });
                     }
                 }
@@ -77,7 +80,7 @@ mod tests {
             health: Health::Healthy,
             retiring: false,
             has_endpoint: true,
-            node_ready: true,
+            node_reachable: true,
         }
     }
 
@@ -93,7 +96,7 @@ mod tests {
             ServingFacts { health: Health::Unhealthy, ..serving() },
             ServingFacts { retiring: true, ..serving() },
             ServingFacts { has_endpoint: false, ..serving() },
-            ServingFacts { node_ready: false, ..serving() },
+            ServingFacts { node_reachable: false, ..serving() },
         ] {
             assert!(!is_serving(&out), "{out:?}");
         }
