@@ -89,9 +89,18 @@ impl TestCluster {
             self.script(&["heal", &node.to_string()]);
             self.script(&["start-node", &node.to_string()]);
         }
-        let nodes = wait_until("every node ready", Duration::from_secs(120), || async {
+        // Ready, and beating now: an agent Swarm just restarted (after a
+        // heal, an update) keeps its node `ready` until the timeout.
+        let beating = |node: &Value| {
+            node["lastHeartbeat"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .is_some_and(|t| (chrono::Utc::now() - t.to_utc()).num_milliseconds() < 3_000)
+        };
+        let nodes = wait_until("every node ready and beating", Duration::from_secs(120), || async {
             let nodes = self.nodes().await;
-            (nodes.len() == self.addresses.len() && nodes.iter().all(|n| n["status"] == "ready")).then_some(nodes)
+            (nodes.len() == self.addresses.len() && nodes.iter().all(|n| n["status"] == "ready" && beating(n)))
+                .then_some(nodes)
         })
         .await;
         for node in nodes.iter().filter(|n| n["availability"] != "active") {
