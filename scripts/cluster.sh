@@ -287,6 +287,33 @@ start_oidc() {
 
 swarm_state() { dk "$1" info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null; }
 swarm_has_leader() { dk 1 node ls >/dev/null 2>&1; }
+# swarm_node_ready I: the swarm (asked through a manager that answers) says
+# node I is Ready.
+swarm_node_ready() {
+  local m
+  for m in 1 2 3; do
+    [ "$m" = "$1" ] && continue
+    [ "$(dk "$m" node inspect "node$1" --format '{{.Status.State}}' 2>/dev/null)" = ready ] && return 0
+  done
+  return 1
+}
+
+# rejoin_swarm I: after node I's engine started again, waits until the swarm
+# takes it as Ready. Swarm 20.10 sometimes keeps a node that lost power
+# Down for good (its tasks never return); a second engine restart clears it.
+rejoin_swarm() {
+  local i=$1
+  [ "$(swarm_state "$i")" = active ] || return 0
+  local deadline=$((SECONDS + 45))
+  while [ $SECONDS -lt $deadline ]; do
+    swarm_node_ready "$i" && return 0
+    sleep 0.5
+  done
+  say "node $i: the swarm still has it Down; restarting its engine"
+  kill_engine "$i" >/dev/null
+  start_node "$i"
+  wait_for 60 "node $i Ready in the swarm (scripts/cluster.sh status)" swarm_node_ready "$i"
+}
 
 form_swarm() {
   local n=$1
@@ -577,7 +604,7 @@ case "${1:-}" in
   env) print_env ;;
   kill-node) kill_node "${2:?node number}" ;;
   kill-engine) kill_engine "${2:?node number}" ;;
-  start-node) start_node "${2:?node number}" ;;
+  start-node) start_node "${2:?node number}"; rejoin_swarm "${2}" ;;
   partition) partition "${2:?node number}" ;;
   heal) heal "${2:?node number}" ;;
   restart-db) restart_db ;;
