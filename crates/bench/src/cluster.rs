@@ -159,13 +159,23 @@ async fn lose(cluster: &TestCluster, run: usize, how: &str, back: &str, figures:
     .map_err(anyhow::Error::msg)
     .context("creating the baseline Swarm service")?;
     let lost_host = format!("node{LOST}");
-    wait_until("the Swarm service on every node", LIMIT, || async {
+    let spread = || async {
         let mut nodes = swarm_tasks(cluster, &service).await;
         nodes.sort();
         nodes.dedup();
         (nodes.len() == 3).then_some(())
-    })
-    .await;
+    };
+    // Swarm places tasks once: a node it took back late gets none until
+    // the service is updated.
+    if tokio::time::timeout(Duration::from_secs(30), wait_until("the Swarm service spread", LIMIT, spread))
+        .await
+        .is_err()
+    {
+        docker(cluster, 1, &["service", "update", "--detach", "--force", &service])
+            .await
+            .map_err(anyhow::Error::msg)?;
+        wait_until("the Swarm service on every node", LIMIT, spread).await;
+    }
     let lost_id = cluster.node_id(LOST).await;
     let mut watched = Vec::new();
     for (id, domain) in [(&fence, &fence_domain), (&replace, &replace_domain)] {
