@@ -14,7 +14,9 @@ pub const NODE_MEMBERSHIP: std::time::Duration = std::time::Duration::from_secs(
 impl Store {
     /// Registers or refreshes a node. Availability (an operator's decision)
     /// and status (the orchestrator's) are left as they are; the deployment
-    /// count is recounted from the placement rows.
+    /// count is recounted from the placement rows. It clears the agent's
+    /// stop announcement, unless the announcement came after this heartbeat
+    /// began (the last one of a stopping agent, committed after it said so).
     ///
     /// The recount is its own statement after the upsert has locked the
     /// node's row, so it sees every placement committed before; a count
@@ -33,7 +35,9 @@ impl Store {
              total_memory_bytes = EXCLUDED.total_memory_bytes, used_cpu_millis = EXCLUDED.used_cpu_millis, \
              used_memory_bytes = EXCLUDED.used_memory_bytes, max_deployments = EXCLUDED.max_deployments, \
              agent_version = EXCLUDED.agent_version, last_heartbeat = now(), updated_at = now(), \
-             fence_after_ms = EXCLUDED.fence_after_ms, unreachable_at = NULL, agent_stopping_at = NULL",
+             fence_after_ms = EXCLUDED.fence_after_ms, unreachable_at = NULL, \
+             agent_stopping_at = CASE WHEN node_metadata.agent_stopping_at > now() \
+             THEN node_metadata.agent_stopping_at END",
         )
         .bind(beat.node_id.as_str())
         .bind(&beat.hostname)
