@@ -329,9 +329,6 @@ impl Agent {
         let tasks = tracker.clone();
         tracker.spawn(
             async move {
-                if let Err(error) = agent.store.announce_agent_started(&agent.node_id).await {
-                    tracing::debug!(%error, "could not announce this agent's start");
-                }
                 if let Err(error) = agent.refresh_engine_facts().await {
                     tracing::warn!(%error, "could not read the engine's facts");
                 }

@@ -68,25 +68,17 @@ impl Store {
 
     /// Notes that `node`'s agent stops on purpose (an update, a restart):
     /// until its next heartbeat its silence is left to the heartbeat
-    /// timeout, its agent not asked.
+    /// timeout, its agent not asked. The mark lasts until the restarted
+    /// agent's first heartbeat, which comes only after its first
+    /// reconciliation pass (over 15 s seen during a stack update): cleared
+    /// at its start instead, the node was asked meanwhile and, under load,
+    /// taken unreachable with its routes.
     pub async fn announce_agent_stopping(&self, node: &NodeId) -> Result<(), StoreError> {
-        self.set_agent_stopping(node, true).await
-    }
-
-    /// Notes that `node`'s agent is back (it answers from now on), before
-    /// its first heartbeat: a node lost right after its agent restarted is
-    /// asked, not given the restart's grace.
-    pub async fn announce_agent_started(&self, node: &NodeId) -> Result<(), StoreError> {
-        self.set_agent_stopping(node, false).await
-    }
-
-    async fn set_agent_stopping(&self, node: &NodeId, stopping: bool) -> Result<(), StoreError> {
-        sqlx::query("UPDATE node_metadata SET agent_stopping_at = CASE WHEN $2 THEN now() END WHERE node_id = $1")
+        sqlx::query("UPDATE node_metadata SET agent_stopping_at = now() WHERE node_id = $1")
             .bind(node.as_str())
-            .bind(stopping)
             .execute(self.pool())
             .await
-            .map_err(StoreError::db("announcing an agent's stop or start"))?;
+            .map_err(StoreError::db("announcing an agent's stop"))?;
         Ok(())
     }
 

@@ -277,11 +277,7 @@ async fn an_agent_stopping_on_purpose_is_not_asked_until_the_timeout() {
         .await
         .unwrap();
     assert_eq!(store.silent_nodes(suspect, grace).await.unwrap().len(), 1, "not back in time: asked");
-    // The agent back (before its first heartbeat) clears it, as does any
-    // heartbeat.
-    store.announce_agent_stopping(&n1).await.unwrap();
-    store.announce_agent_started(&n1).await.unwrap();
-    assert_eq!(store.silent_nodes(suspect, grace).await.unwrap().len(), 1, "back: asked again");
+    // The restarted agent's first heartbeat clears it.
     store.announce_agent_stopping(&n1).await.unwrap();
     store.upsert_heartbeat(&node_heartbeat("n1")).await.unwrap();
     let stopping: Option<chrono::DateTime<chrono::Utc>> =
