@@ -519,6 +519,9 @@ up() {
   start_redis
   start_oidc
   form_swarm "$n"
+  # A node the swarm still has Down (after a healed partition too) gets its
+  # engine restarted once.
+  for i in $(seq 1 "$n"); do rejoin_swarm "$i"; done
   # The images again only when the flotillad to package changed.
   if [ "$(image_source)" != "$(cat "$STATE/image-source" 2>/dev/null)" ] || [ ! -s "$STATE/image" ]; then
     build_and_push
