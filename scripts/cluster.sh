@@ -286,6 +286,15 @@ start_oidc() {
 # --- the swarm
 
 swarm_state() { dk "$1" info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null; }
+swarm_state_settled() { case "$(swarm_state "$1")" in active|inactive) return 0 ;; *) return 1 ;; esac; }
+# in_swarm I: node I belongs to a swarm. An engine restarted with its swarm
+# state (after a power cut, or a session's processes killed without `down`)
+# says "pending" until it reaches its managers: it must not be asked to
+# init or join again ("This node is already part of a swarm").
+in_swarm() {
+  wait_for 60 "node $1 to settle its swarm membership (docker info: Swarm.LocalNodeState)" swarm_state_settled "$1"
+  [ "$(swarm_state "$1")" = active ]
+}
 swarm_has_leader() { dk 1 node ls >/dev/null 2>&1; }
 # swarm_node_ready I: the swarm (asked through a manager that answers) says
 # node I is Ready.
@@ -317,14 +326,14 @@ rejoin_swarm() {
 
 form_swarm() {
   local n=$1
-  if [ "$(swarm_state 1)" != active ]; then
+  if ! in_swarm 1; then
     # Overlay subnets from a pool that cannot meet the bridge's.
     dk 1 swarm init --advertise-addr "$(node_ip 1)" --listen-addr "$(node_ip 1):2377" \
       --default-addr-pool 10.240.0.0/16 >/dev/null
     say "swarm made on node 1"
   fi
   for i in $(seq 2 "$n"); do
-    [ "$(swarm_state "$i")" = active ] && continue
+    in_swarm "$i" && continue
     # Three managers keep a quorum when one is lost; the rest are workers.
     local role=worker; [ "$i" -le 3 ] && role=manager
     dk "$i" swarm join --token "$(dk 1 swarm join-token -q $role)" --advertise-addr "$(node_ip "$i")" \
