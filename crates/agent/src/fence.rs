@@ -24,7 +24,7 @@ use flotilla_telemetry::liveness::{AgentProber, Liveness};
 #[derive(Debug)]
 pub(crate) struct Fence {
     after: Option<Duration>,
-    prober: Option<AgentProber>,
+    prober: AgentProber,
     /// When the last heartbeat that succeeded was sent (taken before the
     /// write, so it is never later than the time the database recorded).
     last_contact: Mutex<Instant>,
@@ -45,7 +45,7 @@ pub(crate) enum FenceCheck {
 }
 
 impl Fence {
-    pub(crate) fn new(after: Option<Duration>, prober: Option<AgentProber>) -> Self {
+    pub(crate) fn new(after: Option<Duration>, prober: AgentProber) -> Self {
         Self {
             after,
             prober,
@@ -56,7 +56,7 @@ impl Fence {
     }
 
     pub(crate) fn after(&self) -> Option<Duration> {
-        self.after.filter(|_| self.prober.is_some())
+        self.after
     }
 
     /// A heartbeat sent at `sent` succeeded. Returns whether the agent had
@@ -86,13 +86,13 @@ impl Fence {
     /// Decides whether to fence now; asks the peers only once out of
     /// contact for `fence_after`.
     pub(crate) async fn check(&self) -> FenceCheck {
-        let (Some(after), Some(prober)) = (self.after, &self.prober) else { return FenceCheck::Keep };
+        let Some(after) = self.after else { return FenceCheck::Keep };
         let silent_for = self.silent_for();
         if silent_for < after {
             return FenceCheck::Keep;
         }
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let answers = futures::future::join_all(peers.iter().map(|url| prober.probe(url))).await;
+        let answers = futures::future::join_all(peers.iter().map(|url| self.prober.probe(url))).await;
         // Any answer counts, a peer's engine away or fenced too: what matters
         // is which side of a cut this node is on.
         let answered = answers.iter().filter(|a| !matches!(a, Liveness::NoAnswer(_))).count();
@@ -197,10 +197,12 @@ mod tests {
 
     #[tokio::test]
     async fn in_contact_or_disabled_keeps() {
-        let fence = Fence::new(Some(Duration::from_secs(60)), None);
-        assert_eq!(fence.check().await, FenceCheck::Keep);
-        let prober = AgentProber::new("t".into(), Duration::from_millis(100)).unwrap();
-        let fence = Fence::new(Some(Duration::from_secs(60)), Some(prober));
-        assert_eq!(fence.check().await, FenceCheck::Keep);
+        let prober = || AgentProber::new("t".into(), Duration::from_millis(100)).unwrap();
+        let fence = Fence::new(None, prober());
+        fence.set_peers(vec!["http://127.0.0.1:9".into()]);
+        assert_eq!(fence.check().await, FenceCheck::Keep, "fencing disabled");
+        let fence = Fence::new(Some(Duration::from_secs(60)), prober());
+        fence.set_peers(vec!["http://127.0.0.1:9".into()]);
+        assert_eq!(fence.check().await, FenceCheck::Keep, "in contact");
     }
 }

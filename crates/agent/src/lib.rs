@@ -38,7 +38,7 @@ use chrono::{DateTime, Utc};
 use flotilla_docker::{DockerClient, EngineInfo, LogOptions, LogStream};
 use flotilla_edge::{EdgeSync, EdgeSyncConfig};
 use flotilla_redis::{ORCHESTRATOR_TOPIC, WakeBus, agent_topic};
-use flotilla_runtime::{Next, PeriodicTask, run_periodically};
+use flotilla_runtime::{Next, PeriodicTask, spawn_periodic};
 use flotilla_store::{NodeHeartbeat, Store};
 use flotilla_telemetry::Telemetry;
 use flotilla_telemetry::liveness::AgentProber;
@@ -234,7 +234,7 @@ impl Agent {
         telemetry.register(Box::new(flotilla_edge::metrics::sync_collector(&edge_stats)));
         let edge = EdgeSync::new(store.clone(), config.edge, edge_stats);
         let prober = AgentProber::new(internal_token, PEER_PROBE_TIMEOUT).map_err(AgentError::HttpClient)?;
-        let fence = fence::Fence::new(config.fence_after, Some(prober));
+        let fence = fence::Fence::new(config.fence_after, prober);
         tracing::info!(
             node.id = %node_id,
             engine = %engine.server_version,
@@ -349,79 +349,38 @@ impl Agent {
     }
 
     fn spawn_loops(self: &Arc<Self>, tasks: &TaskTracker, cancel: &CancellationToken) {
-        let span = tracing::Span::current();
-        let agent = self.clone();
-        let heartbeat = PeriodicTask {
-            name: "agent.heartbeat",
-            interval: self.config.heartbeat_interval,
-            wake: None,
-            pass_at_start: true,
-        };
-        tasks.spawn(
-            run_periodically(heartbeat, cancel.clone(), move || {
-                let agent = agent.clone();
-                async move { agent.heartbeat_pass().await }
-            })
-            .instrument(span.clone()),
-        );
-        let agent = self.clone();
+        let span = tracing::Span::current;
+        let every = |name, interval| PeriodicTask { name, interval, wake: None, pass_at_start: false };
+        let heartbeat =
+            PeriodicTask { pass_at_start: true, ..every("agent.heartbeat", self.config.heartbeat_interval) };
+        spawn_periodic(tasks, cancel, span(), heartbeat, self, |agent| async move { agent.heartbeat_pass().await });
+        // The start-up pass just ran.
         let reconcile = PeriodicTask {
-            name: "agent.reconcile",
-            interval: self.config.reconcile_interval,
             wake: Some(self.reconcile_wake.clone()),
-            // The start-up pass just ran.
-            pass_at_start: false,
+            ..every("agent.reconcile", self.config.reconcile_interval)
         };
-        tasks.spawn(
-            run_periodically(reconcile, cancel.clone(), move || {
-                let agent = agent.clone();
-                async move { if agent.run_pass().await.error.is_some() { Next::RetrySoon } else { Next::Interval } }
-            })
-            .instrument(span.clone()),
-        );
-        let agent = self.clone();
-        let facts =
-            PeriodicTask { name: "agent.engine_facts", interval: ENGINE_FACTS_EVERY, wake: None, pass_at_start: false };
-        tasks.spawn(
-            run_periodically(facts, cancel.clone(), move || {
-                let agent = agent.clone();
-                async move {
-                    match agent.refresh_engine_facts().await {
-                        Ok(()) => Next::Interval,
-                        Err(error) => {
-                            tracing::warn!(%error, "could not read the engine's facts; heartbeats report the last ones");
-                            Next::RetrySoon
-                        }
-                    }
+        spawn_periodic(tasks, cancel, span(), reconcile, self, |agent| async move {
+            if agent.run_pass().await.error.is_some() { Next::RetrySoon } else { Next::Interval }
+        });
+        let facts = every("agent.engine_facts", ENGINE_FACTS_EVERY);
+        spawn_periodic(tasks, cancel, span(), facts, self, |agent| async move {
+            match agent.refresh_engine_facts().await {
+                Ok(()) => Next::Interval,
+                Err(error) => {
+                    tracing::warn!(%error, "could not read the engine's facts; heartbeats report the last ones");
+                    Next::RetrySoon
                 }
-            })
-            .instrument(span.clone()),
-        );
-        let agent = self.clone();
-        let fence = PeriodicTask { name: "agent.fence", interval: FENCE_TICK, wake: None, pass_at_start: false };
-        tasks.spawn(
-            run_periodically(fence, cancel.clone(), move || {
-                let agent = agent.clone();
-                async move {
-                    agent.fence_pass().await;
-                    Next::Interval
-                }
-            })
-            .instrument(span.clone()),
-        );
-        let agent = self.clone();
-        let probes =
-            PeriodicTask { name: "agent.probes", interval: self.config.probe_tick, wake: None, pass_at_start: false };
-        tasks.spawn(
-            run_periodically(probes, cancel.clone(), move || {
-                let agent = agent.clone();
-                async move {
-                    agent.probe_pass().await;
-                    Next::Interval
-                }
-            })
-            .instrument(span),
-        );
+            }
+        });
+        spawn_periodic(tasks, cancel, span(), every("agent.fence", FENCE_TICK), self, |agent| async move {
+            agent.fence_pass().await;
+            Next::Interval
+        });
+        let probes = every("agent.probes", self.config.probe_tick);
+        spawn_periodic(tasks, cancel, span(), probes, self, |agent| async move {
+            agent.probe_pass().await;
+            Next::Interval
+        });
     }
 
     async fn heartbeat_pass(&self) -> Next {

@@ -377,6 +377,7 @@ async fn the_orchestrator_leader_s_node_lost_another_leads_and_nothing_is_placed
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("the leader {leader:?} names its node"));
     assert_ne!(lost, 1, "orchestrators run off the edge node");
+    let lost_address = cluster.addresses[lost - 1].clone();
     let lost_at = Instant::now();
     cluster.script(&["kill-node", &lost.to_string()]);
     let new_leader = wait_until("another orchestrator leading", Duration::from_secs(60), || async {
@@ -386,6 +387,13 @@ async fn the_orchestrator_leader_s_node_lost_another_leads_and_nothing_is_placed
     })
     .await;
     let took_over = lost_at.elapsed();
+    // The new leader's node watch, not the old leader's, notices the loss.
+    wait_until("the lost node marked down", Duration::from_secs(60), || async {
+        let nodes = cluster.nodes().await;
+        nodes.iter().any(|n| n["address"] == lost_address.as_str() && n["status"] == "down").then_some(())
+    })
+    .await;
+    let down_after = lost_at.elapsed();
     // The new leader places a new deployment, each replica once.
     let (id, domain) = create(&cluster, &format!("lead-{}", unique_suffix()), &demo(&cluster), 2).await;
     let deployment = cluster.wait_running(&id, 2, Duration::from_secs(120)).await;
@@ -393,7 +401,11 @@ async fn the_orchestrator_leader_s_node_lost_another_leads_and_nothing_is_placed
     let indexes: Vec<u64> = replica_nodes(&deployment).into_iter().map(|(i, _)| i).collect();
     assert_eq!(indexes, [0, 1], "{deployment}");
     assert_eq!(cluster.all_containers_of(&id).len(), 2, "each replica placed once");
-    eprintln!("leader {leader} lost with node {lost}: {new_leader} leads after {:.1} s", took_over.as_secs_f64());
+    eprintln!(
+        "leader {leader} lost with node {lost}: {new_leader} leads after {:.1} s, node down after {:.1} s",
+        took_over.as_secs_f64(),
+        down_after.as_secs_f64()
+    );
     cluster.restore().await;
     assert_eq!(cluster.all_containers_of(&id).len(), 2, "still each replica once with node {lost} back");
     cluster.delete(&id).await;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use flotilla_edge::EdgeSettings;
 use flotilla_redis::{ORCHESTRATOR_TOPIC, WakeBus, agent_topic};
-use flotilla_runtime::{Next, PeriodicTask, run_periodically};
+use flotilla_runtime::{Next, PeriodicTask, spawn_periodic};
 use flotilla_store::placement::{
     HealthWatch, Lease, NewReplica, PlacementNeed, PlacementOutcome, PlacementPlan, SilentNode,
 };
@@ -36,7 +36,7 @@ use flotilla_store::{Store, StoreError};
 use flotilla_telemetry::Telemetry;
 use flotilla_types::{NodeId, PlacementStrategy, ReplicaId};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -77,7 +77,7 @@ impl Default for OrchestratorConfig {
             edge: EdgeSettings::default(),
             default_strategy: PlacementStrategy::LeastLoaded,
             holder: holder_name(),
-            lease_ttl: Duration::from_secs(6),
+            lease_ttl: Duration::from_secs(4),
             node_watch: NodeWatchConfig::default(),
         }
     }
@@ -138,6 +138,9 @@ pub struct Orchestrator {
     /// Asks silent nodes' agents whether they are alive; without it, nodes
     /// go down only after the heartbeat timeout.
     prober: Option<AgentProber>,
+    /// Runs the node watch at once when this replica becomes the leader:
+    /// the lost node may be the old leader's.
+    node_watch_wake: Arc<Notify>,
 }
 
 impl Orchestrator {
@@ -160,6 +163,7 @@ impl Orchestrator {
             lease: watch::Sender::new(None),
             lease_error: Mutex::new(None),
             prober,
+            node_watch_wake: Arc::new(Notify::new()),
         })
     }
 
@@ -182,44 +186,44 @@ impl Orchestrator {
             async move { orchestrator.run_election(election_cancel).await }
                 .instrument(tracing::info_span!("orchestrator.lease", holder = %self.config.holder)),
         );
-        let orchestrator = self.clone();
-        let task = PeriodicTask {
+        let node_watch = PeriodicTask {
+            name: "orchestrator.node_watch",
+            interval: self.config.node_watch.every,
+            wake: Some(self.node_watch_wake.clone()),
+            pass_at_start: false,
+        };
+        spawn_periodic(
+            tracker,
+            &cancel,
+            tracing::info_span!("orchestrator.node_watch"),
+            node_watch,
+            self,
+            |watcher| async move { watcher.watch_silent_nodes().await },
+        );
+        let placement = PeriodicTask {
             name: "orchestrator.placement",
             interval: self.config.interval,
             wake: Some(self.wake.waiter(ORCHESTRATOR_TOPIC)),
             pass_at_start: true,
         };
-        let watcher = self.clone();
-        let node_watch = PeriodicTask {
-            name: "orchestrator.node_watch",
-            interval: self.config.node_watch.every,
-            wake: None,
-            pass_at_start: false,
-        };
-        tracker.spawn(
-            run_periodically(node_watch, cancel.clone(), move || {
-                let watcher = watcher.clone();
-                async move { watcher.watch_silent_nodes().await }
-            })
-            .instrument(tracing::info_span!("orchestrator.node_watch")),
-        );
-        tracker.spawn(
-            run_periodically(task, cancel, move || {
-                let orchestrator = orchestrator.clone();
-                async move {
-                    let report = orchestrator.run_round().await;
-                    if report.error.is_some() || report.unschedulable > 0 {
-                        Next::RetrySoon
-                    } else if report.drain_in_flight > 0 {
-                        // A drain waits on replacements becoming healthy and
-                        // on retired replicas' stop times.
-                        Next::After(Duration::from_secs(1))
-                    } else {
-                        Next::Interval
-                    }
+        spawn_periodic(
+            tracker,
+            &cancel,
+            tracing::info_span!("orchestrator"),
+            placement,
+            self,
+            |orchestrator| async move {
+                let report = orchestrator.run_round().await;
+                if report.error.is_some() || report.unschedulable > 0 {
+                    Next::RetrySoon
+                } else if report.drain_in_flight > 0 {
+                    // A drain waits on replacements becoming healthy and on
+                    // retired replicas' stop times.
+                    Next::After(Duration::from_secs(1))
+                } else {
+                    Next::Interval
                 }
-            })
-            .instrument(tracing::info_span!("orchestrator")),
+            },
         );
     }
 
@@ -232,7 +236,9 @@ impl Orchestrator {
         Ok(leading)
     }
 
-    /// Renews (or tries to take) the lease every third of its time to live.
+    /// Renews the lease every third of its time to live; a follower tries
+    /// to take it every eighth, so a lost leader is replaced soon after its
+    /// lease runs out.
     async fn run_election(self: Arc<Self>, cancel: CancellationToken) {
         let period = self.config.lease_ttl / 3;
         let mut lost_at: Option<Instant> = None;
@@ -254,9 +260,10 @@ impl Orchestrator {
                     }
                 }
             }
+            let next_try = if self.lease().is_some() { period } else { self.config.lease_ttl / 8 };
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = tokio::time::sleep(period) => {}
+                () = tokio::time::sleep(next_try) => {}
             }
         }
         if let Some(lease) = self.lease() {
@@ -285,6 +292,7 @@ impl Orchestrator {
         if became_leader {
             // Catch up at once rather than at the next timer.
             self.wake.notify_local(ORCHESTRATOR_TOPIC);
+            self.node_watch_wake.notify_one();
         }
     }
 

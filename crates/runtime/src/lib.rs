@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// What a pass asks of the next one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +75,24 @@ where
         }
     }
     tracing::info!(task = task.name, "stopped");
+}
+
+/// Spawns `task` on `tracker`, in `span`: each pass calls `pass` with a
+/// clone of `owner` (the role that runs the loop), until `cancel` fires.
+pub fn spawn_periodic<T, F, Fut>(
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+    span: tracing::Span,
+    task: PeriodicTask,
+    owner: &Arc<T>,
+    pass: F,
+) where
+    T: Send + Sync + 'static,
+    F: Fn(Arc<T>) -> Fut + Send + 'static,
+    Fut: Future<Output = Next> + Send + 'static,
+{
+    let owner = owner.clone();
+    tracker.spawn(run_periodically(task, cancel.clone(), move || pass(owner.clone())).instrument(span));
 }
 
 #[cfg(test)]
