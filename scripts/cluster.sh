@@ -15,7 +15,9 @@
 #   scripts/cluster.sh start-node I  start node I's engine again
 #   scripts/cluster.sh partition I   cut node I's link to the others
 #   scripts/cluster.sh heal I        restore it
-#   scripts/cluster.sh restart-db    restart the control database (PostgreSQL)
+#   scripts/cluster.sh restart-db    restart the control database (PostgreSQL;
+#                                    with the HA data plane: the primary's container)
+#   scripts/cluster.sh data          the data plane's members and roles (HA only)
 #   scripts/cluster.sh docker I ...  the docker CLI against node I's engine
 #   scripts/cluster.sh deploy        build and push Flotilla's images again and
 #                                    update the stack (after a code change)
@@ -37,6 +39,10 @@
 #                             extra `NAME=value` lines (space separated) for the
 #                             agents / orchestrators, e.g. shorter heartbeats
 #   FLOTILLA_CLUSTER_STORAGE  the engines' storage driver (overlay2)
+#   FLOTILLA_CLUSTER_DATA     host: PostgreSQL and Redis on the host (default);
+#                             ha: the stack's own data plane on nodes 1-3
+#                             (etcd, Patroni, Redis Sentinel, a db-proxy on
+#                             every node; scripts/build-data-image.sh)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -55,6 +61,11 @@ STACK=flotilla
 SWITCH=flo-sw
 VENV=${FLOTILLA_PYTHON_VENV:-$HOME/.cache/flotilla/venv}
 USER_SUB=cluster-admin
+DATA=${FLOTILLA_CLUSTER_DATA:-host}
+DB_PROXY_PORT=6432
+REDIS_PROXY_PORT=6380
+# The stack's data plane members, zeroed when the data lives on the host.
+DATA_SERVICES="etcd1 etcd2 etcd3 pg1 pg2 pg3 redis1 redis2 redis3 sentinel1 sentinel2 sentinel3 backup"
 
 say() { echo "cluster: $*" >&2; }
 fail() { echo "cluster: $*" >&2; exit 1; }
@@ -244,7 +255,27 @@ EOF
   say "PostgreSQL at $HOST_IP:$PG_PORT"
 }
 
+# data_members: each PostgreSQL member's role as Patroni says (HA only).
+data_members() {
+  local i
+  for i in 1 2 3; do
+    engine_up "$i" || { echo "pg$i  node $i  engine down"; continue; }
+    local id; id=$(dk "$i" ps -q --filter "label=com.docker.swarm.service.name=${STACK}_pg$i" | head -1)
+    [ -n "$id" ] || { echo "pg$i  node $i  no container"; continue; }
+    echo "pg$i  node $i  $(dk "$i" exec "$id" curl -s -m 2 localhost:8008/patroni 2>/dev/null |
+      sed -n 's/.*"role": *"\([^"]*\)".*/\1/p' | head -1)"
+  done
+}
+
 restart_db() {
+  if [ "$(cat "$STATE/data" 2>/dev/null)" = ha ]; then
+    local primary; primary=$(data_members | awk '$4 == "master" || $4 == "primary" {print $1}' | head -1)
+    [ -n "$primary" ] || fail "no PostgreSQL primary to restart ($(data_members | tr '\n' ';'))"
+    local i=${primary#pg}
+    dk "$i" restart -t 10 "$(dk "$i" ps -q --filter "label=com.docker.swarm.service.name=${STACK}_$primary" | head -1)" >/dev/null
+    say "PostgreSQL primary $primary restarted (node $i)"
+    return 0
+  fi
   local data=$STATE/postgres
   [ -f "$data/PG_VERSION" ] || fail "no cluster database"
   pg "$(pg_bin)/pg_ctl" -D "$data" -l "$data/postgres.log" -m fast -w -t 60 restart >/dev/null
@@ -347,6 +378,7 @@ form_swarm() {
   for i in $(seq 1 "$n"); do
     local labels=(--label-add compute=true)
     [ "$i" = 1 ] && labels+=(--label-add edge=true)
+    [ "$DATA" = ha ] && [ "$i" -le 3 ] && labels+=(--label-add "data=$i")
     dk 1 node update "${labels[@]}" "node$i" >/dev/null
   done
 }
@@ -380,6 +412,16 @@ build_and_push() {
   docker rmi "flotilla/flotillad:$tag" >/dev/null
   echo "$REGISTRY/flotilla/flotillad:$tag" >"$STATE/image"
   image_source >"$STATE/image-source"
+}
+
+# The data plane's image (HA only): built offline (cached: a second when
+# nothing changed) and pushed when it differs from the one the stack runs.
+data_image() {
+  local image; image=$("$root/scripts/build-data-image.sh" 2>/dev/null | tail -1)
+  [ -n "$image" ] || fail "scripts/build-data-image.sh failed (run it to see why)"
+  [ "$REGISTRY/$image" = "$(cat "$STATE/data-image" 2>/dev/null)" ] && return 0
+  push "$image"
+  echo "$REGISTRY/$image" >"$STATE/data-image"
 }
 
 # What the flotillad image is made from: the given binary's digest, or the
@@ -431,20 +473,28 @@ override() {
       replicas: $n
       update_config: { order: stop-first }
       rollback_config: { order: stop-first }
-  # Beside the nodes (on the host), not in the stack: no images of them here.
-  postgres: { deploy: { replicas: 0 } }
-  redis: { deploy: { replicas: 0 } }
+  # No images of them here.
   prometheus: { deploy: { replicas: 0 } }
   grafana: { deploy: { replicas: 0 } }
 EOF
+  if [ "$DATA" = host ]; then
+    # The data lives beside the nodes (on the host), not in the stack.
+    local service
+    for service in $DATA_SERVICES; do echo "  $service: { deploy: { replicas: 0 } }"; done
+    echo '  db-proxy: { deploy: { placement: { constraints: [node.labels.no-such-label == true] } } }'
+  fi
 }
 
 deploy_stack() {
   local n=$1
   if ! dk 1 secret inspect flotilla_internal_token >/dev/null 2>&1; then
-    DOCKER_HOST="unix://$(node_dir 1)/docker.sock" \
-      FLOTILLA_DATABASE_URL="postgres://flotilla:$(cat "$STATE/db-password")@$HOST_IP:$PG_PORT/flotilla" \
-      FLOTILLA_REDIS_URL="redis://$HOST_IP:$REDIS_PORT" FLOTILLA_GRAFANA_PASSWORD=unused \
+    local urls=()
+    [ "$DATA" = host ] && urls=(
+      FLOTILLA_DATABASE_URL="postgres://flotilla:$(cat "$STATE/db-password")@$HOST_IP:$PG_PORT/flotilla"
+      FLOTILLA_REDIS_URL="redis://$HOST_IP:$REDIS_PORT")
+    env DOCKER_HOST="unix://$(node_dir 1)/docker.sock" "${urls[@]}" \
+      FLOTILLA_DB_PASSWORD="$(cat "$STATE/db-password")" FLOTILLA_REDIS_PASSWORD="$(cat "$STATE/redis-password")" \
+      FLOTILLA_DB_PROXY_PORT=$DB_PROXY_PORT FLOTILLA_REDIS_PROXY_PORT=$REDIS_PROXY_PORT FLOTILLA_GRAFANA_PASSWORD=unused \
       "$root/stack/create-secrets.sh" >/dev/null
     say "secrets made"
   fi
@@ -454,6 +504,8 @@ deploy_stack() {
     FLOTILLA_PLATFORM_DOMAINS="$DOMAIN" FLOTILLA_OIDC_ISSUER="http://$HOST_IP:$OIDC_PORT" \
     FLOTILLA_OIDC_AUDIENCE=flotilla FLOTILLA_PLATFORM_ADMINS="$USER_SUB" \
     FLOTILLA_ACME_DIRECTORY="http://127.0.0.1:9/no-acme-in-this-cluster" \
+    DATA_IMAGE="$(cat "$STATE/data-image" 2>/dev/null || echo flotilla/data:none)" FLOTILLA_BACKUP_DIR="$STATE/backups" \
+    FLOTILLA_DB_PROXY_PORT=$DB_PROXY_PORT FLOTILLA_REDIS_PROXY_PORT=$REDIS_PROXY_PORT \
     docker stack deploy --with-registry-auth -c flotilla.yml -c "$STATE/override.yml" "$STACK" >"$STATE/deploy.log" 2>&1) \
     || fail "docker stack deploy failed: $(cat "$STATE/deploy.log")"
   say "stack deployed ($(cat "$STATE/image"))"
@@ -508,6 +560,12 @@ print_env() {
   echo "export FLOTILLA_CLUSTER_NODES=$(node_count)"
   echo "export FLOTILLA_CLUSTER_ADDRESSES=$(for i in $(seq 1 "$(node_count)"); do printf '%s,' "$(node_ip "$i")"; done | sed 's/,$//')"
   echo "export FLOTILLA_CLUSTER_DIR=$STATE"
+  echo "export FLOTILLA_CLUSTER_DATA=$(cat "$STATE/data" 2>/dev/null || echo host)"
+  if [ "$(cat "$STATE/data" 2>/dev/null)" = ha ]; then
+    echo "export FLOTILLA_CLUSTER_DATABASE_URL=postgres://flotilla:$(cat "$STATE/db-password")@$(node_ip 1):$DB_PROXY_PORT/flotilla"
+  else
+    echo "export FLOTILLA_CLUSTER_DATABASE_URL=postgres://flotilla:$(cat "$STATE/db-password")@$HOST_IP:$PG_PORT/flotilla"
+  fi
 }
 
 up() {
@@ -516,16 +574,32 @@ up() {
   [ "$n" -le 9 ] || fail "at most 9 nodes"
   local existing; existing=$(node_count)
   [ "$existing" = 0 ] || [ "$existing" = "$n" ] || fail "a $existing-node cluster exists: scripts/cluster.sh down first"
+  case $DATA in host | ha) ;; *) fail "FLOTILLA_CLUSTER_DATA is host or ha, not '$DATA'" ;; esac
+  local data_before; data_before=$(cat "$STATE/data" 2>/dev/null || echo "$DATA")
+  [ "$data_before" = "$DATA" ] ||
+    fail "this cluster keeps its data on '$data_before': scripts/cluster.sh down first, or FLOTILLA_CLUSTER_DATA=$data_before"
+  [ "$DATA" = host ] || [ "$n" -ge 3 ] || fail "FLOTILLA_CLUSTER_DATA=ha needs 3 nodes or more (one per etcd and PostgreSQL member)"
   preflight
   local started=$SECONDS
   mkdir -p "$STATE" && chmod 755 "$STATE"
   echo "$n" >"$STATE/nodes"
-  [ -s "$STATE/db-password" ] || (umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$STATE/db-password")
+  echo "$DATA" >"$STATE/data"
+  local secret
+  for secret in db-password redis-password; do
+    [ -s "$STATE/$secret" ] || (umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$STATE/$secret")
+  done
   setup_network "$n"
   for i in $(seq 1 "$n"); do start_node "$i"; done
   start_registry
-  start_postgres
-  start_redis
+  if [ "$DATA" = host ]; then
+    start_postgres
+    start_redis
+  else
+    # Shared by the PostgreSQL members (WAL archive, base backups), as an
+    # NFS mount would be between real nodes.
+    mkdir -p "$STATE/backups/wal" "$STATE/backups/base"
+    chmod 777 "$STATE/backups" "$STATE/backups/wal" "$STATE/backups/base"
+  fi
   start_oidc
   form_swarm "$n"
   # A node the swarm still has Down (after a healed partition too) gets its
@@ -535,6 +609,7 @@ up() {
   if [ "$(image_source)" != "$(cat "$STATE/image-source" 2>/dev/null)" ] || [ ! -s "$STATE/image" ]; then
     build_and_push
   fi
+  [ "$DATA" = host ] || data_image
   deploy_stack "$n"
   say "waiting for the stack's services and $n ready nodes"
   wait_for 300 "the stack's services to finish updating and run (scripts/cluster.sh status)" stack_settled
@@ -558,8 +633,12 @@ status() {
     echo "node $i  $(node_ip "$i")  engine $engine  link ${link:-missing}"
   done
   registry_up && echo "registry  $REGISTRY  up" || echo "registry  $REGISTRY  down"
-  pg_up && echo "postgres  $HOST_IP:$PG_PORT  up" || echo "postgres  $HOST_IP:$PG_PORT  down"
-  redis_up && echo "redis     $HOST_IP:$REDIS_PORT  up" || echo "redis     $HOST_IP:$REDIS_PORT  down"
+  if [ "$(cat "$STATE/data" 2>/dev/null)" = ha ]; then
+    data_members
+  else
+    pg_up && echo "postgres  $HOST_IP:$PG_PORT  up" || echo "postgres  $HOST_IP:$PG_PORT  down"
+    redis_up && echo "redis     $HOST_IP:$REDIS_PORT  up" || echo "redis     $HOST_IP:$REDIS_PORT  down"
+  fi
   for i in $(seq 1 "$n"); do
     if engine_up "$i" && [ "$(dk "$i" info --format '{{.Swarm.ControlAvailable}}' 2>/dev/null)" = true ]; then
       dk "$i" node ls 2>/dev/null && dk "$i" service ls 2>/dev/null
@@ -620,6 +699,7 @@ case "${1:-}" in
   partition) partition "${2:?node number}" ;;
   heal) heal "${2:?node number}" ;;
   restart-db) restart_db ;;
+  data) data_members ;;
   docker) shift; i=${1:?node number}; shift; dk "$i" "$@" ;;
   deploy) build_and_push && deploy_stack "$(node_count)" ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;

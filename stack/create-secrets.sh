@@ -3,10 +3,16 @@
 #
 #   stack/create-secrets.sh [--suffix SUFFIX]
 #
-#   flotilla_postgres_password  PostgreSQL's password
-#   flotilla_database_url       the stack's PostgreSQL, or $FLOTILLA_DATABASE_URL
-#                               for one outside the stack
-#   flotilla_redis_url          the stack's Redis, or $FLOTILLA_REDIS_URL
+#   flotilla_postgres_password  PostgreSQL's superuser (postgres) password
+#   flotilla_replication_password  the standbys' replication password
+#   flotilla_db_password        the flotilla role's password, or $FLOTILLA_DB_PASSWORD
+#   flotilla_redis_password     Redis' password (members, sentinels, clients),
+#                               or $FLOTILLA_REDIS_PASSWORD (letters and digits)
+#   flotilla_database_url       the stack's PostgreSQL primary through the
+#                               node's db-proxy, or $FLOTILLA_DATABASE_URL for
+#                               one outside the stack
+#   flotilla_redis_url          the stack's Redis master through db-proxy, or
+#                               $FLOTILLA_REDIS_URL
 #   flotilla_grafana_password   Grafana's admin password (printed once), or
 #                               $FLOTILLA_GRAFANA_PASSWORD
 #   flotilla_certificate_key    seals the keys of certificates Flotilla orders
@@ -27,7 +33,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-names=(flotilla_postgres_password flotilla_database_url flotilla_redis_url flotilla_grafana_password
+names=(flotilla_postgres_password flotilla_replication_password flotilla_db_password flotilla_redis_password
+  flotilla_database_url flotilla_redis_url flotilla_grafana_password
   flotilla_certificate_key flotilla_internal_token flotilla_traefik_static)
 existing=()
 for name in "${names[@]}"; do
@@ -53,10 +60,17 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 chmod 700 "$scratch"
 
-password=$(random_hex 24)
-create flotilla_postgres_password "$password"
-create flotilla_database_url "${FLOTILLA_DATABASE_URL:-postgres://flotilla:$password@postgres:5432/flotilla}"
-create flotilla_redis_url "${FLOTILLA_REDIS_URL:-redis://redis:6379}"
+create flotilla_postgres_password "$(random_hex 24)"
+create flotilla_replication_password "$(random_hex 24)"
+password=${FLOTILLA_DB_PASSWORD:-$(random_hex 24)}
+create flotilla_db_password "$password"
+redis_password=${FLOTILLA_REDIS_PASSWORD:-$(random_hex 24)}
+create flotilla_redis_password "$redis_password"
+# db-proxy is each node's own HAProxy (stack/flotilla.yml): the ports are
+# the ones it publishes.
+create flotilla_database_url \
+  "${FLOTILLA_DATABASE_URL:-postgres://flotilla:$password@db-proxy:${FLOTILLA_DB_PROXY_PORT:-6432}/flotilla}"
+create flotilla_redis_url "${FLOTILLA_REDIS_URL:-redis://:$redis_password@db-proxy:${FLOTILLA_REDIS_PROXY_PORT:-6380}}"
 grafana=${FLOTILLA_GRAFANA_PASSWORD:-$(random_hex 12)}
 create flotilla_grafana_password "$grafana"
 create flotilla_certificate_key "$(random_hex 32)"

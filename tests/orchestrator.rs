@@ -216,6 +216,14 @@ async fn no_node_fitting_is_explained_and_hostile_placement_is_refused() {
     assert_eq!((status, error["code"].as_str()), (404, Some("not_found")), "{error}");
     let (status, error) = flotilla.connect_node("DrainNode", json!({ "id": "" })).await;
     assert_eq!((status, error["code"].as_str()), (400, Some("invalid_argument")), "{error}");
+
+    // No backup task here: none recorded, and a limit out of range refused.
+    let (status, backups) = flotilla.connect_node("ListDatabaseBackups", json!({})).await;
+    assert_eq!(status, 200, "{backups}");
+    assert!(backups.get("lastGood").is_none() && backups.get("backups").is_none_or(|b| b == &json!([])), "{backups}");
+    let (status, error) = flotilla.connect_node("ListDatabaseBackups", json!({ "limit": 500 })).await;
+    assert_eq!((status, error["code"].as_str()), (400, Some("invalid_argument")), "{error}");
+    assert!(error["message"].as_str().unwrap().contains("limit"), "{error}");
     flotilla.stop().await;
 }
 

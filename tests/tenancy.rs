@@ -67,6 +67,7 @@ fn case(rpc: &str, ids: &Ids) -> Option<(Value, Outsider, Viewer, bool)> {
         "VerifyDomain" => (json!({"id": d}), NotFound, Denied, false),
         "ListNodes" => (json!({}), AdminOnly, Denied, false),
         "GetNode" | "DrainNode" | "ActivateNode" => (json!({"id": ids.node}), AdminOnly, Denied, false),
+        "ListDatabaseBackups" => (json!({}), AdminOnly, Denied, false),
         "ListOrganizations" | "ListMembers" | "ListProjects" => (json!({}), OnlyOwn, Allowed, false),
         "ListInvitations" => (json!({}), OnlyOwn, Denied, false),
         // Acts for the caller: their own new organization.

@@ -249,6 +249,7 @@ pub fn service(
         .get_node(nodes::get_node)
         .drain_node(nodes::drain_node)
         .activate_node(nodes::activate_node)
+        .list_database_backups(nodes::list_database_backups)
         .with_state(state.clone())
         .build();
     let (organization_connect, organization_grpc) = OrganizationServiceTonicCompatibleBuilder::new()

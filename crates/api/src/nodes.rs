@@ -125,3 +125,37 @@ pub async fn activate_node(
     })
     .await
 }
+
+fn database_backup(record: &flotilla_store::backups::DatabaseBackup) -> pb::DatabaseBackup {
+    pb::DatabaseBackup {
+        label: record.label.clone(),
+        started_at: Some(timestamp(record.started_at)),
+        finished_at: Some(timestamp(record.finished_at)),
+        succeeded: record.succeeded,
+        size_bytes: record.size_bytes.unwrap_or(0),
+        wal_start: record.wal_start.clone().unwrap_or_default(),
+        location: record.location.clone(),
+        error: record.error.clone().unwrap_or_default(),
+    }
+}
+
+pub async fn list_database_backups(
+    State(api): State<ApiState>,
+    caller: Caller,
+    ConnectRequest(request): ConnectRequest<pb::ListDatabaseBackupsRequest>,
+) -> Reply<pb::ListDatabaseBackupsResponse> {
+    api.observe("ListDatabaseBackups", async {
+        require_admin(&caller)?;
+        let limit = match request.limit {
+            0 => 20,
+            1..=200 => request.limit,
+            _ => return Err(FieldError::new("limit", "must be between 1 and 200 (0 for 20)").into()),
+        };
+        let history = api.store.database_backups(i64::from(limit)).await?;
+        Ok(pb::ListDatabaseBackupsResponse {
+            backups: history.recent.iter().map(database_backup).collect(),
+            last_good: history.last_good.as_ref().map(database_backup),
+        })
+    })
+    .await
+}

@@ -7,6 +7,7 @@
 //! not allowed).
 
 mod apply;
+mod backups;
 mod credentials;
 pub mod units;
 
@@ -214,6 +215,13 @@ pub enum Command {
     /// The cluster's nodes: list, drain, activate (platform administrators).
     #[command(subcommand)]
     Nodes(NodesCommand),
+    /// The control database's base backups and the last good one (platform
+    /// administrators).
+    Backups {
+        /// How many of the latest to list (at most 200).
+        #[arg(long, default_value_t = 20)]
+        limit: i32,
+    },
     /// Hourly usage (the basis of billing): of one deployment, or of the
     /// whole organization.
     Usage {
@@ -462,6 +470,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             flo.domains(&deployment, domain, path_prefix, verify).await
         }
         Command::Nodes(NodesCommand::Ls) => flo.list_nodes().await,
+        Command::Backups { limit } => flo.list_backups(limit).await,
         Command::Nodes(NodesCommand::Drain { node, now }) => {
             let request = pb::DrainNodeRequest { id: node, now };
             let reply = flo.nodes.drain_node(&request).await.map_err(|e| flo.err(e))?.into_inner();

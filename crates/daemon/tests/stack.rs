@@ -88,11 +88,38 @@ fn the_stack_file_lays_out_the_cluster() {
 
     assert_eq!(services["traefik"]["deploy"]["mode"], "global", "Traefik on every edge node");
     assert_eq!(strings(&services["traefik"]["deploy"]["placement"]["constraints"]), ["node.labels.edge == true"]);
-    assert_eq!(
-        strings(&services["postgres"]["deploy"]["placement"]["constraints"]),
-        ["node.labels.postgres.replica == primary"]
-    );
-    assert_eq!(strings(&services["redis"]["deploy"]["placement"]["constraints"]), ["node.labels.redis == true"]);
+    // The data plane: one member of each kind on each of the nodes labelled
+    // data=1, 2, 3, and a proxy on every node that flotillad reaches as
+    // db-proxy (its own node).
+    for kind in ["etcd", "pg", "redis", "sentinel"] {
+        for member in 1..=3 {
+            let name = format!("{kind}{member}");
+            let service = &services[name.as_str()];
+            assert_eq!(service["deploy"]["replicas"], 1, "{name}");
+            assert_eq!(
+                strings(&service["deploy"]["placement"]["constraints"]),
+                [format!("node.labels.data == {member}")]
+            );
+            assert_eq!(service["environment"]["FLOTILLA_DATA_NAME"], name.as_str(), "{name} knows its name");
+            let volumes = service["volumes"].as_sequence().expect("volumes");
+            assert!(
+                volumes.iter().any(|v| v["source"] == name.as_str() && v["target"] == "/data"),
+                "{name}: own volume"
+            );
+        }
+    }
+    for member in 1..=3 {
+        let volumes = services[format!("pg{member}").as_str()]["volumes"].as_sequence().expect("volumes").clone();
+        assert!(volumes.iter().any(|v| v["target"] == "/backups" && v["type"] == "bind"), "pg{member} archives WAL");
+    }
+    assert_eq!(services["db-proxy"]["deploy"]["mode"], "global", "a proxy on every node");
+    for name in flotillad {
+        assert_eq!(
+            strings(&services[name]["extra_hosts"]),
+            ["db-proxy:host-gateway"],
+            "{name} reaches its node's proxy"
+        );
+    }
 
     // No routing mesh and no VIPs: they need IPVS (docs/environment.md).
     for (name, service) in services.as_mapping().expect("services") {

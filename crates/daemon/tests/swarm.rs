@@ -328,8 +328,11 @@ fn task_addresses(service: &str) -> Vec<String> {
 }
 
 /// The secrets stack/flotilla.yml names, as stack/create-secrets.sh makes them.
-const STACK_SECRETS: [&str; 7] = [
+const STACK_SECRETS: [&str; 10] = [
     "flotilla_postgres_password",
+    "flotilla_replication_password",
+    "flotilla_db_password",
+    "flotilla_redis_password",
     "flotilla_database_url",
     "flotilla_redis_url",
     "flotilla_grafana_password",
@@ -499,8 +502,8 @@ impl Drop for Stack {
 }
 
 /// What the stack's override changes for a single-node test swarm: the
-/// services whose images cannot be had here (PostgreSQL, Redis, Prometheus,
-/// Grafana: no registry) run no task, and flotillad reaches the host's
+/// data plane (tests/cluster.rs runs it) and the services whose images
+/// cannot be had here (Prometheus, Grafana: no registry) run no task, and flotillad reaches the host's
 /// PostgreSQL and Redis through the secrets instead. The agent advertises
 /// the host's address on docker_gwbridge (`gateway`): the swarm advertises
 /// 127.0.0.1, which Traefik's container would take for itself. Everything
@@ -517,9 +520,17 @@ fn stack_override(suffix: &str, test_id: &str, redis_prefix: &str, gateway: IpAd
             "  {service}:\n{flotillad}    deploy:\n      placement:\n        max_replicas_per_node: 3\n"
         ));
     }
-    for service in ["postgres", "redis", "prometheus", "grafana"] {
+    for kind in ["etcd", "pg", "redis", "sentinel"] {
+        for member in 1..=3 {
+            yaml.push_str(&format!("  {kind}{member}:\n    deploy:\n      replicas: 0\n"));
+        }
+    }
+    for service in ["backup", "prometheus", "grafana"] {
         yaml.push_str(&format!("  {service}:\n    deploy:\n      replicas: 0\n"));
     }
+    yaml.push_str(
+        "  db-proxy:\n    deploy:\n      placement:\n        constraints: [node.labels.no-such-label == true]\n",
+    );
     yaml.push_str("secrets:\n");
     for secret in STACK_SECRETS {
         yaml.push_str(&format!("  {secret}:\n    external: true\n    name: {secret}{suffix}\n"));

@@ -7,6 +7,7 @@
 //!   agent's, [`nodes`] the heartbeat and node listing.
 
 pub mod audit;
+pub mod backups;
 pub mod changes;
 mod copy;
 pub mod domains;
