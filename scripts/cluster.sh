@@ -16,7 +16,8 @@
 #   scripts/cluster.sh partition I   cut node I's link to the others
 #   scripts/cluster.sh heal I        restore it
 #   scripts/cluster.sh restart-db    restart the control database (PostgreSQL;
-#                                    with the HA data plane: the primary's container)
+#                                    with the HA data plane: the primary's container
+#                                    is stopped and Swarm starts it again)
 #   scripts/cluster.sh data          the data plane's members and roles (HA only)
 #   scripts/cluster.sh docker I ...  the docker CLI against node I's engine
 #   scripts/cluster.sh deploy        build and push Flotilla's images again and
@@ -39,7 +40,8 @@
 #                             extra `NAME=value` lines (space separated) for the
 #                             agents / orchestrators, e.g. shorter heartbeats
 #   FLOTILLA_CLUSTER_STORAGE  the engines' storage driver (overlay2)
-#   FLOTILLA_CLUSTER_DATA     host: PostgreSQL and Redis on the host (default);
+#   FLOTILLA_CLUSTER_DATA     host: PostgreSQL and Redis on the host (default
+#                             for a new cluster; an existing one keeps its own);
 #                             ha: the stack's own data plane on nodes 1-3
 #                             (etcd, Patroni, Redis Sentinel, a db-proxy on
 #                             every node; scripts/build-data-image.sh)
@@ -61,7 +63,8 @@ STACK=flotilla
 SWITCH=flo-sw
 VENV=${FLOTILLA_PYTHON_VENV:-$HOME/.cache/flotilla/venv}
 USER_SUB=cluster-admin
-DATA=${FLOTILLA_CLUSTER_DATA:-host}
+# An existing cluster keeps its data where it is unless told otherwise.
+DATA=${FLOTILLA_CLUSTER_DATA:-$(cat "$STATE/data" 2>/dev/null || echo host)}
 DB_PROXY_PORT=6432
 REDIS_PROXY_PORT=6380
 # The stack's data plane members, zeroed when the data lives on the host.
@@ -272,8 +275,10 @@ restart_db() {
     local primary; primary=$(data_members | awk '$4 == "master" || $4 == "primary" {print $1}' | head -1)
     [ -n "$primary" ] || fail "no PostgreSQL primary to restart ($(data_members | tr '\n' ';'))"
     local i=${primary#pg}
-    dk "$i" restart -t 10 "$(dk "$i" ps -q --filter "label=com.docker.swarm.service.name=${STACK}_$primary" | head -1)" >/dev/null
-    say "PostgreSQL primary $primary restarted (node $i)"
+    # Stopped, and Swarm starts its task again: never `docker restart` a
+    # task's container (Swarm starts a second one beside it).
+    dk "$i" stop -t 10 "$(dk "$i" ps -q --filter "label=com.docker.swarm.service.name=${STACK}_$primary" | head -1)" >/dev/null
+    say "PostgreSQL primary $primary stopped on node $i; Swarm starts it again"
     return 0
   fi
   local data=$STATE/postgres

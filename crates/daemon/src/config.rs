@@ -546,7 +546,7 @@ pub struct OrchestratorArgs {
 
     /// A leader that has not renewed its lease for this long is replaced by
     /// another orchestrator replica.
-    #[arg(long, env = "FLOTILLA_LEADER_LEASE", default_value = "4s", value_parser = parse_duration)]
+    #[arg(long, env = "FLOTILLA_LEADER_LEASE", default_value = "3s", value_parser = parse_duration)]
     pub leader_lease: Duration,
 
     /// The longest a route table poll is held waiting for a change (the

@@ -77,7 +77,7 @@ impl Default for OrchestratorConfig {
             edge: EdgeSettings::default(),
             default_strategy: PlacementStrategy::LeastLoaded,
             holder: holder_name(),
-            lease_ttl: Duration::from_secs(4),
+            lease_ttl: Duration::from_secs(3),
             node_watch: NodeWatchConfig::default(),
         }
     }

@@ -63,6 +63,7 @@ impl StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_) => Self::Unavailable { operation, source },
+            source if fails_over(&source) => Self::Unavailable { operation, source },
             source => Self::Database { operation, source },
         }
     }
@@ -70,6 +71,15 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable { .. })
     }
+}
+
+/// What a server says while the cluster fails over (docs/data.md): a
+/// standby still finishing its promotion refuses writes (25006), a member
+/// shutting down or starting up refuses work (57P01-57P03). Retrying
+/// moments later succeeds, so these are unavailability, not failures.
+fn fails_over(error: &sqlx::Error) -> bool {
+    const FAIL_OVER_STATES: [&str; 4] = ["25006", "57P01", "57P02", "57P03"];
+    error.as_database_error().and_then(|db| db.code()).is_some_and(|code| FAIL_OVER_STATES.contains(&code.as_ref()))
 }
 
 /// The violated constraint's name, when `error` is a unique violation.

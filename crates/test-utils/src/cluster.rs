@@ -183,7 +183,13 @@ impl TestCluster {
     /// returns it.
     pub async fn wait_running(&self, id: &str, replicas: usize, limit: Duration) -> Value {
         wait_until(&format!("{id} running {replicas} replicas"), limit, || async {
-            let deployment = self.deployment(id).await;
+            // Unavailable (503) while the database fails over: asked again.
+            let (status, body) = self.call("DeploymentService", "GetDeployment", json!({ "id": id })).await;
+            if status == 503 && body["code"] == "unavailable" {
+                return None;
+            }
+            assert_eq!(status, 200, "{body}");
+            let deployment = body["deployment"].clone();
             let running = deployment["replicas"]
                 .as_array()
                 .map(|r| r.iter().filter(|r| r["status"] == "REPLICA_STATUS_RUNNING" && r["serving"] == true).count())
