@@ -327,8 +327,20 @@ swarm_state_settled() { case "$(swarm_state "$1")" in active|inactive) return 0 
 # state (after a power cut, or a session's processes killed without `down`)
 # says "pending" until it reaches its managers: it must not be asked to
 # init or join again ("This node is already part of a swarm").
+# A node healed after a long cut can stay "pending" for minutes (Swarm
+# 20.10): its engine is restarted once.
 in_swarm() {
-  wait_for 60 "node $1 to settle its swarm membership (docker info: Swarm.LocalNodeState)" swarm_state_settled "$1"
+  local deadline=$((SECONDS + 30))
+  until swarm_state_settled "$1"; do
+    if [ $SECONDS -ge $deadline ]; then
+      say "node $1: its swarm membership stays '$(swarm_state "$1")'; restarting its engine"
+      kill_engine "$1" >/dev/null
+      start_node "$1"
+      wait_for 60 "node $1 to settle its swarm membership (docker info: Swarm.LocalNodeState)" swarm_state_settled "$1"
+      break
+    fi
+    sleep 0.5
+  done
   [ "$(swarm_state "$1")" = active ]
 }
 swarm_has_leader() { dk 1 node ls >/dev/null 2>&1; }
@@ -595,6 +607,10 @@ up() {
   done
   setup_network "$n"
   for i in $(seq 1 "$n"); do start_node "$i"; done
+  # A node left cut off (a test that stopped half-way) is linked again.
+  for i in $(seq 1 "$n"); do
+    [ "$(ip -n "$SWITCH" -br link show "$(link_of "$i")" 2>/dev/null | awk '{print $2}')" != DOWN ] || heal "$i"
+  done
   start_registry
   if [ "$DATA" = host ]; then
     start_postgres

@@ -149,9 +149,23 @@ impl TestCluster {
         panic!("no API replica answers; last: {last}")
     }
 
+    /// A read, asked again while the API answers unavailable (the control
+    /// database failing over, with the HA data plane); any other answer but
+    /// success fails the test.
+    pub async fn read(&self, service: &str, method: &str, body: Value) -> Value {
+        wait_until(&format!("{method} answering"), Duration::from_secs(60), || async {
+            let (status, answer) = self.call(service, method, body.clone()).await;
+            if status == 503 && answer["code"] == "unavailable" {
+                return None;
+            }
+            assert_eq!(status, 200, "{method}: {answer}");
+            Some(answer)
+        })
+        .await
+    }
+
     pub async fn nodes(&self) -> Vec<Value> {
-        let (status, body) = self.call("NodeService", "ListNodes", json!({})).await;
-        assert_eq!(status, 200, "{body}");
+        let body = self.read("NodeService", "ListNodes", json!({})).await;
         body["nodes"].as_array().cloned().unwrap_or_default()
     }
 
@@ -174,22 +188,14 @@ impl TestCluster {
     }
 
     pub async fn deployment(&self, id: &str) -> Value {
-        let (status, body) = self.call("DeploymentService", "GetDeployment", json!({ "id": id })).await;
-        assert_eq!(status, 200, "{body}");
-        body["deployment"].clone()
+        self.read("DeploymentService", "GetDeployment", json!({ "id": id })).await["deployment"].clone()
     }
 
     /// Waits until the deployment runs `replicas` healthy replicas, and
     /// returns it.
     pub async fn wait_running(&self, id: &str, replicas: usize, limit: Duration) -> Value {
         wait_until(&format!("{id} running {replicas} replicas"), limit, || async {
-            // Unavailable (503) while the database fails over: asked again.
-            let (status, body) = self.call("DeploymentService", "GetDeployment", json!({ "id": id })).await;
-            if status == 503 && body["code"] == "unavailable" {
-                return None;
-            }
-            assert_eq!(status, 200, "{body}");
-            let deployment = body["deployment"].clone();
+            let deployment = self.deployment(id).await;
             let running = deployment["replicas"]
                 .as_array()
                 .map(|r| r.iter().filter(|r| r["status"] == "REPLICA_STATUS_RUNNING" && r["serving"] == true).count())
