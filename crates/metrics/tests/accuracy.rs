@@ -130,7 +130,10 @@ async fn the_docker_api_path_agrees_with_the_cgroup_path() {
             d.pids
         );
         assert!(close(c.cpu_cores, d.cpu_cores, 0.10, 0.01), "cpu {} vs {}", c.cpu_cores, d.cpu_cores);
-        assert!(close(c.memory_bytes as f64, d.memory_bytes as f64, 0.10, 64.0 * 1024.0), "memory");
+        // Read at slightly different moments too: a busy shell's few hundred
+        // KiB move by whole pages between reads (seen in CI: 528 KiB by the
+        // Docker API against 324 KiB from the cgroup, of a loop's 0.3 cores).
+        assert!(close(c.memory_bytes as f64, d.memory_bytes as f64, 0.10, 256.0 * 1024.0), "memory");
         // The two paths read at slightly different moments: a stray packet
         // on the bridge (ARP, neighbour discovery when other containers come
         // and go, a few hundred bytes) may fall in one interval and not the
