@@ -97,35 +97,15 @@ fn report(what: &str, figures: &Figures) {
     line("node back: one copy per replica", figures.converged.clone());
 }
 
-/// Runs the docker CLI against node `node` off the async threads.
-async fn docker(cluster: &TestCluster, node: usize, args: &[&str]) -> Result<String, String> {
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    let script = cluster.script_path().to_owned();
-    tokio::task::spawn_blocking(move || {
-        let output = std::process::Command::new(script)
-            .arg("docker")
-            .arg(node.to_string())
-            .args(&args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        match output.status.success() {
-            true => Ok(String::from_utf8_lossy(&output.stdout).into_owned()),
-            false => Err(String::from_utf8_lossy(&output.stderr).into_owned()),
-        }
-    })
-    .await
-    .map_err(|e| e.to_string())?
-}
-
 /// The nodes (hostnames) the Swarm service's running tasks are on.
 async fn swarm_tasks(cluster: &TestCluster, service: &str) -> Vec<String> {
-    let out = docker(
-        cluster,
-        1,
-        &["service", "ps", service, "--filter", "desired-state=running", "--format", "{{.Node}}|{{.CurrentState}}"],
-    )
-    .await
-    .unwrap_or_default();
+    let out = cluster
+        .docker_async(
+            1,
+            &["service", "ps", service, "--filter", "desired-state=running", "--format", "{{.Node}}|{{.CurrentState}}"],
+        )
+        .await
+        .unwrap_or_default();
     out.lines()
         .filter_map(|l| l.split_once('|'))
         .filter(|(_, state)| state.starts_with("Running"))
@@ -139,25 +119,25 @@ async fn lose(cluster: &TestCluster, run: usize, how: &str, back: &str, figures:
     let (fence, fence_domain) = cluster.create(&format!("bench-fence-{suffix}"), &image, 3, "fence").await;
     let (replace, replace_domain) = cluster.create(&format!("bench-replace-{suffix}"), &image, 3, "replace").await;
     let service = format!("bench-swarm-{suffix}");
-    docker(
-        cluster,
-        1,
-        &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            &service,
-            "--replicas",
-            "3",
-            "--placement-pref",
-            "spread=node.id",
-            &image,
-        ],
-    )
-    .await
-    .map_err(anyhow::Error::msg)
-    .context("creating the baseline Swarm service")?;
+    cluster
+        .docker_async(
+            1,
+            &[
+                "service",
+                "create",
+                "--detach",
+                "--name",
+                &service,
+                "--replicas",
+                "3",
+                "--placement-pref",
+                "spread=node.id",
+                &image,
+            ],
+        )
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("creating the baseline Swarm service")?;
     let lost_host = format!("node{LOST}");
     let spread = || async {
         let mut nodes = swarm_tasks(cluster, &service).await;
@@ -171,7 +151,8 @@ async fn lose(cluster: &TestCluster, run: usize, how: &str, back: &str, figures:
         .await
         .is_err()
     {
-        docker(cluster, 1, &["service", "update", "--detach", "--force", &service])
+        cluster
+            .docker_async(1, &["service", "update", "--detach", "--force", &service])
             .await
             .map_err(anyhow::Error::msg)?;
         wait_until("the Swarm service on every node", LIMIT, spread).await;
@@ -211,7 +192,7 @@ async fn lose(cluster: &TestCluster, run: usize, how: &str, back: &str, figures:
     };
     let swarm_down = async {
         wait_until("node down in Swarm", LIMIT, || async {
-            let out = docker(cluster, 1, &["node", "ls", "--format", "{{.Hostname}} {{.Status}}"]).await.ok()?;
+            let out = cluster.docker_async(1, &["node", "ls", "--format", "{{.Hostname}} {{.Status}}"]).await.ok()?;
             out.lines().any(|l| l == format!("{lost_host} Down")).then_some(())
         })
         .await;
@@ -272,7 +253,7 @@ async fn lose(cluster: &TestCluster, run: usize, how: &str, back: &str, figures:
     })
     .await;
     figures.converged.push(returned.elapsed());
-    docker(cluster, 1, &["service", "rm", &service]).await.map_err(anyhow::Error::msg)?;
+    cluster.docker_async(1, &["service", "rm", &service]).await.map_err(anyhow::Error::msg)?;
     cluster.delete(&fence).await;
     cluster.delete(&replace).await;
     Ok(())

@@ -109,11 +109,6 @@ impl TestCluster {
         }
     }
 
-    /// Where `scripts/cluster.sh` is.
-    pub fn script_path(&self) -> &Path {
-        &self.script
-    }
-
     /// `scripts/cluster.sh ARGS`: its output; panics if it fails.
     pub fn script(&self, args: &[&str]) -> String {
         run(&self.script, args).unwrap_or_else(|e| panic!("scripts/cluster.sh {args:?}: {e}"))
@@ -121,9 +116,14 @@ impl TestCluster {
 
     /// The docker CLI against node `node`'s engine (1-based).
     pub fn docker(&self, node: usize, args: &[&str]) -> Result<String, String> {
-        let mut all = vec!["docker".to_owned(), node.to_string()];
-        all.extend(args.iter().map(|a| (*a).to_owned()));
-        run(&self.script, &all.iter().map(String::as_str).collect::<Vec<_>>())
+        run(&self.script, &docker_args(node, args))
+    }
+
+    /// [`Self::docker`] off the async threads (for loops that must keep
+    /// time while the CLI runs).
+    pub async fn docker_async(&self, node: usize, args: &[&str]) -> Result<String, String> {
+        let (script, args) = (self.script.clone(), docker_args(node, args));
+        tokio::task::spawn_blocking(move || run(&script, &args)).await.map_err(|e| e.to_string())?
     }
 
     /// A Connect JSON call of `flotilla.v1.SERVICE/METHOD` as the cluster's
@@ -272,7 +272,12 @@ pub fn replica_nodes(deployment: &Value) -> Vec<(u64, String)> {
     placed
 }
 
-fn run(script: &Path, args: &[&str]) -> Result<String, String> {
+/// `scripts/cluster.sh docker NODE ARGS...`'s arguments.
+fn docker_args(node: usize, args: &[&str]) -> Vec<String> {
+    ["docker".to_owned(), node.to_string()].into_iter().chain(args.iter().map(|a| (*a).to_owned())).collect()
+}
+
+fn run(script: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> Result<String, String> {
     let output = Command::new(script).args(args).output().map_err(|e| e.to_string())?;
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
