@@ -189,6 +189,7 @@ kill_engine() {
 }
 
 link_of() { echo "port$1"; }
+link_state() { ip -n "$SWITCH" -br link show "$(link_of "$1")" 2>/dev/null | awk '{print $2}'; }
 
 partition() {
   ip -n "$SWITCH" link set "$(link_of "$1")" down
@@ -330,18 +331,27 @@ swarm_state_settled() { case "$(swarm_state "$1")" in active|inactive) return 0 
 # A node healed after a long cut can stay "pending" for minutes (Swarm
 # 20.10): its engine is restarted once.
 in_swarm() {
-  local deadline=$((SECONDS + 30))
-  until swarm_state_settled "$1"; do
+  until_or_restart "$1" 30 "its swarm membership stays pending" \
+    "node $1 to settle its swarm membership (docker info: Swarm.LocalNodeState)" swarm_state_settled "$1"
+  [ "$(swarm_state "$1")" = active ]
+}
+
+# until_or_restart I SECONDS WHY WHAT CHECK...: waits SECONDS for CHECK;
+# if it still fails (WHY), restarts node I's engine once, which clears the
+# states Swarm 20.10 gets stuck in, and waits 60 s more for WHAT.
+until_or_restart() {
+  local i=$1 seconds=$2 why=$3 what=$4; shift 4
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
     if [ $SECONDS -ge $deadline ]; then
-      say "node $1: its swarm membership stays '$(swarm_state "$1")'; restarting its engine"
-      kill_engine "$1" >/dev/null
-      start_node "$1"
-      wait_for 60 "node $1 to settle its swarm membership (docker info: Swarm.LocalNodeState)" swarm_state_settled "$1"
-      break
+      say "node $i: $why; restarting its engine"
+      kill_engine "$i" >/dev/null
+      start_node "$i"
+      wait_for 60 "$what" "$@"
+      return 0
     fi
     sleep 0.5
   done
-  [ "$(swarm_state "$1")" = active ]
 }
 swarm_has_leader() { dk 1 node ls >/dev/null 2>&1; }
 # swarm_node_ready I: the swarm (asked through a manager that answers) says
@@ -359,17 +369,9 @@ swarm_node_ready() {
 # takes it as Ready. Swarm 20.10 sometimes keeps a node that lost power
 # Down for good (its tasks never return); a second engine restart clears it.
 rejoin_swarm() {
-  local i=$1
-  [ "$(swarm_state "$i")" = active ] || return 0
-  local deadline=$((SECONDS + 45))
-  while [ $SECONDS -lt $deadline ]; do
-    swarm_node_ready "$i" && return 0
-    sleep 0.5
-  done
-  say "node $i: the swarm still has it Down; restarting its engine"
-  kill_engine "$i" >/dev/null
-  start_node "$i"
-  wait_for 60 "node $i Ready in the swarm (scripts/cluster.sh status)" swarm_node_ready "$i"
+  [ "$(swarm_state "$1")" = active ] || return 0
+  until_or_restart "$1" 45 "the swarm still has it Down" \
+    "node $1 Ready in the swarm (scripts/cluster.sh status)" swarm_node_ready "$1"
 }
 
 form_swarm() {
@@ -609,7 +611,7 @@ up() {
   for i in $(seq 1 "$n"); do start_node "$i"; done
   # A node left cut off (a test that stopped half-way) is linked again.
   for i in $(seq 1 "$n"); do
-    [ "$(ip -n "$SWITCH" -br link show "$(link_of "$i")" 2>/dev/null | awk '{print $2}')" != DOWN ] || heal "$i"
+    [ "$(link_state "$i")" != DOWN ] || heal "$i"
   done
   start_registry
   if [ "$DATA" = host ]; then
@@ -650,7 +652,7 @@ status() {
   for i in $(seq 1 "$n"); do
     local engine=down link
     engine_up "$i" && engine=up
-    link=$(ip -n "$SWITCH" -br link show "$(link_of "$i")" 2>/dev/null | awk '{print $2}')
+    link=$(link_state "$i")
     echo "node $i  $(node_ip "$i")  engine $engine  link ${link:-missing}"
   done
   registry_up && echo "registry  $REGISTRY  up" || echo "registry  $REGISTRY  down"
