@@ -19,7 +19,9 @@ fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     if caller.platform_admin {
         Ok(())
     } else {
-        Err(ApiError::PermissionDenied("only platform administrators may see and manage nodes".to_owned()))
+        Err(ApiError::PermissionDenied(
+            "only platform administrators may see and manage the platform's nodes and backups".to_owned(),
+        ))
     }
 }
 

@@ -470,7 +470,6 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             flo.domains(&deployment, domain, path_prefix, verify).await
         }
         Command::Nodes(NodesCommand::Ls) => flo.list_nodes().await,
-        Command::Backups { limit } => flo.list_backups(limit).await,
         Command::Nodes(NodesCommand::Drain { node, now }) => {
             let request = pb::DrainNodeRequest { id: node, now };
             let reply = flo.nodes.drain_node(&request).await.map_err(|e| flo.err(e))?.into_inner();
@@ -483,6 +482,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let reply = flo.nodes.activate_node(&request).await.map_err(|e| flo.err(e))?.into_inner();
             flo.node_changed(reply.node, "active: takes new work")
         }
+        Command::Backups { limit } => flo.list_backups(limit).await,
     }
 }
 
