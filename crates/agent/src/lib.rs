@@ -332,6 +332,10 @@ impl Agent {
                 if let Err(error) = agent.refresh_engine_facts().await {
                     tracing::warn!(%error, "could not read the engine's facts");
                 }
+                // Beating before the first pass (seconds, over 15 s under
+                // load) ends a restart's silence, and the stop mark with
+                // it, as soon as this agent runs.
+                agent.spawn_heartbeat(&tasks, &cancel);
                 agent.run_pass().await;
                 agent.spawn_loops(&tasks, &cancel);
                 cancel.cancelled().await;
@@ -348,12 +352,21 @@ impl Agent {
         );
     }
 
+    fn spawn_heartbeat(self: &Arc<Self>, tasks: &TaskTracker, cancel: &CancellationToken) {
+        let heartbeat = PeriodicTask {
+            name: "agent.heartbeat",
+            interval: self.config.heartbeat_interval,
+            wake: None,
+            pass_at_start: true,
+        };
+        spawn_periodic(tasks, cancel, tracing::Span::current(), heartbeat, self, |agent| async move {
+            agent.heartbeat_pass().await
+        });
+    }
+
     fn spawn_loops(self: &Arc<Self>, tasks: &TaskTracker, cancel: &CancellationToken) {
         let span = tracing::Span::current;
         let every = |name, interval| PeriodicTask { name, interval, wake: None, pass_at_start: false };
-        let heartbeat =
-            PeriodicTask { pass_at_start: true, ..every("agent.heartbeat", self.config.heartbeat_interval) };
-        spawn_periodic(tasks, cancel, span(), heartbeat, self, |agent| async move { agent.heartbeat_pass().await });
         // The start-up pass just ran.
         let reconcile = PeriodicTask {
             wake: Some(self.reconcile_wake.clone()),

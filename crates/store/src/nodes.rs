@@ -69,10 +69,9 @@ impl Store {
     /// Notes that `node`'s agent stops on purpose (an update, a restart):
     /// until its next heartbeat its silence is left to the heartbeat
     /// timeout, its agent not asked. The mark lasts until the restarted
-    /// agent's first heartbeat, which comes only after its first
-    /// reconciliation pass (over 15 s seen during a stack update): cleared
-    /// at its start instead, the node was asked meanwhile and, under load,
-    /// taken unreachable with its routes.
+    /// agent's first heartbeat (it beats as it starts, before its first
+    /// reconciliation pass), not only until its start: the node would be
+    /// asked meanwhile and, under load, taken unreachable with its routes.
     pub async fn announce_agent_stopping(&self, node: &NodeId) -> Result<(), StoreError> {
         sqlx::query("UPDATE node_metadata SET agent_stopping_at = now() WHERE node_id = $1")
             .bind(node.as_str())
