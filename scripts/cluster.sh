@@ -22,6 +22,8 @@
 #   scripts/cluster.sh docker I ...  the docker CLI against node I's engine
 #   scripts/cluster.sh deploy        build and push Flotilla's images again and
 #                                    update the stack (after a code change)
+#   scripts/cluster.sh settled       exit 0 when no service updates, every node is
+#                                    Ready and runs one agent task, none changing
 #
 # Beside the nodes, on the host: PostgreSQL, Redis and an OIDC provider
 # (scripts/oidc-provider.py) listening on the host's address on the bridge,
@@ -550,6 +552,20 @@ stack_settled() {
   done
 }
 
+# Every engine Ready in the swarm, one agent task running on each, and none
+# on its way in or out: Swarm replaces the agent task of a node back from a
+# cut or a power loss some seconds after the node is back (its old agent
+# then stops), so a node that beats is not yet a node that stays put.
+agents_settled() {
+  local not_ready tasks running
+  not_ready=$(dk 1 node ls --format '{{.Status}}' | grep -vc '^Ready$' || true)
+  [ "$not_ready" = 0 ] || return 1
+  tasks=$(dk 1 service ps "${STACK}_agent" --format '{{.DesiredState}} {{.CurrentState}}') || return 1
+  running=$(grep -c '^Running Running' <<<"$tasks" || true)
+  [ "$running" = "$(node_count)" ] || return 1
+  ! grep -Eq '^(Shutdown|Running) (New|Pending|Assigned|Accepted|Preparing|Ready|Starting)|^Shutdown Running' <<<"$tasks"
+}
+
 api_url() {
   local i
   for i in $(seq 1 "$(node_count)"); do
@@ -725,5 +741,6 @@ case "${1:-}" in
   data) data_members ;;
   docker) shift; i=${1:?node number}; shift; dk "$i" "$@" ;;
   deploy) build_and_push && deploy_stack "$(node_count)" ;;
+  settled) stack_settled && agents_settled ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -535,6 +535,14 @@ pub struct OrchestratorArgs {
     #[arg(long, env = "FLOTILLA_NODE_PROBE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub node_probe_timeout: Duration,
 
+    /// While a silent node's agent restarts (it said so as it stopped), the
+    /// node itself is asked instead: a connection to this port of its
+    /// address. In a swarm, 7946 (Swarm's gossip port, served by every
+    /// node's engine): a node lost mid-restart is then down in seconds, not
+    /// at the heartbeat timeout. Unset, a restarting node is not asked.
+    #[arg(long, env = "FLOTILLA_ENGINE_PROBE_PORT")]
+    pub engine_probe_port: Option<u16>,
+
     /// How often the leader looks for silent nodes.
     #[arg(long, env = "FLOTILLA_NODE_WATCH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub node_watch_interval: Duration,
@@ -690,6 +698,7 @@ impl DaemonConfig {
                 every: o.node_watch_interval,
                 suspect_after: o.suspect_after,
                 probe_timeout: o.node_probe_timeout,
+                engine_port: o.engine_probe_port,
                 ..NodeWatchConfig::default()
             },
             edge: self.edge_settings(),

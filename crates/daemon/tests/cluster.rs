@@ -161,10 +161,31 @@ impl Loss {
     }
 }
 
+/// How a test loses a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lose {
+    /// `scripts/cluster.sh kill-node`.
+    PowerCut,
+    /// `scripts/cluster.sh partition`.
+    Partition,
+    /// Its agent stopped (as Swarm stops it to update or replace it), then
+    /// a power cut before Swarm starts the new one.
+    PowerCutWhileAgentRestarts,
+}
+
+impl Lose {
+    fn script(self) -> &'static str {
+        match self {
+            Lose::PowerCut | Lose::PowerCutWhileAgentRestarts => "kill-node",
+            Lose::Partition => "partition",
+        }
+    }
+}
+
 /// Loses node `lost` (by `how`), with a client looping through Traefik:
 /// waits until Flotilla marks it down, runs its replica elsewhere and
 /// Traefik serves that replacement.
-async fn lose_node(cluster: &TestCluster, lost: usize, how: &str, name: &str) -> (String, Loss) {
+async fn lose_node(cluster: &TestCluster, lost: usize, how: Lose, name: &str) -> (String, Loss) {
     let (id, domain) = create(cluster, name, &demo(cluster), 3).await;
     let deployment = cluster.wait_running(&id, 3, Duration::from_secs(120)).await;
     let lost_id = cluster.node_id(lost).await;
@@ -174,9 +195,19 @@ async fn lose_node(cluster: &TestCluster, lost: usize, how: &str, name: &str) ->
     let client = client(cluster, &domain);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let lost_at = Instant::now();
     let since = client.now();
-    cluster.script(&[how, &lost.to_string()]);
+    if how == Lose::PowerCutWhileAgentRestarts {
+        // Stopped, it says so (its node's silence is then a restart); Swarm
+        // starts the next one after its restart delay (2 s).
+        let agent = cluster
+            .docker(lost, &["ps", "-q", "--filter", "label=com.docker.swarm.service.name=flotilla_agent"])
+            .expect("node's agent container");
+        let agent = agent.trim();
+        assert!(!agent.is_empty() && !agent.contains('\n'), "one agent container on node {lost}: {agent:?}");
+        cluster.docker(lost, &["stop", agent]).expect("stop the agent");
+    }
+    let lost_at = Instant::now();
+    cluster.script(&[how.script(), &lost.to_string()]);
     wait_until(&format!("node {lost} down"), Duration::from_secs(60), || async {
         let nodes = cluster.nodes().await;
         nodes.iter().any(|n| n["id"] == lost_id.as_str() && n["status"] == "down").then_some(())
@@ -207,7 +238,7 @@ async fn lose_node(cluster: &TestCluster, lost: usize, how: &str, name: &str) ->
 #[tokio::test]
 async fn a_node_that_loses_power_is_replaced_and_cleaned_up_when_it_returns() {
     let cluster = cluster().await;
-    let (id, loss) = lose_node(&cluster, 3, "kill-node", &format!("power-{}", unique_suffix())).await;
+    let (id, loss) = lose_node(&cluster, 3, Lose::PowerCut, &format!("power-{}", unique_suffix())).await;
     loss.report("power cut of node 3");
     // Only a request already on its way to the node may be lost.
     assert!(loss.failed.len() <= 1, "{} requests failed", loss.failed.len());
@@ -229,6 +260,23 @@ async fn a_node_that_loses_power_is_replaced_and_cleaned_up_when_it_returns() {
     assert!(replica_nodes(&deployment).iter().any(|(_, n)| *n == node3), "node 3 takes work again: {deployment}");
     assert_eq!(cluster.all_containers_of(&id).len(), 4, "one container per replica across the engines");
     eprintln!("node 3 back: stale container removed {:.1} s after its engine started", cleaned.as_secs_f64());
+    cluster.delete(&id).await;
+}
+
+#[tokio::test]
+async fn a_node_lost_while_its_agent_restarts_is_found_lost_by_its_engine() {
+    let cluster = cluster().await;
+    let name = format!("restart-cut-{}", unique_suffix());
+    let (id, loss) = lose_node(&cluster, 3, Lose::PowerCutWhileAgentRestarts, &name).await;
+    loss.report("power cut of node 3 while its agent restarted");
+    assert!(loss.failed.len() <= 1, "{} requests failed: {:?}", loss.failed.len(), loss.failed);
+    // Its agent said it stops, so it is not asked; its engine is, and does
+    // not answer: down well before the heartbeat timeout (15 s), and the
+    // `fence` replica moved without waiting out the restart grace (60 s).
+    assert!(loss.down < Duration::from_secs(10), "down after {:?}: left to the heartbeat timeout", loss.down);
+    assert!(loss.routed < Duration::from_secs(30), "routed after {:?}: held for the restart grace", loss.routed);
+    cluster.script(&["start-node", "3"]);
+    cluster.restore().await;
     cluster.delete(&id).await;
 }
 
@@ -281,7 +329,7 @@ async fn a_node_cut_off_is_replaced_and_no_replica_runs_twice_once_it_is_back() 
     let (replaced_index, _) =
         replica_nodes(&before).into_iter().find(|(_, n)| *n == node3).expect("a replica on node 3");
 
-    let (id, loss) = lose_node(&cluster, 3, "partition", &format!("cut-{}", unique_suffix())).await;
+    let (id, loss) = lose_node(&cluster, 3, Lose::Partition, &format!("cut-{}", unique_suffix())).await;
     loss.report("partition of node 3");
     assert!(loss.failed.len() <= 1, "{} requests failed: {:?}", loss.failed.len(), loss.failed);
 

@@ -35,6 +35,7 @@ use flotilla_store::routes::RouteRecord;
 use flotilla_store::{Store, StoreError};
 use flotilla_telemetry::Telemetry;
 use flotilla_types::{NodeId, PlacementStrategy, ReplicaId};
+use futures::future::Either;
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -419,21 +420,30 @@ impl Orchestrator {
     /// Asks each silent node's agent whether it is alive; returns those that
     /// are not.
     async fn probe_silent(&self, prober: &AgentProber, silent: &[SilentNode]) -> Vec<NodeId> {
-        let probes = silent
-            .iter()
-            .filter_map(|n| Some((n, n.agent_url.as_deref()?)))
-            .map(|(node, url)| async move { (node, prober.probe(url).await) });
+        let engine_port = self.config.node_watch.engine_port;
+        let probes = silent.iter().filter_map(|node| {
+            // A restarting agent cannot answer: its node can.
+            let probe = match (node.restarting, engine_port, node.agent_url.as_deref()) {
+                (false, _, Some(url)) => Either::Left(prober.probe(url)),
+                (true, Some(port), _) => Either::Right(prober.probe_node(&node.address, port)),
+                _ => return None,
+            };
+            Some(async move { (node, probe.await) })
+        });
         let answers = futures::future::join_all(probes).await;
         self.stats.node_probes.fetch_add(answers.len() as u64, Ordering::Relaxed);
         let mut unreachable = Vec::new();
         for (node, answer) in answers {
             match answer {
                 Liveness::Alive => tracing::debug!(
-                    node.id = %node.node_id, silent_for = ?node.silent_for,
-                    "silent node's agent answers: left to the heartbeat timeout"
+                    node.id = %node.node_id, silent_for = ?node.silent_for, restarting = node.restarting,
+                    "silent node answers: left to the heartbeat timeout"
                 ),
                 Liveness::Unavailable(reason) | Liveness::NoAnswer(reason) => {
-                    tracing::warn!(node.id = %node.node_id, silent_for = ?node.silent_for, %reason, "silent node unreachable");
+                    tracing::warn!(
+                        node.id = %node.node_id, silent_for = ?node.silent_for, restarting = node.restarting, %reason,
+                        "silent node unreachable"
+                    );
                     unreachable.push(node.node_id.clone());
                 }
             }

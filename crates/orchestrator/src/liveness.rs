@@ -32,6 +32,12 @@ pub struct NodeWatchConfig {
     /// apps running all along. Its node still goes down at the heartbeat
     /// timeout, but its replicas are still sent requests.
     pub restart_grace: Duration,
+    /// Meanwhile the node itself is asked, when this is set: a connection
+    /// to this port of its address (Swarm's gossip port, 7946, is served by
+    /// every swarm node's engine). Refused or unanswered, the node is lost,
+    /// not restarting its agent: down at once. Unset (one engine, no
+    /// swarm), a restarting node is left to the heartbeat timeout.
+    pub engine_port: Option<u16>,
 }
 
 impl Default for NodeWatchConfig {
@@ -42,6 +48,7 @@ impl Default for NodeWatchConfig {
             probe_timeout: Duration::from_secs(1),
             fence_margin: Duration::from_secs(4),
             restart_grace: Duration::from_secs(60),
+            engine_port: None,
         }
     }
 }

@@ -111,7 +111,13 @@ pub struct SilentNode {
     pub node_id: NodeId,
     /// Where its agent answers, when it announced it.
     pub agent_url: Option<String>,
+    /// The address the node announced (its Swarm address in a swarm).
+    pub address: String,
     pub silent_for: Duration,
+    /// Its agent said it was stopping on purpose (an update, a restart)
+    /// less than the restart grace ago: no agent answers until the new one
+    /// runs, so only the node itself can be asked.
+    pub restarting: bool,
 }
 
 /// Node state changes made by the health watch.
@@ -603,21 +609,20 @@ impl Store {
 
     /// Nodes silent for `silent_for` worth asking whether they are alive:
     /// those not down yet, and down ones still holding replica rows whose
-    /// agent was not found unreachable (their `fence` replicas wait on it),
-    /// unless their agent said it was stopping on purpose less than
-    /// `restart_grace` ago;
-    /// with the URL their agent serves on (if announced) and how long they
-    /// have been silent.
+    /// agent was not found unreachable (their `fence` replicas wait on it);
+    /// with the URL their agent serves on (if announced), how long they
+    /// have been silent, and whether their agent said it was stopping on
+    /// purpose less than `restart_grace` ago.
     pub async fn silent_nodes(
         &self,
         silent_for: Duration,
         restart_grace: Duration,
     ) -> Result<Vec<SilentNode>, StoreError> {
-        let rows: Vec<(String, Option<String>, f64)> = sqlx::query_as(
-            "SELECT n.node_id, e.agent_url, extract(epoch FROM now() - n.last_heartbeat)::float8 \
+        let rows: Vec<(String, Option<String>, String, f64, bool)> = sqlx::query_as(
+            "SELECT n.node_id, e.agent_url, n.address, extract(epoch FROM now() - n.last_heartbeat)::float8, \
+             COALESCE(n.agent_stopping_at >= now() - make_interval(secs => $2), false) \
              FROM node_metadata n LEFT JOIN node_endpoints e ON e.node_id = n.node_id \
              WHERE n.last_heartbeat < now() - make_interval(secs => $1) \
-             AND (n.agent_stopping_at IS NULL OR n.agent_stopping_at < now() - make_interval(secs => $2)) \
              AND (n.status <> 'down' \
              OR (n.unreachable_at IS NULL AND EXISTS (SELECT 1 FROM deployment_locations l WHERE l.node_id = n.node_id)))",
         )
@@ -628,11 +633,13 @@ impl Store {
         .map_err(StoreError::db("listing silent nodes"))?;
         Ok(rows
             .into_iter()
-            .filter_map(|(node, agent_url, silent)| {
+            .filter_map(|(node, agent_url, address, silent, restarting)| {
                 Some(SilentNode {
                     node_id: NodeId::parse(&node).ok()?,
                     agent_url,
+                    address,
                     silent_for: Duration::from_secs_f64(silent.max(0.0)),
+                    restarting,
                 })
             })
             .collect())

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use flotilla_store::placement::{HealthWatch, Lease, NewReplica, PlacementPlan};
+use flotilla_store::placement::{HealthWatch, Lease, NewReplica, PlacementPlan, SilentNode};
 use flotilla_store::replicas::ReplicaObservation;
 use flotilla_store::routes::RouteRecord;
 use flotilla_store::tenant::{CreatedOnce, ensure_organization};
@@ -263,7 +263,7 @@ async fn fence_replicas_move_only_once_their_cut_off_node_has_surely_stopped_the
 }
 
 #[tokio::test]
-async fn an_agent_stopping_on_purpose_is_not_asked_until_the_timeout() {
+async fn an_agent_stopping_on_purpose_is_known_restarting_until_the_grace_ends() {
     let db = TestDb::new().await;
     let store = &db.store;
     let n1 = NodeId::parse("n1").unwrap();
@@ -271,12 +271,22 @@ async fn an_agent_stopping_on_purpose_is_not_asked_until_the_timeout() {
     store.announce_agent_stopping(&n1).await.unwrap();
     silent_for(&db, "n1", 5).await;
     let (suspect, grace) = (Duration::from_secs(2), Duration::from_secs(15));
-    assert_eq!(store.silent_nodes(suspect, grace).await.unwrap(), [], "an update, not a loss");
+    let restarting =
+        |silent: Vec<SilentNode>| silent.iter().map(|n| (n.node_id.clone(), n.restarting)).collect::<Vec<_>>();
+    assert_eq!(
+        restarting(store.silent_nodes(suspect, grace).await.unwrap()),
+        [(n1.clone(), true)],
+        "an update: its node, not its agent, is asked"
+    );
     sqlx::query("UPDATE node_metadata SET agent_stopping_at = now() - interval '20 seconds'")
         .execute(db.pool())
         .await
         .unwrap();
-    assert_eq!(store.silent_nodes(suspect, grace).await.unwrap().len(), 1, "not back in time: asked");
+    assert_eq!(
+        restarting(store.silent_nodes(suspect, grace).await.unwrap()),
+        [(n1.clone(), false)],
+        "not back in time: its agent asked"
+    );
     // The restarted agent's first heartbeat clears it.
     store.announce_agent_stopping(&n1).await.unwrap();
     store.upsert_heartbeat(&node_heartbeat("n1")).await.unwrap();

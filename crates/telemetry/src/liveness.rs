@@ -28,6 +28,7 @@ pub enum Liveness {
 pub struct AgentProber {
     client: reqwest::Client,
     token: Arc<str>,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for AgentProber {
@@ -39,7 +40,7 @@ impl std::fmt::Debug for AgentProber {
 impl AgentProber {
     pub fn new(token: Arc<str>, timeout: Duration) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build()?;
-        Ok(Self { client, token })
+        Ok(Self { client, token, timeout })
     }
 
     pub async fn probe(&self, agent_url: &str) -> Liveness {
@@ -53,6 +54,36 @@ impl AgentProber {
             // another token) still shows the agent alive.
             Ok(_) => Liveness::Alive,
             Err(error) => Liveness::NoAnswer(error.to_string()),
+        }
+    }
+
+    /// Whether the node at `address` accepts a connection on `port` (in a
+    /// swarm, its engine's gossip port): the question left while its agent
+    /// restarts. A refusal counts as no answer: the engine is not there.
+    pub async fn probe_node(&self, address: &str, port: u16) -> Liveness {
+        let connect = tokio::net::TcpStream::connect((address, port));
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(_)) => Liveness::Alive,
+            Ok(Err(error)) => Liveness::NoAnswer(format!("{address}:{port}: {error}")),
+            Err(_) => Liveness::NoAnswer(format!("{address}:{port}: no answer within {:?}", self.timeout)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_node_answers_when_its_port_accepts_and_not_when_it_refuses() {
+        let prober = AgentProber::new("t".into(), Duration::from_secs(1)).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(prober.probe_node("127.0.0.1", port).await, Liveness::Alive);
+        drop(listener);
+        match prober.probe_node("127.0.0.1", port).await {
+            Liveness::NoAnswer(why) => assert!(why.contains(&format!("127.0.0.1:{port}")), "{why}"),
+            other => panic!("a closed port answered {other:?}"),
         }
     }
 }

@@ -97,16 +97,31 @@ impl TestCluster {
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
                 .is_some_and(|t| (chrono::Utc::now() - t.to_utc()).num_milliseconds() < 3_000)
         };
-        let nodes = wait_until("every node ready and beating", Duration::from_secs(120), || async {
-            let nodes = self.nodes().await;
-            (nodes.len() == self.addresses.len() && nodes.iter().all(|n| n["status"] == "ready" && beating(n)))
+        // And Swarm done replacing agent tasks: it replaces a returned
+        // node's agent some seconds after the node is back, and a node lost
+        // while its agent restarts is a case of its own, not a test's
+        // leftover.
+        let nodes =
+            wait_until("every node ready and beating, its agent task settled", Duration::from_secs(120), || async {
+                let settled = self.settled().await;
+                let nodes = self.nodes().await;
+                (settled
+                    && nodes.len() == self.addresses.len()
+                    && nodes.iter().all(|n| n["status"] == "ready" && beating(n)))
                 .then_some(nodes)
-        })
-        .await;
+            })
+            .await;
         for node in nodes.iter().filter(|n| n["availability"] != "active") {
             let (status, body) = self.call("NodeService", "ActivateNode", json!({ "id": node["id"] })).await;
             assert_eq!(status, 200, "activating {node}: {body}");
         }
+    }
+
+    /// `scripts/cluster.sh settled`: no service updating, every node Ready
+    /// in the swarm with one agent task running, none starting or stopping.
+    pub async fn settled(&self) -> bool {
+        let script = self.script.clone();
+        tokio::task::spawn_blocking(move || run(&script, &["settled"]).is_ok()).await.unwrap_or(false)
     }
 
     /// `scripts/cluster.sh ARGS`: its output; panics if it fails.
