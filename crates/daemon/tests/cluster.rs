@@ -199,12 +199,7 @@ async fn lose_node(cluster: &TestCluster, lost: usize, how: Lose, name: &str) ->
     if how == Lose::PowerCutWhileAgentRestarts {
         // Stopped, it says so (its node's silence is then a restart); Swarm
         // starts the next one after its restart delay (2 s).
-        let agent = cluster
-            .docker(lost, &["ps", "-q", "--filter", "label=com.docker.swarm.service.name=flotilla_agent"])
-            .expect("node's agent container");
-        let agent = agent.trim();
-        assert!(!agent.is_empty() && !agent.contains('\n'), "one agent container on node {lost}: {agent:?}");
-        cluster.docker(lost, &["stop", agent]).expect("stop the agent");
+        cluster.docker(lost, &["stop", &agent_container(cluster, lost)]).expect("stop the agent");
     }
     let lost_at = Instant::now();
     cluster.script(&[how.script(), &lost.to_string()]);
@@ -263,9 +258,40 @@ async fn a_node_that_loses_power_is_replaced_and_cleaned_up_when_it_returns() {
     cluster.delete(&id).await;
 }
 
+/// The id of node `node`'s agent container.
+fn agent_container(cluster: &TestCluster, node: usize) -> String {
+    let agent = cluster
+        .docker(node, &["ps", "-q", "--filter", "label=com.docker.swarm.service.name=flotilla_agent"])
+        .expect("the node's agent container");
+    let agent = agent.trim();
+    assert!(!agent.is_empty() && !agent.contains('\n'), "one agent container on node {node}: {agent:?}");
+    agent.to_owned()
+}
+
 #[tokio::test]
 async fn a_node_lost_while_its_agent_restarts_is_found_lost_by_its_engine() {
     let cluster = cluster().await;
+    // First only a restart: its engine answers, so the node stays up while
+    // Swarm starts the next agent.
+    let node3 = cluster.node_id(3).await;
+    let stopped = agent_container(&cluster, 3);
+    cluster.docker(3, &["stop", &stopped]).expect("stop the agent");
+    let went_down = std::sync::atomic::AtomicBool::new(false);
+    wait_until("node 3's next agent beating", Duration::from_secs(60), || async {
+        let nodes = cluster.nodes().await;
+        let node = nodes.iter().find(|n| n["id"] == node3.as_str())?;
+        if node["status"] == "down" {
+            went_down.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let next = cluster.docker(3, &["ps", "-q", "--filter", "label=com.docker.swarm.service.name=flotilla_agent"]);
+        let beat = node["lastHeartbeat"].as_str().and_then(|t| DateTime::parse_from_rfc3339(t).ok())?;
+        let restarted = next.is_ok_and(|id| !id.trim().is_empty() && id.trim() != stopped);
+        (restarted && (Utc::now() - beat.to_utc()).num_milliseconds() < 2_000).then_some(())
+    })
+    .await;
+    assert!(!went_down.into_inner(), "node 3 taken down while its agent restarted");
+    cluster.restore().await;
+
     let name = format!("restart-cut-{}", unique_suffix());
     let (id, loss) = lose_node(&cluster, 3, Lose::PowerCutWhileAgentRestarts, &name).await;
     loss.report("power cut of node 3 while its agent restarted");
