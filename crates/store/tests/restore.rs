@@ -35,6 +35,10 @@ fn pg_bin() -> PathBuf {
 /// Runs `program args` as the `postgres` user when root (the server refuses
 /// to run as root), with `env`; panics with its output if it fails.
 fn run_as_postgres(program: &Path, args: &[&str], env: &[(&str, String)]) -> String {
+    try_as_postgres(program, args, env).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn try_as_postgres(program: &Path, args: &[&str], env: &[(&str, String)]) -> Result<String, String> {
     let mut command = if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(program);
@@ -44,8 +48,7 @@ fn run_as_postgres(program: &Path, args: &[&str], env: &[(&str, String)]) -> Str
     };
     let output = command.args(args).envs(env.iter().map(|(k, v)| (k, v))).output().expect("run");
     let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "{} {args:?} failed: {text}", program.display());
-    text
+    if output.status.success() { Ok(text) } else { Err(format!("{} {args:?} failed: {text}", program.display())) }
 }
 
 fn is_root() -> bool {
@@ -59,27 +62,33 @@ fn give_to_postgres(path: &Path) {
     }
 }
 
-/// The data plane's script, as the image runs it.
-fn flotilla_data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/data/flotilla-data")
+/// The data plane's script, as the image runs it, copied into `folder`
+/// (the `postgres` user, which runs it as Patroni does, may not read the
+/// source tree).
+fn flotilla_data(folder: &Path) -> PathBuf {
+    let copy = folder.join("flotilla-data");
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/data/flotilla-data"), &copy).unwrap();
+    copy
 }
 
 /// A PostgreSQL server of this test's own, stopped and removed on drop.
 struct Server {
     data: PathBuf,
     port: u16,
-    log: PathBuf,
 }
 
 impl Server {
     fn start(data: &Path, port: u16, log: &Path) -> Self {
-        let server = Self { data: data.to_owned(), port, log: log.to_owned() };
+        let server = Self { data: data.to_owned(), port };
         let options = format!("-p {port} -k /tmp -c listen_addresses=127.0.0.1");
-        run_as_postgres(
+        let started = try_as_postgres(
             &pg_bin().join("pg_ctl"),
             &["-D", path(data), "-l", path(log), "-o", &options, "-w", "-t", "120", "start"],
             &[],
         );
+        if let Err(error) = started {
+            panic!("{error}\nits log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
         server
     }
 
@@ -89,7 +98,8 @@ impl Server {
 
     /// Stops it at once, as a lost node does.
     fn kill(&self) {
-        let _ = run_as_postgres_quiet(&["-D", path(&self.data), "-m", "immediate", "-w", "stop"]);
+        let _ =
+            try_as_postgres(&pg_bin().join("pg_ctl"), &["-D", path(&self.data), "-m", "immediate", "-w", "stop"], &[]);
     }
 }
 
@@ -97,18 +107,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn run_as_postgres_quiet(args: &[&str]) -> bool {
-    let pg_ctl = pg_bin().join("pg_ctl");
-    let mut command = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(&pg_ctl);
-        c
-    } else {
-        Command::new(&pg_ctl)
-    };
-    command.args(args).output().is_ok_and(|o| o.status.success())
 }
 
 fn path(p: &Path) -> &str {
@@ -160,6 +158,7 @@ async fn a_restore_to_a_moment_brings_back_the_platform_as_it_was_then() {
     }
     std::fs::write(secrets.join("flotilla_replication_password"), "unused").unwrap();
     std::fs::write(secrets.join("flotilla_db_password"), "unused").unwrap();
+    let flotilla_data = flotilla_data(&root.0);
     give_to_postgres(&root.0);
 
     // A server archiving its WAL as the data plane's members do.
@@ -176,7 +175,20 @@ async fn a_restore_to_a_moment_brings_back_the_platform_as_it_was_then() {
     let psql = |sql: &str| {
         run_as_postgres(
             Path::new("/usr/bin/psql"),
-            &["-X", "-tA", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-c", sql],
+            &[
+                "-X",
+                "-tA",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-c",
+                sql,
+            ],
             &[],
         )
         .trim()
@@ -199,7 +211,7 @@ async fn a_restore_to_a_moment_brings_back_the_platform_as_it_was_then() {
         ("FLOTILLA_BACKUP_PG_PORT", port.to_string()),
         ("FLOTILLA_BACKUP_ONCE", "1".to_owned()),
     ];
-    run_as_postgres(&flotilla_data(), &["backup"], &backup_env);
+    run_as_postgres(Path::new("/bin/sh"), &[path(&flotilla_data), "backup"], &backup_env);
     let recorded = store.database_backups(10).await.unwrap();
     let backup = recorded.last_good.expect("the backup recorded as good");
     assert!(backup.wal_start.is_some() && backup.size_bytes.unwrap_or(0) > 0, "{backup:?}");
@@ -227,7 +239,7 @@ async fn a_restore_to_a_moment_brings_back_the_platform_as_it_was_then() {
         ("FLOTILLA_RESTORE_TO", moment.clone()),
         ("FLOTILLA_RESTORE_INTO", path(&restored).to_owned()),
     ];
-    let said = run_as_postgres(&flotilla_data(), &["restore"], &restore_env);
+    let said = run_as_postgres(Path::new("/bin/sh"), &[path(&flotilla_data), "restore"], &restore_env);
     assert!(said.contains(&backup.label), "the backup restored is the one recorded: {said}");
     let restored_server = Server::start(&restored, free_port(), &root.0.join("restored.log"));
     let store = connect(&restored_server.url("flotilla")).await;
