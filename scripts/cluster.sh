@@ -19,11 +19,14 @@
 #                                    with the HA data plane: the primary's container
 #                                    is stopped and Swarm starts it again)
 #   scripts/cluster.sh data          the data plane's members and roles (HA only)
+#   scripts/cluster.sh switchover I  make pgI the PostgreSQL primary (HA only)
+#   scripts/cluster.sh kill-member M SIGKILL data member M (pg2, etcd3, redis1...)
 #   scripts/cluster.sh docker I ...  the docker CLI against node I's engine
 #   scripts/cluster.sh deploy        build and push Flotilla's images again and
 #                                    update the stack (after a code change)
 #   scripts/cluster.sh settled       exit 0 when no service updates, every node is
-#                                    Ready and runs one agent task, none changing
+#                                    Ready and runs one agent task, none changing,
+#                                    and (HA) the data plane is whole
 #
 # Beside the nodes, on the host: PostgreSQL, Redis and an OIDC provider
 # (scripts/oidc-provider.py) listening on the host's address on the bridge,
@@ -262,15 +265,66 @@ EOF
 }
 
 # data_members: each PostgreSQL member's role as Patroni says (HA only).
+# member_container NAME: the running container of data member NAME (pg2,
+# etcd3, redis1...) on its node (member N lives on node N).
+member_container() {
+  local i=${1##*[a-z]}
+  engine_up "$i" || return 1
+  dk "$i" ps -q --filter "label=com.docker.swarm.service.name=${STACK}_$1" | head -1
+}
+
+# One line per member: NAME  node N  ROLE [STATE]. PostgreSQL: Patroni's
+# role and state (the primary also counts its streaming standbys); Redis:
+# master or slave.
 data_members() {
-  local i
+  local i id status
   for i in 1 2 3; do
-    engine_up "$i" || { echo "pg$i  node $i  engine down"; continue; }
-    local id; id=$(dk "$i" ps -q --filter "label=com.docker.swarm.service.name=${STACK}_pg$i" | head -1)
-    [ -n "$id" ] || { echo "pg$i  node $i  no container"; continue; }
-    echo "pg$i  node $i  $(dk "$i" exec "$id" curl -s -m 2 localhost:8008/patroni 2>/dev/null |
-      sed -n 's/.*"role": *"\([^"]*\)".*/\1/p' | head -1)"
+    engine_up "$i" || { echo "pg$i  node $i  engine-down"; continue; }
+    id=$(member_container "pg$i")
+    [ -n "$id" ] || { echo "pg$i  node $i  no-container"; continue; }
+    status=$(dk "$i" exec "$id" curl -s -m 2 localhost:8008/patroni 2>/dev/null || true)
+    # The member's own state is the first "state"; its standbys' follow.
+    echo "pg$i  node $i  $(grep -o '"role": *"[^"]*"' <<<"$status" | head -1 | cut -d'"' -f4) \
+$(grep -o '"state": *"[^"]*"' <<<"$status" | head -1 | cut -d'"' -f4) \
+$(grep -o '"state": *"streaming"' <<<"$status" | wc -l)"
   done
+  for i in 1 2 3; do
+    engine_up "$i" || { echo "redis$i  node $i  engine-down"; continue; }
+    id=$(member_container "redis$i")
+    [ -n "$id" ] || { echo "redis$i  node $i  no-container"; continue; }
+    echo "redis$i  node $i  $(dk "$i" exec "$id" sh -c \
+      'redis-cli --no-auth-warning -a "$(cat /run/secrets/flotilla_redis_password)" role 2>/dev/null | head -1')"
+  done
+}
+
+# The data plane whole again: a PostgreSQL primary streaming to both
+# standbys, every member running, one Redis master and two replicas.
+data_settled() {
+  [ "$(cat "$STATE/data" 2>/dev/null)" = ha ] || return 0
+  local members; members=$(data_members)
+  grep -Eq '^pg[0-9]  node [0-9]  (master|primary) running 2$' <<<"$members" || return 1
+  [ "$(grep -Ec '^pg[0-9]  node [0-9]  replica (running|streaming)' <<<"$members")" = 2 ] || return 1
+  [ "$(grep -c '^redis[0-9]  node [0-9]  master$' <<<"$members")" = 1 ] || return 1
+  [ "$(grep -c '^redis[0-9]  node [0-9]  slave$' <<<"$members")" = 2 ]
+}
+
+# switchover I: pgI becomes the PostgreSQL primary (Patroni hands over
+# cleanly: nothing acknowledged is lost, writes pause about a second).
+switchover() {
+  local id; id=$(member_container "pg$1") || fail "node $1's engine is down"
+  [ -n "$id" ] || fail "no pg$1 container on node $1"
+  dk "$1" exec "$id" patronictl -c /etc/patroni/patroni.yml switchover --candidate "pg$1" --force >/dev/null ||
+    fail "Patroni refused to switch over to pg$1 ($(data_members | tr '\n' ';'))"
+  say "pg$1 is the primary"
+}
+
+# kill-member NAME: SIGKILL data member NAME's container (Swarm starts it
+# again after its restart delay).
+kill_member() {
+  local i=${1##*[a-z]} id; id=$(member_container "$1") || fail "node $i's engine is down"
+  [ -n "$id" ] || fail "no $1 container on node $i"
+  dk "$i" kill "$id" >/dev/null
+  say "$1 killed on node $i"
 }
 
 restart_db() {
@@ -513,7 +567,9 @@ deploy_stack() {
     [ "$DATA" = host ] && urls=(
       FLOTILLA_DATABASE_URL="postgres://flotilla:$(cat "$STATE/db-password")@$HOST_IP:$PG_PORT/flotilla"
       FLOTILLA_REDIS_URL="redis://$HOST_IP:$REDIS_PORT")
-    env DOCKER_HOST="unix://$(node_dir 1)/docker.sock" "${urls[@]}" \
+    # Only the URLs above: a developer's FLOTILLA_DATABASE_URL (the
+    # dev-services' loopback database) means nothing inside the cluster.
+    env -u FLOTILLA_DATABASE_URL -u FLOTILLA_REDIS_URL DOCKER_HOST="unix://$(node_dir 1)/docker.sock" "${urls[@]}" \
       FLOTILLA_DB_PASSWORD="$(cat "$STATE/db-password")" FLOTILLA_REDIS_PASSWORD="$(cat "$STATE/redis-password")" \
       FLOTILLA_DB_PROXY_PORT=$DB_PROXY_PORT FLOTILLA_REDIS_PROXY_PORT=$REDIS_PROXY_PORT FLOTILLA_GRAFANA_PASSWORD=unused \
       "$root/stack/create-secrets.sh" >/dev/null
@@ -741,6 +797,8 @@ case "${1:-}" in
   data) data_members ;;
   docker) shift; i=${1:?node number}; shift; dk "$i" "$@" ;;
   deploy) build_and_push && deploy_stack "$(node_count)" ;;
-  settled) stack_settled && agents_settled ;;
+  settled) stack_settled && agents_settled && data_settled ;;
+  switchover) switchover "${2:?node number}" ;;
+  kill-member) kill_member "${2:?member: pgN, etcdN, redisN or sentinelN}" ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

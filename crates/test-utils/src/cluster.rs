@@ -48,9 +48,13 @@ impl TestCluster {
     pub async fn ensure(flotillad: &Path) -> Self {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let script = root().join("scripts/cluster.sh");
+        // The HA data plane unless told otherwise: the tests lose nodes
+        // that hold PostgreSQL and Redis members.
+        let data = std::env::var("FLOTILLA_CLUSTER_DATA").unwrap_or_else(|_| "ha".to_owned());
         let up = Command::new(&script)
             .args(["up", &CLUSTER_NODES.to_string()])
             .env("FLOTILLA_BINARY", flotillad)
+            .env("FLOTILLA_CLUSTER_DATA", &data)
             .output()
             .expect("scripts/cluster.sh runs");
         assert!(
@@ -144,6 +148,11 @@ impl TestCluster {
     /// A Connect JSON call of `flotilla.v1.SERVICE/METHOD` as the cluster's
     /// administrator, on the first node whose API answers.
     pub async fn call(&self, service: &str, method: &str, body: Value) -> (u16, Value) {
+        self.try_call(service, method, body).await.unwrap_or_else(|last| panic!("no API replica answers; last: {last}"))
+    }
+
+    /// [`Self::call`], or why no API replica answered.
+    pub async fn try_call(&self, service: &str, method: &str, body: Value) -> Result<(u16, Value), String> {
         let mut last = String::new();
         for api in &self.apis {
             let sent = self
@@ -156,12 +165,42 @@ impl TestCluster {
             match sent {
                 Ok(response) => {
                     let status = response.status().as_u16();
-                    return (status, response.json().await.unwrap_or(Value::Null));
+                    return Ok((status, response.json().await.unwrap_or(Value::Null)));
                 }
                 Err(error) => last = format!("{api}: {error}"),
             }
         }
-        panic!("no API replica answers; last: {last}")
+        Err(last)
+    }
+
+    /// The HA data plane's members (`scripts/cluster.sh data`): name, node
+    /// number and what the member says it is (`master`, `replica`,
+    /// `slave`...).
+    pub async fn data_members(&self) -> Vec<(String, usize, String)> {
+        let script = self.script.clone();
+        let out =
+            tokio::task::spawn_blocking(move || run(&script, &["data"])).await.unwrap_or_else(|e| Err(e.to_string()));
+        out.unwrap_or_default()
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                let name = words.next()?.to_owned();
+                let node = words.nth(1)?.parse().ok()?;
+                Some((name, node, words.next().unwrap_or_default().to_owned()))
+            })
+            .collect()
+    }
+
+    /// The node of the member of `kind` (`pg`, `redis`) that leads now.
+    pub async fn data_leader(&self, kind: &str) -> Option<usize> {
+        self.data_members()
+            .await
+            .into_iter()
+            .find(|(name, _, role)| {
+                name.strip_prefix(kind).is_some_and(|n| n.parse::<u8>().is_ok())
+                    && (role == "master" || role == "primary")
+            })
+            .map(|(_, node, _)| node)
     }
 
     /// A read, asked again while the API answers unavailable (the control
