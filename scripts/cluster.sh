@@ -19,7 +19,8 @@
 #                                    with the HA data plane: the primary's container
 #                                    is stopped and Swarm starts it again)
 #   scripts/cluster.sh data          the data plane's members and roles (HA only)
-#   scripts/cluster.sh switchover I  make pgI the PostgreSQL primary (HA only)
+#   scripts/cluster.sh switchover    the PostgreSQL primary hands over to its
+#                                    synchronous standby (HA only)
 #   scripts/cluster.sh kill-member M SIGKILL data member M (pg2, etcd3, redis1...)
 #   scripts/cluster.sh docker I ...  the docker CLI against node I's engine
 #   scripts/cluster.sh deploy        build and push Flotilla's images again and
@@ -308,14 +309,27 @@ data_settled() {
   [ "$(grep -c '^redis[0-9]  node [0-9]  slave$' <<<"$members")" = 2 ]
 }
 
-# switchover I: pgI becomes the PostgreSQL primary (Patroni hands over
-# cleanly: nothing acknowledged is lost, writes pause about a second).
+# switchover: the PostgreSQL primary hands over to its synchronous
+# standby (the only member synchronous mode lets take over; nothing
+# acknowledged is lost, writes pause about a second). patronictl exits 0
+# even when Patroni refuses: the new leader is checked instead.
 switchover() {
-  local id; id=$(member_container "pg$1") || fail "node $1's engine is down"
-  [ -n "$id" ] || fail "no pg$1 container on node $1"
-  dk "$1" exec "$id" patronictl -c /etc/patroni/patroni.yml switchover --candidate "pg$1" --force >/dev/null ||
-    fail "Patroni refused to switch over to pg$1 ($(data_members | tr '\n' ';'))"
-  say "pg$1 is the primary"
+  local before after id
+  before=$(data_members | awk '$1 ~ /^pg/ && ($4 == "master" || $4 == "primary") {print $1}' | head -1)
+  [ -n "$before" ] || fail "no PostgreSQL primary ($(data_members | tr '\n' ';'))"
+  id=$(member_container "$before")
+  # Asked again while Patroni finds "no good candidates": after a node's
+  # loss, Swarm's DNS may still give a member's name its old task's
+  # address for a while, and the leader cannot reach the candidate.
+  for _ in $(seq 1 30); do
+    dk "${before#pg}" exec "$id" patronictl -c /etc/patroni/patroni.yml switchover --force >/dev/null 2>&1 || true
+    for _ in $(seq 1 8); do
+      after=$(data_members | awk '$1 ~ /^pg/ && ($4 == "master" || $4 == "primary") {print $1}' | head -1)
+      [ -n "$after" ] && [ "$after" != "$before" ] && { say "$after is the primary (was $before)"; return 0; }
+      sleep 0.5
+    done
+  done
+  fail "the primary is still ${after:-none}, not another member ($(data_members | tr '\n' ';'))"
 }
 
 # kill-member NAME: SIGKILL data member NAME's container (Swarm starts it
@@ -798,7 +812,7 @@ case "${1:-}" in
   docker) shift; i=${1:?node number}; shift; dk "$i" "$@" ;;
   deploy) build_and_push && deploy_stack "$(node_count)" ;;
   settled) stack_settled && agents_settled && data_settled ;;
-  switchover) switchover "${2:?node number}" ;;
+  switchover) switchover ;;
   kill-member) kill_member "${2:?member: pgN, etcdN, redisN or sentinelN}" ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

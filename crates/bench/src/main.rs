@@ -10,6 +10,7 @@
 
 mod api;
 mod cluster;
+mod data_failover;
 mod edge;
 mod metrics;
 mod placement;
@@ -165,6 +166,16 @@ enum Bench {
         #[arg(long)]
         flotillad: Option<std::path::PathBuf>,
     },
+    /// On scripts/cluster.sh's cluster with the HA data plane: the
+    /// PostgreSQL primary's node lost, to the first write accepted, beside one
+    /// plain PostgreSQL killed and started again at once.
+    DatabaseFailover {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// The flotillad the cluster runs (default: beside this binary).
+        #[arg(long)]
+        flotillad: Option<std::path::PathBuf>,
+    },
     /// Rows per second into PostgreSQL: the writer beside one INSERT per row.
     MetricsIngest {
         #[arg(long, default_value_t = 500_000)]
@@ -208,12 +219,17 @@ async fn main() -> anyhow::Result<()> {
         Bench::RouteTable { routes, polls } => edge::table(&routes, polls).await,
         Bench::RoutePropagation { runs } => edge::propagation(runs).await,
         Bench::ClusterFailover { runs, drains, flotillad } => {
-            let flotillad = match flotillad {
-                Some(path) => path,
-                None => std::env::current_exe()?.with_file_name("flotillad"),
-            };
-            cluster::failover(runs, drains, &flotillad).await
+            cluster::failover(runs, drains, &beside_this(flotillad)?).await
         }
+        Bench::DatabaseFailover { runs, flotillad } => data_failover::failover(runs, &beside_this(flotillad)?).await,
+    }
+}
+
+/// The flotillad given, or the one beside this binary.
+fn beside_this(flotillad: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    match flotillad {
+        Some(path) => Ok(path),
+        None => Ok(std::env::current_exe()?.with_file_name("flotillad")),
     }
 }
 

@@ -113,22 +113,24 @@ struct Outcome {
     refused_or_unanswered: usize,
     reads: (usize, usize),
     requests: usize,
-    requests_failed: usize,
+    /// Requests through Traefik that failed: when, from the fault, and how.
+    requests_failed: Vec<(f64, String)>,
 }
 
 impl Outcome {
     fn report(&self, what: &str) {
         eprintln!(
             "{what}: first write acknowledged {:.1} s after; {} writes, {} acknowledged, {} refused or unanswered; \
-             reads {} ok, {} failed; {} of {} requests through Traefik failed",
+             reads {} ok, {} failed; {} of {} requests through Traefik failed: {:?}",
             self.first_write.as_secs_f64(),
             self.writes,
             self.acked,
             self.refused_or_unanswered,
             self.reads.0,
             self.reads.1,
-            self.requests_failed,
-            self.requests
+            self.requests_failed.len(),
+            self.requests,
+            self.requests_failed
         );
     }
 }
@@ -163,6 +165,7 @@ where
     let run = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let fault_at = Instant::now();
+        let fault_on_visitors_clock = visitors.now();
         fault().await;
         // Writes acknowledged again, several of them.
         wait_until("writes acknowledged after the fault", Duration::from_secs(90), || async {
@@ -170,9 +173,9 @@ where
         })
         .await;
         stop.store(true, Ordering::Relaxed);
-        fault_at
+        (fault_at, fault_on_visitors_clock)
     };
-    let ((), fault_at) = tokio::join!(clients, run);
+    let ((), (fault_at, fault_on_visitors_clock)) = tokio::join!(clients, run);
     let samples = visitors.stop().await;
     let writes = writes.into_inner().unwrap();
     let reads = reads.into_inner().unwrap();
@@ -225,7 +228,14 @@ where
         refused_or_unanswered: writes.len() - acked,
         reads: (reads.ok, reads.failed),
         requests: samples.len(),
-        requests_failed: samples.iter().filter(|s| s.outcome != Ok(200)).count(),
+        requests_failed: samples
+            .iter()
+            .filter(|s| s.outcome != Ok(200))
+            .map(|s| {
+                let at = s.at.as_secs_f64() - fault_on_visitors_clock.as_secs_f64();
+                ((at * 10.0).round() / 10.0, format!("{:?}", s.outcome))
+            })
+            .collect(),
     }
 }
 
@@ -236,7 +246,7 @@ async fn primary_off_the_edge(cluster: &TestCluster) -> usize {
     if primary != 1 {
         return primary;
     }
-    cluster.script(&["switchover", "2"]);
+    cluster.script(&["switchover"]);
     wait_until("the data plane whole after the switch-over", Duration::from_secs(60), || async {
         cluster.settled().await.then_some(())
     })

@@ -10,57 +10,13 @@
 //! runs the same `restore`) is in docs/data.md.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use flotilla_store::tenant::ensure_organization;
 use flotilla_store::{Store, StoreConfig};
+use flotilla_test_utils::postgres::{LocalServer, give_to_postgres, path_str as path, run_as_postgres};
 use flotilla_test_utils::{free_port, unique_suffix, wait_until};
 use flotilla_types::{DeploymentSpec, DeploymentSpecInput, DesiredState, OrganizationId};
-
-/// The PostgreSQL server binaries: FLOTILLA_PG_BIN, else Debian's newest.
-fn pg_bin() -> PathBuf {
-    if let Ok(bin) = std::env::var("FLOTILLA_PG_BIN") {
-        return bin.into();
-    }
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL's server binaries in /usr/lib/postgresql (scripts/dev-services.sh installs them)")
-        .filter_map(|e| Some(e.ok()?.path().join("bin")))
-        .filter(|bin| bin.join("initdb").exists())
-        .collect();
-    versions.sort();
-    versions.pop().expect("an initdb under /usr/lib/postgresql")
-}
-
-/// Runs `program args` as the `postgres` user when root (the server refuses
-/// to run as root), with `env`; panics with its output if it fails.
-fn run_as_postgres(program: &Path, args: &[&str], env: &[(&str, String)]) -> String {
-    try_as_postgres(program, args, env).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn try_as_postgres(program: &Path, args: &[&str], env: &[(&str, String)]) -> Result<String, String> {
-    let mut command = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    };
-    let output = command.args(args).envs(env.iter().map(|(k, v)| (k, v))).output().expect("run");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    if output.status.success() { Ok(text) } else { Err(format!("{} {args:?} failed: {text}", program.display())) }
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
-}
-
-fn give_to_postgres(path: &Path) {
-    if is_root() {
-        let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).status().expect("chown");
-        assert!(status.success());
-    }
-}
 
 /// The data plane's script, as the image runs it, copied into `folder`
 /// (the `postgres` user, which runs it as Patroni does, may not read the
@@ -69,48 +25,6 @@ fn flotilla_data(folder: &Path) -> PathBuf {
     let copy = folder.join("flotilla-data");
     std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/data/flotilla-data"), &copy).unwrap();
     copy
-}
-
-/// A PostgreSQL server of this test's own, stopped and removed on drop.
-struct Server {
-    data: PathBuf,
-    port: u16,
-}
-
-impl Server {
-    fn start(data: &Path, port: u16, log: &Path) -> Self {
-        let server = Self { data: data.to_owned(), port };
-        let options = format!("-p {port} -k /tmp -c listen_addresses=127.0.0.1");
-        let started = try_as_postgres(
-            &pg_bin().join("pg_ctl"),
-            &["-D", path(data), "-l", path(log), "-o", &options, "-w", "-t", "120", "start"],
-            &[],
-        );
-        if let Err(error) = started {
-            panic!("{error}\nits log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
-        }
-        server
-    }
-
-    fn url(&self, user: &str) -> String {
-        format!("postgres://{user}@127.0.0.1:{}/flotilla", self.port)
-    }
-
-    /// Stops it at once, as a lost node does.
-    fn kill(&self) {
-        let _ =
-            try_as_postgres(&pg_bin().join("pg_ctl"), &["-D", path(&self.data), "-m", "immediate", "-w", "stop"], &[]);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("a UTF-8 path")
 }
 
 async fn deployment(store: &Store, org: OrganizationId, name: &str) -> flotilla_types::DeploymentId {
@@ -162,43 +76,19 @@ async fn a_restore_to_a_moment_brings_back_the_platform_as_it_was_then() {
     give_to_postgres(&root.0);
 
     // A server archiving its WAL as the data plane's members do.
-    run_as_postgres(&pg_bin().join("initdb"), &["-D", path(&data), "-A", "trust", "-U", "postgres"], &[]);
     let archive_command = format!(
-        "archive_mode = on\narchive_command = 'test ! -f {0}/%f && cp %p {0}/%f.part && mv {0}/%f.part {0}/%f'\n",
-        path(&archive)
+        "archive_mode = on\narchive_command = 'FLOTILLA_WAL_ARCHIVE={} /bin/sh {} archive %p %f'\n",
+        path(&archive),
+        path(&flotilla_data)
     );
-    let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
-    conf.push_str(&archive_command);
-    std::fs::write(data.join("postgresql.conf"), conf).unwrap();
-    let port = free_port();
-    let server = Server::start(&data, port, &log);
-    let psql = |sql: &str| {
-        run_as_postgres(
-            Path::new("/usr/bin/psql"),
-            &[
-                "-X",
-                "-tA",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-                "-c",
-                sql,
-            ],
-            &[],
-        )
-        .trim()
-        .to_owned()
-    };
+    LocalServer::init(&data, &archive_command);
+    let server = LocalServer::start(&data, free_port(), &log);
+    let psql = |sql: &str| server.psql("postgres", sql);
     psql("CREATE ROLE flotilla LOGIN");
     psql("CREATE ROLE replicator LOGIN REPLICATION");
     psql("CREATE DATABASE flotilla OWNER flotilla");
 
-    let store = connect(&server.url("flotilla")).await;
+    let store = connect(&server.url("flotilla", "flotilla")).await;
     store.migrate().await.unwrap();
     let (org, _) = ensure_organization(store.pool(), "restore", "Restore").await.unwrap();
     let kept = deployment(&store, org, "made-before-the-backup").await;
@@ -208,7 +98,7 @@ async fn a_restore_to_a_moment_brings_back_the_platform_as_it_was_then() {
         ("FLOTILLA_SECRETS_DIR", path(&secrets).to_owned()),
         ("FLOTILLA_BACKUP_DIR", path(&backups).to_owned()),
         ("FLOTILLA_BACKUP_PG_HOST", "127.0.0.1".to_owned()),
-        ("FLOTILLA_BACKUP_PG_PORT", port.to_string()),
+        ("FLOTILLA_BACKUP_PG_PORT", server.port.to_string()),
         ("FLOTILLA_BACKUP_ONCE", "1".to_owned()),
     ];
     run_as_postgres(Path::new("/bin/sh"), &[path(&flotilla_data), "backup"], &backup_env);
@@ -241,8 +131,8 @@ async fn a_restore_to_a_moment_brings_back_the_platform_as_it_was_then() {
     ];
     let said = run_as_postgres(Path::new("/bin/sh"), &[path(&flotilla_data), "restore"], &restore_env);
     assert!(said.contains(&backup.label), "the backup restored is the one recorded: {said}");
-    let restored_server = Server::start(&restored, free_port(), &root.0.join("restored.log"));
-    let store = connect(&restored_server.url("flotilla")).await;
+    let restored_server = LocalServer::start(&restored, free_port(), &root.0.join("restored.log"));
+    let store = connect(&restored_server.url("flotilla", "flotilla")).await;
     wait_until("recovery finished and the server promoted", Duration::from_secs(60), || async {
         let in_recovery: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()").fetch_one(store.pool()).await.ok()?;
         (!in_recovery).then_some(())
@@ -260,4 +150,34 @@ async fn a_restore_to_a_moment_brings_back_the_platform_as_it_was_then() {
     store.migrate().await.unwrap();
     deployment(&store, org, "made-after-the-restore").await;
     assert_eq!(store.database_backups(10).await.unwrap().last_good.map(|b| b.label), Some(backup.label));
+}
+
+#[test]
+fn a_segment_archived_again_is_done_and_other_contents_under_its_name_are_refused() {
+    let root = Folder(std::env::temp_dir().join(format!("flotilla-archive-{}", unique_suffix())));
+    let archive = root.0.join("wal");
+    std::fs::create_dir_all(&archive).unwrap();
+    let flotilla_data = flotilla_data(&root.0);
+    let segment = root.0.join("000000010000000000000003");
+    std::fs::write(&segment, b"the segment").unwrap();
+    let archive_it = || {
+        std::process::Command::new("/bin/sh")
+            .arg(&flotilla_data)
+            .args(["archive", path(&segment), "000000010000000000000003"])
+            .env("FLOTILLA_WAL_ARCHIVE", &archive)
+            .output()
+            .unwrap()
+    };
+    assert!(archive_it().status.success());
+    let archived = archive.join("000000010000000000000003");
+    assert_eq!(std::fs::read(&archived).unwrap(), b"the segment");
+    // A promoted standby archiving it again: done.
+    assert!(archive_it().status.success(), "the same segment again");
+    // Other bytes under that name: refused, the archive untouched.
+    std::fs::write(&segment, b"something else").unwrap();
+    let refused = archive_it();
+    assert!(!refused.status.success(), "other contents accepted");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("other contents"), "{refused:?}");
+    assert_eq!(std::fs::read(&archived).unwrap(), b"the segment");
+    assert_eq!(std::fs::read_dir(&archive).unwrap().count(), 1, "no partial copy left");
 }

@@ -128,6 +128,12 @@ impl TestCluster {
         tokio::task::spawn_blocking(move || run(&script, &["settled"]).is_ok()).await.unwrap_or(false)
     }
 
+    /// scripts/cluster.sh, for a caller that runs it itself (off the async
+    /// threads, say).
+    pub fn script_path(&self) -> PathBuf {
+        self.script.clone()
+    }
+
     /// `scripts/cluster.sh ARGS`: its output; panics if it fails.
     pub fn script(&self, args: &[&str]) -> String {
         run(&self.script, args).unwrap_or_else(|e| panic!("scripts/cluster.sh {args:?}: {e}"))

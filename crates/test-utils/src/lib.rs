@@ -11,6 +11,7 @@ pub mod connect;
 mod database;
 mod docker;
 pub mod oidc;
+pub mod postgres;
 pub mod proxy;
 mod redis_prefix;
 pub mod traefik;
