@@ -173,7 +173,15 @@ pub async fn failover(runs: usize, flotillad: &Path) -> anyhow::Result<()> {
     );
     let (mut ha, mut baseline) = (Vec::new(), Vec::new());
     for run in 1..=runs {
-        let primary = cluster.data_leader("pg").await.context("a PostgreSQL primary")?;
+        // The data plane whole (an image update rolls its members too).
+        let primary =
+            flotilla_test_utils::wait_until("a primary and the data plane whole", Duration::from_secs(300), || async {
+                if !cluster.settled().await {
+                    return None;
+                }
+                cluster.data_leader("pg").await
+            })
+            .await;
         // Through another node's db-proxy (every node runs one).
         let proxy = if primary == 1 { 2 } else { 1 };
         let url = url.replacen(&cluster.addresses[0], &cluster.addresses[proxy - 1], 1);

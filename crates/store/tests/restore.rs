@@ -162,6 +162,7 @@ fn a_segment_archived_again_is_done_and_other_contents_under_its_name_are_refuse
     std::fs::write(&segment, b"the segment").unwrap();
     let archive_it = || {
         std::process::Command::new("/bin/sh")
+            .current_dir(&root.0)
             .arg(&flotilla_data)
             .args(["archive", path(&segment), "000000010000000000000003"])
             .env("FLOTILLA_WAL_ARCHIVE", &archive)
@@ -180,4 +181,10 @@ fn a_segment_archived_again_is_done_and_other_contents_under_its_name_are_refuse
     assert!(String::from_utf8_lossy(&refused.stderr).contains("other contents"), "{refused:?}");
     assert_eq!(std::fs::read(&archived).unwrap(), b"the segment");
     assert_eq!(std::fs::read_dir(&archive).unwrap().count(), 1, "no partial copy left");
+    // The server on a later timeline (a member rewound after a fail-over):
+    // the earlier timeline's archived copy stands, and archiving goes on.
+    std::fs::create_dir_all(root.0.join("pg_wal")).unwrap();
+    std::fs::write(root.0.join("pg_wal/00000002.history"), b"1\t0/3000000\tno recovery target specified\n").unwrap();
+    assert!(archive_it().status.success(), "an earlier timeline's segment held the archiver");
+    assert_eq!(std::fs::read(&archived).unwrap(), b"the segment");
 }
