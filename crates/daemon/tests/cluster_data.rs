@@ -36,7 +36,7 @@ enum Answer {
     /// the write may or may not have been made.
     Refused(String),
     /// No API replica answered.
-    NoAnswer,
+    Silence,
 }
 
 /// One write and what the client was told, when.
@@ -75,19 +75,19 @@ async fn client_loop(
     let answer = |result: Result<(u16, Value), String>| match result {
         Ok((200, body)) => (Answer::Acked, body),
         Ok((status, body)) => (Answer::Refused(format!("{status} {}", body["code"])), body),
-        Err(_) => (Answer::NoAnswer, Value::Null),
+        Err(_) => (Answer::Silence, Value::Null),
     };
     let mut turn = 0u32;
     while !stop.load(Ordering::Relaxed) {
         turn += 1;
         let at = Instant::now();
-        if turn % 8 == 0 {
+        if turn.is_multiple_of(8) {
             let name = format!("{prefix}-{turn}");
             let body = json!({ "name": name, "image": cluster.demo_image(), "port": 8080, "replicas": 1 });
             let (answer, body) = answer(cluster.try_call("DeploymentService", "CreateDeployment", body).await);
             let id = body["deployment"]["id"].as_str().map(str::to_owned);
             writes.lock().unwrap().push(Write { at, what: WriteKind::Create { name, id }, answer });
-        } else if turn % 2 == 0 {
+        } else if turn.is_multiple_of(2) {
             let replicas = 1 + (turn / 2) % 2;
             let body = json!({ "id": scaled, "replicas": replicas });
             let (answer, _) = answer(cluster.try_call("DeploymentService", "ScaleDeployment", body).await);
