@@ -293,9 +293,9 @@ async fn the_redis_master_killed_loses_nothing_and_placing_goes_on() {
     })
     .await;
     outcome.report(&format!("redis{master} (the master) killed"));
-    wait_until("Sentinel naming a new Redis master", Duration::from_secs(60), || async {
-        cluster.data_leader("redis").await.filter(|m| *m != master)
-    })
-    .await;
+    // One master again, with both others replicating it (restore waits for
+    // that): a new one, or the old one if Swarm started it again before
+    // the sentinels agreed it was down.
     cluster.restore().await;
+    eprintln!("Redis master now redis{:?}", cluster.data_leader("redis").await);
 }

@@ -420,7 +420,12 @@ impl Orchestrator {
     /// Asks each silent node's agent whether it is alive; returns those that
     /// are not.
     async fn probe_silent(&self, prober: &AgentProber, silent: &[SilentNode]) -> Vec<NodeId> {
-        let engine_port = self.config.node_watch.engine_port;
+        let engine_port = match self.config.node_watch.engine_port {
+            Some(port) if silent.iter().any(|n| n.restarting) => {
+                self.engine_port_served(prober, port).await.then_some(port)
+            }
+            _ => None,
+        };
         let probes = silent.iter().filter_map(|node| {
             // A restarting agent cannot answer: its node can.
             let probe = match (node.restarting, engine_port, node.agent_url.as_deref()) {
@@ -450,6 +455,25 @@ impl Orchestrator {
         }
         self.stats.nodes_unreachable.fetch_add(unreachable.len() as u64, Ordering::Relaxed);
         unreachable
+    }
+
+    /// Whether `port` is served on nodes that beat now: only then does a
+    /// restarting node's silent port mean a lost node (one engine outside
+    /// a multi-node swarm may not serve Swarm's gossip port at all).
+    async fn engine_port_served(&self, prober: &AgentProber, port: u16) -> bool {
+        let beating = match self.store.beating_node_addresses(self.config.node_watch.suspect_after, 3).await {
+            Ok(addresses) => addresses,
+            Err(error) => {
+                tracing::debug!(%error, "could not list beating nodes");
+                return false;
+            }
+        };
+        let answers = futures::future::join_all(beating.iter().map(|a| prober.probe_node(a, port))).await;
+        let served = answers.contains(&Liveness::Alive);
+        if !served {
+            tracing::debug!(port, "no beating node serves the engine probe port: restarting nodes are not asked");
+        }
+        served
     }
 
     /// Silent nodes go down (their replicas are placed elsewhere this very

@@ -35,8 +35,9 @@ pub struct NodeWatchConfig {
     /// Meanwhile the node itself is asked, when this is set: a connection
     /// to this port of its address (Swarm's gossip port, 7946, is served by
     /// every swarm node's engine). Refused or unanswered, the node is lost,
-    /// not restarting its agent: down at once. Unset (one engine, no
-    /// swarm), a restarting node is left to the heartbeat timeout.
+    /// not restarting its agent: down at once; but only when a node that
+    /// beats serves the port (a single engine may not). Unset (one engine,
+    /// no swarm), a restarting node is left to the heartbeat timeout.
     pub engine_port: Option<u16>,
 }
 

@@ -95,6 +95,25 @@ impl Store {
         .map_err(StoreError::db("listing peer agents"))
     }
 
+    /// Addresses of up to `limit` nodes heard from within `within`: where
+    /// the node watch checks that a port it would ask a silent node on is
+    /// served at all in this cluster.
+    pub async fn beating_node_addresses(
+        &self,
+        within: std::time::Duration,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT address FROM node_metadata WHERE last_heartbeat > now() - make_interval(secs => $1) \
+             ORDER BY last_heartbeat DESC LIMIT $2",
+        )
+        .bind(within.as_secs_f64())
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+        .map_err(StoreError::db("listing beating nodes"))
+    }
+
     pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let sql = format!("SELECT {NODE_COLUMNS} FROM node_metadata ORDER BY node_id");
         let rows: Vec<NodeRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))

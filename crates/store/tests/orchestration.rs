@@ -296,6 +296,20 @@ async fn an_agent_stopping_on_purpose_is_known_restarting_until_the_grace_ends()
 }
 
 #[tokio::test]
+async fn beating_nodes_are_where_the_engine_probe_port_is_checked() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    for (node, address) in [("n1", "10.0.0.11"), ("n22", "10.0.0.12")] {
+        let mut beat = node_heartbeat(node);
+        beat.address = address.to_owned();
+        store.upsert_heartbeat(&beat).await.unwrap();
+    }
+    silent_for(&db, "n22", 5).await;
+    let beating = store.beating_node_addresses(Duration::from_secs(2), 3).await.unwrap();
+    assert_eq!(beating, ["10.0.0.11"], "the silent node is no reference");
+}
+
+#[tokio::test]
 async fn a_node_alive_but_silent_keeps_its_fence_replicas() {
     let db = TestDb::new().await;
     let store = &db.store;
