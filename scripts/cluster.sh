@@ -785,7 +785,7 @@ down() {
   fi
   sleep 0.5
   local ns
-  for ns in $(ip netns list | awk '{print $1}' | grep -E "^($SWITCH|flo-n[0-9]+)$" || true); do ip netns del "$ns"; done
+  for ns in $(ip netns list | awk '{print $1}' | grep -E "^($SWITCH|flo-n[0-9]+)$" || true); do ip netns del "$ns" 2>/dev/null || true; done
   ip link del flo-host 2>/dev/null || true
   local c g
   for c in /sys/fs/cgroup/*/; do
