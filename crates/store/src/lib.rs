@@ -42,11 +42,23 @@ pub struct StoreConfig {
     pub url: String,
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// The server ends a session left idle inside a transaction this long.
+    /// A client that vanished mid-transaction (its container killed, its
+    /// connection through a proxy left open) otherwise holds its row locks
+    /// for good: seen on the cluster, one agent's heartbeat transaction
+    /// left open stopped every heartbeat and the leader lease for 13 min.
+    /// Flotilla's transactions never wait on anything but the database.
+    pub idle_in_transaction_timeout: Duration,
 }
 
 impl StoreConfig {
     pub fn new(url: impl Into<String>) -> Self {
-        Self { url: url.into(), max_connections: 16, acquire_timeout: Duration::from_secs(5) }
+        Self {
+            url: url.into(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            idle_in_transaction_timeout: Duration::from_secs(15),
+        }
     }
 }
 
@@ -62,6 +74,8 @@ impl Store {
     pub fn connect_lazy(config: &StoreConfig) -> Result<Self, StoreError> {
         let options: PgConnectOptions =
             config.url.parse::<PgConnectOptions>().map_err(StoreError::db("parsing the database URL"))?;
+        let idle = format!("{}ms", config.idle_in_transaction_timeout.as_millis().max(1));
+        let options = options.options([("idle_in_transaction_session_timeout", idle.as_str())]);
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)
